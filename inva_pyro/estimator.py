@@ -1,0 +1,219 @@
+"""The user-facing InVA model: fit, predict, save and load (the Python API of CONTRACT.md)."""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from safetensors.torch import load_file, save_file
+
+from .calibration import Calibrator
+from .cohort import Subset
+from .config import Preset, load_preset
+from .errors import InputError
+from .io import atomic_write_text
+from .module import InVAModule
+from .prediction import Prediction
+from .predictive import posterior_predictive
+from .preprocessing import Standardizer
+from .spaces import space_from_dict
+from .training import CHECKPOINT, Batchable, train
+
+RUN_FORMAT = "inva-pyro-run/1"
+VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
+    """Seeded split of ``subset`` into (train, held-out share) for early stopping and calibration."""
+    order = np.random.default_rng(seed).permutation(len(subset))
+    n_val = max(1, int(round(share * len(subset))))
+    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
+
+
+class InVA:
+    """Integrative VAE for image-on-image regression with calibrated predictive uncertainty."""
+
+    def __init__(self, preset: Preset | None = None):
+        self.preset = preset or Preset()
+        self.module: InVAModule | None = None
+        self.standardizer: Standardizer | None = None
+        self.calibrator: Calibrator | None = None
+        self.history: dict | None = None
+        self.info: dict = {}
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path = "inva") -> "InVA":
+        return cls(load_preset(name_or_path))
+
+    # ---- fitting -----------------------------------------------------------------------------------
+    def _build(self, input_names, input_sizes, n_outcome):
+        self.module = InVAModule(input_names, input_sizes, n_outcome, self.preset.model).to(self.device)
+
+    def _tensors(self, subset: Subset, with_outcome: bool = True):
+        inputs = self.standardizer.transform_inputs(subset)
+        xs = [torch.as_tensor(inputs[name], device=self.device) for name in self.info["inputs"]]
+        y = None
+        if with_outcome and subset.outcome is not None:
+            y = torch.as_tensor(self.standardizer.transform_outcome(subset.outcome), device=self.device)
+        return xs, y
+
+    def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
+            run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None) -> "InVA":
+        """Train on ``train_set``; ``val`` drives early stopping and calibration.
+
+        Without ``val`` a seeded share (``training.val_share``) of ``train_set`` is held out.
+        With ``run_dir`` the run folder is written as training goes (a checkpoint per epoch), and
+        ``resume=True`` continues the interrupted run found there.
+        """
+        if val is None or len(val) == 0:
+            train_set, val = holdout(train_set, self.preset.training.val_share, seed)
+        if train_set.outcome is None or val.outcome is None:
+            raise InputError("fit needs the outcome for every training and validation subject")
+        self.device = resolve_device(device)
+        pyro.set_rng_seed(seed)
+        names = list(train_set.inputs)
+        if resume:
+            self._load_config(Path(run_dir), weights=False)
+        else:
+            self.standardizer = Standardizer.fit(train_set)
+            self.info = {"format": RUN_FORMAT, "inputs": names,
+                         "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
+                         "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
+                         "seed": seed, "versions": package_versions(), "complete": False,
+                         "space": space.to_dict() if space is not None else None,
+                         "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
+        self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
+        if run_dir is not None and not resume:
+            self._write_config(Path(run_dir))
+        xs, y = self._tensors(train_set)
+        val_xs, val_y = self._tensors(val)
+        state = train(self.module, Batchable(xs, y), Batchable(val_xs, val_y), self.preset.training,
+                      checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
+        self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early)
+        self._calibrate(val, val_xs, val_y, seed)
+        if run_dir is not None:
+            self.info["complete"] = True
+            self.save(run_dir)
+        return self
+
+    def _calibrate(self, val: Subset, val_xs, val_y, seed: int) -> None:
+        cfg = self.preset.prediction
+        summary = posterior_predictive(self.module, val_xs, num_samples=cfg.num_samples, probs=[],
+                                       generator=self._generator(seed + 1))
+        self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ---- prediction --------------------------------------------------------------------------------
+    def predict(self, subset: Subset, num_samples: int | None = None, levels: list[float] | None = None,
+                seed: int = 0, keep_samples: int = 0, space=None) -> Prediction:
+        """Posterior predictive maps for every subject of ``subset`` (the outcome may be absent)."""
+        if self.module is None:
+            raise RuntimeError("fit or load the model first")
+        missing = [n for n in self.info["inputs"] if n not in subset.inputs]
+        if missing:
+            raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
+        cfg = self.preset.prediction
+        levels = sorted(levels or cfg.levels)
+        probs = sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
+        xs, y = self._tensors(subset)
+        summary = posterior_predictive(self.module, xs, num_samples=num_samples or cfg.num_samples, probs=probs,
+                                       observed=y, keep_samples=keep_samples, generator=self._generator(seed))
+        st = self.standardizer
+        raw_intervals = {lv: (st.inverse_outcome_mean(summary.quantiles[(1 - lv) / 2]),
+                              st.inverse_outcome_mean(summary.quantiles[(1 + lv) / 2])) for lv in levels}
+        if space is None and self.info.get("space"):
+            space = space_from_dict(self.info["space"])
+        return Prediction(
+            subjects=list(subset.subjects), outcome_name=self.info["outcome"], levels=levels,
+            mean=st.inverse_outcome_mean(summary.mean), raw_sd=st.inverse_outcome_scale(summary.sd),
+            raw_intervals=raw_intervals, calibrator=self.calibrator,
+            raw_crps=None if summary.crps is None else st.inverse_outcome_scale(summary.crps),
+            samples=None if summary.samples is None else st.inverse_outcome_mean(summary.samples),
+            observed=subset.outcome, space=space)
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def _write_config(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(self.preset.model_dump(), indent=2))
+        atomic_write_text(run_dir / "run.json", json.dumps(self.info, indent=2))
+        atomic_write_text(run_dir / "standardizer.json", json.dumps(self.standardizer.to_dict()))
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Everything needed to predict later: config, weights, preprocessing, calibration, space."""
+        run_dir = Path(run_dir)
+        self._write_config(run_dir)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tmp = run_dir / ".weights.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(run_dir / "weights.safetensors")
+        atomic_write_text(run_dir / "calibration.json", json.dumps(self.calibrator.to_dict()))
+        if self.history is not None:
+            atomic_write_text(run_dir / "history.json", json.dumps(self.history))
+        return run_dir
+
+    def _load_config(self, run_dir: Path, weights: bool = True) -> None:
+        if not run_dir.is_dir():
+            raise InputError(f"{run_dir}: run folder not found")
+        try:
+            self.info = json.loads((run_dir / "run.json").read_text())
+        except FileNotFoundError:
+            raise InputError(f"{run_dir}: not an inva run folder (no run.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{run_dir / 'run.json'}: corrupt (not valid JSON)") from None
+        if not isinstance(self.info, dict) or self.info.get("format") != RUN_FORMAT:
+            raise InputError(f"{run_dir}: not an inva run folder (run.json has no format '{RUN_FORMAT}')")
+        try:
+            self.preset = Preset.model_validate(json.loads((run_dir / "config.json").read_text()))
+            self.standardizer = Standardizer.from_dict(json.loads((run_dir / "standardizer.json").read_text()))
+        except Exception as exc:  # any damage to these files is the same user-facing problem
+            raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        if weights and not self.info.get("complete"):
+            raise InputError(f"{run_dir}: training did not finish; continue it with `inva fit --resume {run_dir}`")
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "InVA":
+        run_dir = Path(run_dir)
+        self = cls()
+        self._load_config(run_dir)
+        self.device = resolve_device(device)
+        self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
+        try:
+            # safetensors holds tensors only: loading a run never executes code from it.
+            self.module.load_state_dict(load_file(str(run_dir / "weights.safetensors"), device=str(self.device)))
+            self.calibrator = Calibrator.from_dict(json.loads((run_dir / "calibration.json").read_text()))
+            history = run_dir / "history.json"
+            self.history = json.loads(history.read_text()) if history.exists() else None
+        except Exception as exc:
+            raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        self.module.eval()
+        return self
+
+    @staticmethod
+    def checkpoint_path(run_dir: str | Path) -> Path:
+        return Path(run_dir) / CHECKPOINT

@@ -1,0 +1,228 @@
+"""Diagnostic figures (PNG) for predictions and their calibration.
+
+Figures are built on matplotlib.figure.Figure with the Agg canvas directly, not pyplot, so
+no display or global backend switch is needed and nothing is left registered in pyplot
+after a figure is saved. Every function writes its PNG atomically (temporary file in the
+target folder, then os.replace), so a crash never leaves a truncated image behind, and
+returns the path. The target folder must exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from .metrics import to_numpy
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _display_slice(image: np.ndarray) -> np.ndarray:
+    """A 2-D image to show: the image itself, or the middle axial (last-axis) slice of a volume.
+
+    Transposed so that, with origin="lower", the first array axis runs left to right and the
+    second bottom to top, which is the radiological convention for RAS-ordered arrays.
+    """
+    if image.ndim == 3:
+        image = image[:, :, image.shape[2] // 2]
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D or 3-D grid, got shape {image.shape}")
+    return image.T
+
+
+def _finite_range(*arrays: np.ndarray) -> tuple[float, float]:
+    values = np.concatenate([a[np.isfinite(a)] for a in arrays])
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(values.min()), float(values.max())
+
+
+def plot_subject_maps(
+    path,
+    truth_or_observed,
+    mean,
+    sd,
+    subjects: Sequence[str],
+    grid_maps: Callable[[np.ndarray], np.ndarray] | None = None,
+    max_subjects: int = 4,
+) -> Path:
+    """One row per subject: observed | predicted mean | predicted sd | |error|.
+
+    truth_or_observed, mean, sd: grids of shape (n, H, W) or (n, X, Y, Z) (the middle axial
+    slice of a volume is shown), or (n, n_features) arrays together with grid_maps, a
+    function turning such an array into grids (e.g. metrics.scatter_to_grid with
+    fill=np.nan, so that voxels outside the mask stay blank). subjects: row labels, one per
+    subject; the first max_subjects rows are drawn. Observed and mean share one colour scale.
+    """
+    arrays = [to_numpy(a) for a in (truth_or_observed, mean, sd)]
+    if grid_maps is not None:
+        arrays = [np.asarray(grid_maps(a), dtype=np.float64) for a in arrays]
+    n_rows = min(len(subjects), arrays[0].shape[0], max_subjects)
+    if n_rows == 0:
+        raise ValueError("plot_subject_maps needs at least one subject")
+    observed, pred, pred_sd = ([_display_slice(a[i]) for i in range(n_rows)] for a in arrays)
+    abs_err = [np.abs(o - p) for o, p in zip(observed, pred)]
+
+    value_range = _finite_range(*observed, *pred)
+    sd_range = (0.0, _finite_range(*pred_sd)[1])
+    err_range = (0.0, _finite_range(*abs_err)[1])
+    columns = [
+        ("observed", observed, value_range, "viridis"),
+        ("predicted mean", pred, value_range, "viridis"),
+        ("predicted sd", pred_sd, sd_range, "magma"),
+        ("|observed - mean|", abs_err, err_range, "magma"),
+    ]
+
+    fig = _new_figure(11, 2.6 * n_rows + 0.4)
+    axes = fig.subplots(n_rows, len(columns), squeeze=False)
+    for col, (title, images, (vmin, vmax), cmap) in enumerate(columns):
+        for row in range(n_rows):
+            ax = axes[row, col]
+            im = ax.imshow(images[row], origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title)
+            if col == 0:
+                ax.set_ylabel(str(subjects[row]))
+        fig.colorbar(im, ax=list(axes[:, col]), shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_calibration_curve(path, nominal_levels, observed_raw, observed_calibrated=None) -> Path:
+    """Observed coverage of central intervals against their nominal level, with the diagonal."""
+    nominal = to_numpy(nominal_levels)
+    fig = _new_figure(4.8, 4.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="ideal")
+    ax.plot(nominal, to_numpy(observed_raw), marker="o", label="raw")
+    if observed_calibrated is not None:
+        ax.plot(nominal, to_numpy(observed_calibrated), marker="s", label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("nominal coverage of central interval")
+    ax.set_ylabel("observed coverage")
+    ax.set_title("Interval calibration")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_pit_histogram(path, pit_values, bins: int = 20) -> Path:
+    """Density histogram of PIT values with the uniform density a calibrated predictive gives."""
+    pit = to_numpy(pit_values).ravel()
+    fig = _new_figure(5.2, 3.8)
+    ax = fig.subplots()
+    ax.hist(pit, bins=bins, range=(0, 1), density=True, color="tab:blue", alpha=0.75, label="PIT")
+    ax.axhline(1.0, color="black", linestyle="--", label="uniform (calibrated)")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("PIT = predictive CDF at the observed value")
+    ax.set_ylabel("density")
+    ax.set_title("Probability integral transform")
+    ax.legend(loc="upper center")
+    return _save(fig, path)
+
+
+def plot_sd_vs_error(path, sd, abs_error, bins: int = 20) -> Path:
+    """Error against predicted sd, in bins of equal count along the predicted sd.
+
+    Per bin: mean |error| and RMSE against the bin's mean sd. For a calibrated Gaussian,
+    RMSE = sd and E|error| = sd * sqrt(2 / pi); both reference lines are drawn.
+    """
+    sd, err = to_numpy(sd).ravel(), to_numpy(abs_error).ravel()
+    edges = np.unique(np.quantile(sd, np.linspace(0, 1, bins + 1)))
+    # digitize against the inner edges puts the maximum into the last bin, not past it
+    which = np.digitize(sd, edges[1:-1], right=True)
+    n_bins = len(edges) - 1 if len(edges) > 1 else 1
+    counts = np.bincount(which, minlength=n_bins)
+    keep = counts > 0
+    mean_sd = np.bincount(which, weights=sd, minlength=n_bins)[keep] / counts[keep]
+    mean_abs = np.bincount(which, weights=err, minlength=n_bins)[keep] / counts[keep]
+    rmse = np.sqrt(np.bincount(which, weights=err**2, minlength=n_bins)[keep] / counts[keep])
+
+    fig = _new_figure(5.2, 4.6)
+    ax = fig.subplots()
+    top = max(mean_sd.max(), rmse.max(), mean_abs.max()) * 1.05
+    line = np.array([0.0, top])
+    ax.plot(line, line, color="tab:orange", linestyle="--", label="ideal RMSE = sd")
+    ax.plot(line, line * math.sqrt(2 / math.pi), color="tab:blue", linestyle="--",
+            label=r"ideal E|error| = sd$\sqrt{2/\pi}$")
+    ax.plot(mean_sd, rmse, marker="o", color="tab:orange", label="RMSE")
+    ax.plot(mean_sd, mean_abs, marker="s", color="tab:blue", label="mean |error|")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("mean predicted sd in bin")
+    ax.set_ylabel("error in bin")
+    ax.set_title(f"Predicted sd vs error ({len(mean_sd)} equal-count bins)")
+    ax.legend(loc="upper left", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_coverage_map(path, coverage_grid, level: float) -> Path:
+    """Per-voxel coverage across test subjects (2-D grid, or middle axial slice of a volume).
+
+    The colour scale is centred (white) on the nominal level, so under-covered voxels are red
+    and over-covered ones blue; voxels outside the mask can be NaN and are drawn grey, so
+    they are not mistaken for well-calibrated ones.
+    """
+    level = float(level)
+    image = _display_slice(to_numpy(coverage_grid))
+    fig = _new_figure(5.2, 4.6)
+    ax = fig.subplots()
+    cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
+    im = ax.imshow(image, origin="lower", cmap=cmap, norm=TwoSlopeNorm(vcenter=level, vmin=0.0, vmax=1.0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"Coverage of the central {format(100 * level, 'g')}% interval")
+    colorbar = fig.colorbar(im, ax=ax, label="fraction of test subjects covered")
+    colorbar.set_ticks(sorted({0.0, 0.5, level, 1.0}))
+    return _save(fig, path)
+
+
+def plot_training_curves(path, history: Mapping[str, Sequence]) -> Path:
+    """Two panels over epochs: training loss (negative ELBO per subject) and validation MSE.
+
+    history: dict of equal-length lists "epoch", "train_loss", "val_mse"; None entries
+    (e.g. epochs without validation) are skipped.
+    """
+    epoch = to_numpy(history["epoch"])
+    fig = _new_figure(9, 3.6)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    for ax, key, label, title in (
+        (ax_loss, "train_loss", "negative ELBO per subject", "Training loss"),
+        (ax_val, "val_mse", "validation MSE", "Validation error"),
+    ):
+        values = np.array([np.nan if v is None else float(v) for v in history.get(key, [])])
+        shown = np.isfinite(values)
+        ax.plot(epoch[: len(values)][shown], values[shown], marker="." if shown.sum() < 50 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

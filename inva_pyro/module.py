@@ -1,0 +1,114 @@
+"""The InVA Pyro program: generative model and guide (DESIGN.md, "The model").
+
+Subjects i, input modalities k = 1..K, inputs x_ki in R^{V_k}, outcome y_i in R^{V_y}:
+
+    z_ki ~ Normal(0, I_q)                              deep latent
+    h_ki ~ Normal(f_shared(z_ki), s_shared(z_ki))      shared decoder (same weights for every k)
+    x_ki ~ Normal(g_k(h_ki), sigma_k)                  modality-specific decoder
+    W, b ~ Normal(0, tau^2)                            Bayesian output layer of the predictor (optional)
+    y_i  ~ Normal(m(F_i; W, b), s(F_i))                predictor, heteroscedastic per voxel
+
+F_i are the paper's predictor inputs: for every k the means and sds of q(h_ki|x_ki) and of
+q(z_ki|h_ki) at the shallow mean. The guide is amortised: q(h_ki|x_ki) is modality-specific,
+q(z_ki|h_ki) is shared, and q(W, b) is a mean-field Normal. KL weights enter through
+``poutine.scale``; minibatches through the subsampled ``subjects`` plate, so every ELBO estimate is
+scaled to the full training size. No training or I/O code lives here.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from .config import ModelConfig
+from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
+
+
+class InVAModule(nn.Module):
+    def __init__(self, input_names: list[str], input_sizes: list[int], n_outcome: int, cfg: ModelConfig):
+        super().__init__()
+        if not input_names:
+            raise ValueError("InVA needs at least one input modality")
+        self.input_names = list(input_names)
+        self.cfg = cfg
+        p, q = cfg.shallow_dim, cfg.deep_dim
+        self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in input_sizes)
+        self.shared_encoder = GaussianNet(p, cfg.shared_hidden, q)
+        self.shared_decoder = GaussianNet(q, cfg.shared_hidden, p)
+        self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in input_sizes)
+        # The local pathway sees, at each outcome voxel, the inputs defined on the same voxels.
+        self.local_modalities = [k for k, v in enumerate(input_sizes) if v == n_outcome] if cfg.predictor == "local" else []
+        if cfg.predictor == "local" and not self.local_modalities:
+            raise ValueError("predictor 'local' needs at least one input with as many features as the outcome")
+        self.predictor = Predictor(len(input_sizes) * 2 * (p + q), n_outcome, cfg, len(self.local_modalities))
+        shape = (n_outcome, cfg.predictor_hidden)
+        if cfg.bayesian_output:
+            self.output_weight_q = MeanFieldNormal(shape)
+            self.output_bias_q = MeanFieldNormal((n_outcome,))
+        else:
+            self.output_weight = nn.Parameter(0.01 * torch.randn(shape))
+            self.output_bias = nn.Parameter(torch.zeros(n_outcome))
+
+    # ---- deterministic pieces shared by model, guide and prediction -------------------------------
+    def latent_statistics(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The paper's predictor input: [mean, sd] of q(h|x) and of q(z|h=mean) for every modality."""
+        stats = []
+        for encoder, x in zip(self.shallow_encoders, xs):
+            h_loc, h_scale = encoder(x)
+            z_loc, z_scale = self.shared_encoder(h_loc)
+            stats += [h_loc, h_scale, z_loc, z_scale]
+        return torch.cat(stats, dim=-1)
+
+    def local_inputs(self, xs: list[torch.Tensor]) -> torch.Tensor | None:
+        if not self.local_modalities:
+            return None
+        return torch.stack([xs[k] for k in self.local_modalities], dim=-1)
+
+    def outcome_parts(self, xs: list[torch.Tensor]):
+        """(H, local mean, sd): all of the outcome distribution except the output layer."""
+        hidden = self.predictor.hidden(self.latent_statistics(xs))
+        local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs))
+        return hidden, local_mean, sd
+
+    def output_layer_posterior(self) -> tuple[dist.Distribution, dist.Distribution]:
+        return (dist.Normal(self.output_weight_q.loc, self.output_weight_q.scale).to_event(2),
+                dist.Normal(self.output_bias_q.loc, self.output_bias_q.scale).to_event(1))
+
+    def output_layer_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.bayesian_output:
+            return self.output_weight_q.loc, self.output_bias_q.loc
+        return self.output_weight, self.output_bias
+
+    # ---- the Pyro program --------------------------------------------------------------------------
+    def model(self, xs, y=None, *, subjects, n_subjects, kl_scale=1.0, prediction_scale=1.0):
+        if self.cfg.bayesian_output:
+            tau = self.cfg.output_prior_scale
+            weight = pyro.sample("output_weight", dist.Normal(0.0, tau).expand(self.output_weight_q.loc.shape).to_event(2))
+            bias = pyro.sample("output_bias", dist.Normal(0.0, tau).expand(self.output_bias_q.loc.shape).to_event(1))
+        else:
+            weight, bias = self.output_weight, self.output_bias
+        hidden, local_mean, sd = self.outcome_parts(xs)
+        batch = xs[0].shape[0]
+        with pyro.plate("subjects", n_subjects, subsample=subjects):
+            for name, decoder, x in zip(self.input_names, self.modality_decoders, xs):
+                with poutine.scale(scale=kl_scale):
+                    z = pyro.sample(f"deep_latent_{name}",
+                                    dist.Normal(x.new_zeros(batch, self.cfg.deep_dim), 1.0).to_event(1))
+                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(*self.shared_decoder(z)).to_event(1))
+                pyro.sample(f"input_{name}", dist.Normal(*decoder(h)).to_event(1), obs=x)
+            mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
+            with poutine.scale(scale=prediction_scale):
+                pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
+
+    def guide(self, xs, y=None, *, subjects, n_subjects, kl_scale=1.0, prediction_scale=1.0):
+        if self.cfg.bayesian_output:
+            weight_q, bias_q = self.output_layer_posterior()
+            pyro.sample("output_weight", weight_q)
+            pyro.sample("output_bias", bias_q)
+        with pyro.plate("subjects", n_subjects, subsample=subjects):
+            for name, encoder, x in zip(self.input_names, self.shallow_encoders, xs):
+                with poutine.scale(scale=kl_scale):
+                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(*encoder(x)).to_event(1))
+                    pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))

@@ -1,0 +1,102 @@
+"""Posterior predictive maps for a set of subjects, in the outcome's original units and space."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .calibration import Calibrator
+
+
+def level_tag(level: float) -> str:
+    """0.9 -> '90', 0.95 -> '95', 0.5 -> '50' (file-name suffix of a central interval)."""
+    return format(round(level * 100, 6), "g")
+
+
+@dataclass
+class Prediction:
+    """Raw and calibrated posterior predictive summaries, arrays of shape (subjects, features).
+
+    ``mean`` is the posterior predictive mean. ``raw_sd`` and ``raw_intervals`` come straight from
+    the predictive draws; ``sd`` and ``intervals`` are recalibrated on validation subjects (see
+    ``calibration.py``). ``samples`` holds the first draws when they were asked for.
+    """
+    subjects: list[str]
+    outcome_name: str
+    levels: list[float]
+    mean: np.ndarray
+    raw_sd: np.ndarray
+    raw_intervals: dict[float, tuple[np.ndarray, np.ndarray]]
+    calibrator: Calibrator | None
+    raw_crps: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    observed: np.ndarray | None = None
+    space: object | None = None
+    sd: np.ndarray = field(init=False)
+    intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False)
+
+    def __post_init__(self):
+        if self.calibrator is None or self.calibrator.method == "none":
+            self.sd, self.intervals = self.raw_sd, dict(self.raw_intervals)
+        else:
+            self.sd = self.calibrator.sd(self.raw_sd)
+            self.intervals = {lv: self.calibrator.interval(self.mean, self.raw_sd, lv) for lv in self.levels}
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    # ---- metrics -----------------------------------------------------------------------------------
+    def metrics(self, calibrated: bool = True, truth_mean=None, truth_sd=None) -> dict:
+        """CONTRACT.md metrics over every subject and feature (needs observed outcomes)."""
+        if self.observed is None:
+            raise ValueError("metrics need observed outcomes")
+        intervals = self.intervals if calibrated else self.raw_intervals
+        sd = self.sd if calibrated else self.raw_sd
+        if calibrated and self.calibrator is not None and self.calibrator.method != "none":
+            crps = M.crps_quantile_distribution(self.observed, self.mean, self.raw_sd, self.calibrator.atoms())
+        elif self.raw_crps is not None:
+            crps = float(np.mean(self.raw_crps))
+        else:
+            crps = M.crps_gaussian(self.observed, self.mean, sd)
+        grid_shape = getattr(self.space, "grid_shape", None) if self.space is not None else None
+        grids = None
+        if grid_shape is not None and len(grid_shape) in (2, 3):
+            grids = (self.space.to_grid(self.mean), self.space.to_grid(self.observed))
+        return M.evaluation_metrics(
+            self.observed, self.mean, sd, {M.level_key(lv): iv for lv, iv in intervals.items()}, crps,
+            grids=grids, truth_mean=truth_mean, truth_sd=truth_sd)
+
+    def pit(self, calibrated: bool = True) -> np.ndarray:
+        """Probability integral transform of the observed values under the predictive."""
+        if calibrated and self.calibrator is not None and self.calibrator.method != "none":
+            return M.pit_quantile_distribution(self.observed, self.mean, self.raw_sd, self.calibrator.atoms())
+        return M.pit_gaussian(self.observed, self.mean, self.raw_sd)
+
+    # ---- files -------------------------------------------------------------------------------------
+    def maps(self, calibrated: bool = True) -> dict[str, np.ndarray]:
+        """Named maps in CONTRACT.md order: mean, sd, lo{P}, hi{P}."""
+        intervals = self.intervals if calibrated else self.raw_intervals
+        out = {"mean": self.mean, "sd": self.sd if calibrated else self.raw_sd}
+        for lv in self.levels:
+            lo, hi = intervals[lv]
+            out[f"lo{level_tag(lv)}"], out[f"hi{level_tag(lv)}"] = lo, hi
+        return out
+
+    def to_files(self, out_dir: str | Path, calibrated: bool = True) -> Path:
+        """Write every map in the outcome's space, and ``predictions.csv`` listing them (atomically)."""
+        from .io import atomic_dir
+
+        if self.space is None:
+            raise ValueError("this prediction has no space to write into")
+        rows = []
+        with atomic_dir(Path(out_dir)) as tmp:
+            for i, subject in enumerate(self.subjects):
+                for kind, values in self.maps(calibrated).items():
+                    name = f"{subject}_{self.outcome_name}_{kind}{self.space.extension}"
+                    self.space.write(values[i], tmp / name)
+                    rows.append({"subject": subject, "map": kind, "path": name})
+            pd.DataFrame(rows).to_csv(tmp / "predictions.csv", index=False)
+        return Path(out_dir)

@@ -1,0 +1,177 @@
+"""SVI training: one loop for every InVA-family module.
+
+Each step evaluates Pyro's ``Trace_ELBO`` as a differentiable loss on a minibatch (the model's
+subsampled plate scales it to the full training size) and takes an AdamW step, which gives
+decoupled weight decay on network weights. The loop adds KL annealing, early stopping on
+validation MSE, a checkpoint after every epoch (resumable bit for bit: weights, optimiser, RNG
+state and history), and stops with a clear error when the loss is not finite.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
+
+from .config import TrainingConfig
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The ELBO became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Batchable:
+    """Standardised training tensors: one (N, V_k) tensor per input, and the (N, V_y) outcome."""
+    inputs: list[torch.Tensor]
+    outcome: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.outcome.shape[0]
+
+    def take(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [x[idx] for x in self.inputs], self.outcome[idx]
+
+    def to(self, device) -> "Batchable":
+        return Batchable([x.to(device) for x in self.inputs], self.outcome.to(device))
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0                       # epochs completed
+    best_epoch: int = -1
+    best_val: float = math.inf
+    best_module: dict | None = None
+    history: dict = field(default_factory=lambda: {"epoch": [], "train_loss": [], "val_mse": [], "kl_scale": []})
+    stopped_early: bool = False
+
+
+def kl_scale_at(epoch: int, cfg: TrainingConfig) -> float:
+    """Linear KL annealing from 1/anneal_epochs up to kl_weight."""
+    if cfg.kl_anneal_epochs == 0:
+        return cfg.kl_weight
+    return cfg.kl_weight * min(1.0, (epoch + 1) / cfg.kl_anneal_epochs)
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float):
+    # Decay network weight matrices only: variational parameters of the Bayesian output layer and
+    # noise scales have their own prior / meaning, and decaying them would bias the posterior.
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        is_variational = "_q." in name or name.endswith("raw_sigma")
+        (no_decay if is_variational or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def validation_mse(module, data: Batchable, batch_size: int = 256) -> float:
+    """MSE of the predictive mean (output layer at its posterior mean), standardised units."""
+    module.eval()
+    weight, bias = module.output_layer_mean()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.outcome.device)
+        xs, y = data.take(idx)
+        hidden, local_mean, _ = module.outcome_parts(xs)
+        mean = hidden @ weight.T + bias + local_mean
+        total += float(((mean - y) ** 2).sum())
+        count += y.numel()
+    return total / count
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: Path, module, optimizer, state: TrainingState) -> None:
+    atomic_torch_save({
+        "module": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val": state.best_val,
+        "best_module": state.best_module,
+        "history": state.history,
+        "stopped_early": state.stopped_early,
+        "rng": torch.get_rng_state(),
+    }, path)
+
+
+def load_checkpoint(path: Path, module, optimizer) -> TrainingState:
+    # weights_only=True: a checkpoint is data, never code.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["module"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return TrainingState(epoch=ckpt["epoch"], best_epoch=ckpt["best_epoch"], best_val=ckpt["best_val"],
+                         best_module=ckpt["best_module"], history=ckpt["history"],
+                         stopped_early=ckpt["stopped_early"])
+
+
+def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *,
+          checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
+          on_epoch_end: Callable[[TrainingState], None] | None = None) -> TrainingState:
+    """Fit ``module`` by SVI; returns the state with the best (early-stopping) weights loaded."""
+    device = train_data.outcome.device
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    state = load_checkpoint(ckpt_path, module, optimizer) if resume else TrainingState()
+    elbo = Trace_ELBO()
+    n = len(train_data)
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress, desc="fit", unit="epoch")
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        module.train()
+        kl_scale = kl_scale_at(state.epoch, cfg)
+        order = torch.randperm(n).to(device)
+        epoch_loss = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            xs, y = train_data.take(idx)
+            loss = elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
+                                            kl_scale=kl_scale, prediction_scale=cfg.prediction_weight)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else ""
+                raise TrainingDiverged(f"training stopped: the loss became {float(loss)} in epoch {state.epoch + 1}"
+                                       f" (try a lower learning_rate){where}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            epoch_loss += float(loss) * len(idx) / n
+        val = validation_mse(module, val_data)
+        state.epoch += 1
+        for key, value in (("epoch", state.epoch), ("train_loss", epoch_loss / n), ("val_mse", val),
+                           ("kl_scale", kl_scale)):
+            state.history[key].append(value)
+        if val < state.best_val:
+            state.best_val, state.best_epoch = val, state.epoch
+            state.best_module = copy.deepcopy(module.state_dict())
+        elif state.epoch - state.best_epoch >= cfg.patience:
+            state.stopped_early = True
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, module, optimizer, state)
+        bar.update(1)
+        bar.set_postfix(neg_elbo=f"{epoch_loss / n:.1f}", val_mse=f"{val:.4f}", best=state.best_epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    bar.close()
+    if state.best_module is not None:
+        module.load_state_dict(state.best_module)
+    module.eval()
+    return state

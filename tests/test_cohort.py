@@ -1,0 +1,468 @@
+"""Cohort reading, feature spaces, atomic outputs and standardisation, on tiny images."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from inva_pyro.cohort import Cohort, Subset
+from inva_pyro.errors import InputError
+from inva_pyro.io import atomic_dir, atomic_write_text, load_volume, save_nifti
+from inva_pyro.preprocessing import Standardizer
+from inva_pyro.spaces import VolumeSpace, space_from_dict
+
+SHAPE = (6, 5, 4)
+COLUMNS = ("gm", "wm", "pet")
+
+
+def make_affine() -> np.ndarray:
+    affine = np.diag([2.0, 2.5, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, -20.0, 5.0]
+    return affine
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), make_affine() if affine is None else affine)
+    img.header.set_qform(img.affine, 1)
+    img.header.set_sform(img.affine, 4)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return path
+
+
+def make_mask() -> np.ndarray:
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[1:5, 1:4, 1:3] = True
+    return mask
+
+
+def write_cohort(root: Path, n: int = 5, mask: bool = True, split: bool = True,
+                 seed: int = 0) -> dict:
+    """Write n subjects' gm/wm/pet images, a manifest and (optionally) a mask; return the truth."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    data = {column: rng.normal(size=(n, *SHAPE)).astype(np.float32) for column in COLUMNS}
+    rows = []
+    for i in range(n):
+        row = {"subject": f"sub-{i:03d}"}
+        for column in COLUMNS:
+            row[column] = f"images/sub-{i:03d}_{column}.nii.gz"  # relative to the CSV
+            write_nifti(root / row[column], data[column][i])
+        row["age"] = 60 + i
+        row["note"] = f"scan {i}"
+        if split:
+            row["split"] = ["train", "train", "train", "val", "test"][i % 5]
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    if mask:
+        write_nifti(root / "mask.nii.gz", make_mask().astype(np.float32))
+    return data
+
+
+def read(root: Path, **kwargs) -> Cohort:
+    options = dict(inputs=["gm", "wm"], outcome="pet", mask=root / "mask.nii.gz")
+    options.update(kwargs)
+    return Cohort.from_manifest(root / "manifest.csv", **options)
+
+
+def set_cell(root: Path, subject: str, column: str, value) -> None:
+    table = pd.read_csv(root / "manifest.csv", dtype=str)
+    table.loc[table["subject"] == subject, column] = value
+    table.to_csv(root / "manifest.csv", index=False)
+
+
+# ----- reading a cohort ---------------------------------------------------------------------
+def test_manifest_round_trip_with_mask(tmp_path):
+    data = write_cohort(tmp_path)
+    cohort = read(tmp_path)
+    mask = make_mask()
+
+    assert cohort.input_names == ["gm", "wm"] and cohort.outcome_name == "pet"
+    assert cohort.all.subjects == [f"sub-{i:03d}" for i in range(5)]
+    for name in ("gm", "wm"):
+        assert cohort.all.inputs[name].dtype == np.float32
+        np.testing.assert_array_equal(cohort.all.inputs[name], data[name][:, mask])
+    np.testing.assert_array_equal(cohort.all.outcome, data["pet"][:, mask])
+    assert cohort.spaces["pet"].n_features == mask.sum()
+    assert cohort.spaces["gm"] is cohort.spaces["pet"]  # volumes share one space
+
+    # Numeric columns are covariates, text columns are not.
+    assert list(cohort.all.covariates.columns) == ["age"]
+    assert cohort.all.covariates.loc["sub-004", "age"] == 64
+
+    assert cohort.has_split
+    assert cohort.train.subjects == ["sub-000", "sub-001", "sub-002"]
+    assert cohort.val.subjects == ["sub-003"]
+    assert cohort.test.subjects == ["sub-004"]
+    np.testing.assert_array_equal(cohort.test.outcome, data["pet"][4][mask][None])
+    assert list(cohort.test.covariates.index) == ["sub-004"]
+
+
+def test_manifest_without_mask_uses_every_voxel(tmp_path):
+    data = write_cohort(tmp_path, mask=False)
+    cohort = read(tmp_path, mask=None)
+    assert cohort.spaces["gm"].n_features == np.prod(SHAPE)
+    np.testing.assert_array_equal(cohort.all.inputs["gm"], data["gm"].reshape(5, -1))
+
+
+def test_without_split_column_a_seeded_validation_share_is_held_out(tmp_path):
+    write_cohort(tmp_path, n=10, split=False)
+    first, second = read(tmp_path), read(tmp_path)
+    assert not first.has_split
+    assert len(first.val) == 2 and len(first.train) == 8
+    assert first.val.subjects == second.val.subjects  # same seed, same split
+    assert not set(first.val.subjects) & set(first.train.subjects)
+    assert first.test.subjects == first.all.subjects == [f"sub-{i:03d}" for i in range(10)]
+    other = read(tmp_path, seed=1)
+    assert len(other.val) == 2
+
+
+def test_outcome_may_be_absent_at_predict_time(tmp_path):
+    write_cohort(tmp_path)
+    table = pd.read_csv(tmp_path / "manifest.csv").drop(columns="pet")
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    cohort = read(tmp_path, require_outcome=False)
+    assert cohort.all.outcome is None and cohort.outcome_name is None
+    assert set(cohort.all.inputs) == {"gm", "wm"}
+    assert read(tmp_path, outcome=None).all.outcome is None
+
+
+def test_reading_against_a_trained_space_checks_the_grid(tmp_path):
+    write_cohort(tmp_path)
+    trained = read(tmp_path).spaces["gm"]
+    again = read(tmp_path, mask=None, space=trained)
+    assert again.spaces["gm"].n_features == trained.n_features
+
+    other = tmp_path / "other"
+    write_cohort(other)
+    write_nifti(other / "images/sub-000_gm.nii.gz", np.zeros((6, 5, 3)))
+    with pytest.raises(InputError, match="sub-000_gm.nii.gz"):
+        read(other, mask=None, space=trained)
+
+
+def test_from_dir_reads_cohort_json_with_truth(tmp_path):
+    data = write_cohort(tmp_path)
+    table = pd.read_csv(tmp_path / "manifest.csv")
+    table["pet_true_mean"] = table["pet"]
+    table["pet_true_sd"] = table["gm"]
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    spec = {"design": "toy", "inputs": ["gm", "wm"], "outcome": "pet", "mask": "mask.nii.gz",
+            "truth": {"mean": "pet_true_mean", "sd": "pet_true_sd"}}
+    (tmp_path / "cohort.json").write_text(json.dumps(spec))
+
+    cohort = Cohort.from_dir(tmp_path)
+    mask = make_mask()
+    np.testing.assert_array_equal(cohort.all.truth_mean, data["pet"][:, mask])
+    np.testing.assert_array_equal(cohort.all.truth_sd, data["gm"][:, mask])
+    assert cohort.train.truth_mean.shape == (3, mask.sum())
+
+
+def test_from_arrays_defaults_to_a_flat_space():
+    rng = np.random.default_rng(0)
+    cohort = Cohort.from_arrays({"a": rng.normal(size=(10, 7)), "b": rng.normal(size=(10, 3))},
+                                rng.normal(size=(10, 4)), split=["train"] * 8 + ["val", "test"])
+    assert cohort.spaces["a"].shape == (7, 1, 1) and cohort.spaces["outcome"].n_features == 4
+    assert len(cohort.train) == 8 and cohort.test.subjects == ["sub-009"]
+    assert cohort.all.inputs["b"].dtype == np.float32
+
+    # A split column without val rows: val is a seeded share of the train rows.
+    no_val = Cohort.from_arrays({"a": rng.normal(size=(10, 2))}, None, split=["train"] * 9 + ["test"])
+    assert len(no_val.val) == 2 and len(no_val.train) == 7 and no_val.test.subjects == ["sub-009"]
+    assert not set(no_val.val.subjects) & {"sub-009"}
+    no_test = Cohort.from_arrays({"a": rng.normal(size=(3, 2))}, None, split=["train", "val", "train"])
+    with pytest.raises(InputError, match="no 'test' rows"):
+        no_test.test
+
+
+def test_subset_selects_rows_of_every_field():
+    subset = Subset(subjects=["a", "b", "c"], inputs={"x": np.arange(6.0).reshape(3, 2)},
+                    outcome=np.arange(3.0)[:, None],
+                    covariates=pd.DataFrame({"age": [1.0, 2.0, 3.0]}, index=["a", "b", "c"]))
+    picked = subset.subset([2, 0])
+    assert picked.subjects == ["c", "a"] and len(picked) == 2
+    np.testing.assert_array_equal(picked.inputs["x"], [[4, 5], [0, 1]])
+    np.testing.assert_array_equal(picked.outcome[:, 0], [2, 0])
+    assert list(picked.covariates["age"]) == [3.0, 1.0]
+    assert len(subset.subset(np.array([False, True, False]))) == 1
+
+
+# ----- bad input: one InputError naming the file ---------------------------------------------
+def _truncate_gzip(root):
+    path = root / "images/sub-002_wm.nii.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return "sub-002_wm.nii.gz"
+
+
+def _garbage_gzip(root):
+    (root / "images/sub-002_wm.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 10))
+    return "sub-002_wm.nii.gz"
+
+
+def _missing_file(root):
+    (root / "images/sub-001_gm.nii.gz").unlink()
+    return "sub-001_gm.nii.gz"
+
+
+def _four_d(root):
+    write_nifti(root / "images/sub-001_pet.nii.gz", np.zeros((*SHAPE, 2)))
+    return "sub-001_pet.nii.gz"
+
+
+def _shape_differs(root):
+    write_nifti(root / "images/sub-003_gm.nii.gz", np.zeros((6, 5, 3)))
+    return "sub-003_gm.nii.gz"
+
+
+def _affine_differs(root):
+    affine = make_affine()
+    affine[0, 3] += 1.0
+    write_nifti(root / "images/sub-003_wm.nii.gz", np.zeros(SHAPE), affine)
+    return "sub-003_wm.nii.gz"
+
+
+def _nan_in_mask(root):
+    data = np.zeros(SHAPE)
+    data[2, 2, 1] = np.nan  # inside make_mask()
+    write_nifti(root / "images/sub-004_pet.nii.gz", data)
+    return "sub-004_pet.nii.gz"
+
+
+def _inf_in_mask(root):
+    data = np.zeros(SHAPE)
+    data[1, 1, 1] = np.inf
+    write_nifti(root / "images/sub-000_wm.nii.gz", data)
+    return "sub-000_wm.nii.gz"
+
+
+def _empty_mask(root):
+    write_nifti(root / "mask.nii.gz", np.zeros(SHAPE))
+    return "mask.nii.gz"
+
+
+def _mask_other_shape(root):
+    write_nifti(root / "mask.nii.gz", np.ones((6, 5, 5)))
+    return "mask.nii.gz"
+
+
+def _duplicate_subject(root):
+    set_cell(root, "sub-003", "subject", "sub-001")
+    return "duplicate subject id 'sub-001'"
+
+
+def _unsupported_format(root):
+    set_cell(root, "sub-001", "gm", "images/sub-001_gm.mgz")
+    return "sub-001_gm.mgz"
+
+
+def _bad_split(root):
+    set_cell(root, "sub-002", "split", "holdout")
+    return "manifest.csv"
+
+
+def _empty_manifest(root):
+    (root / "manifest.csv").write_text("")
+    return "manifest.csv"
+
+
+def _header_only_manifest(root):
+    (root / "manifest.csv").write_text("subject,gm,wm,pet\n")
+    return "manifest.csv"
+
+
+def _binary_manifest(root):
+    (root / "manifest.csv").write_bytes((root / "images/sub-000_gm.nii.gz").read_bytes())
+    return "manifest.csv"
+
+
+def _no_subject_column(root):
+    table = pd.read_csv(root / "manifest.csv").rename(columns={"subject": "id"})
+    table.to_csv(root / "manifest.csv", index=False)
+    return "manifest.csv"
+
+
+@pytest.mark.parametrize("spoil", [
+    _missing_file, _truncate_gzip, _garbage_gzip, _four_d, _shape_differs, _affine_differs,
+    _nan_in_mask, _inf_in_mask, _empty_mask, _mask_other_shape, _duplicate_subject,
+    _unsupported_format, _bad_split, _empty_manifest, _header_only_manifest, _binary_manifest,
+    _no_subject_column,
+])
+def test_bad_input_raises_one_line_naming_the_file(tmp_path, spoil):
+    write_cohort(tmp_path)
+    expected = spoil(tmp_path)
+    with pytest.raises(InputError) as caught:
+        read(tmp_path)
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("options, column", [
+    ({"inputs": ["gm", "csf"]}, "'csf'"),
+    ({"outcome": "fdg"}, "'fdg'"),
+])
+def test_unknown_column_lists_the_available_ones(tmp_path, options, column):
+    write_cohort(tmp_path)
+    with pytest.raises(InputError) as caught:
+        read(tmp_path, **options)
+    message = str(caught.value)
+    assert "manifest.csv" in message and column in message
+    assert "available: subject, gm, wm, pet" in message
+
+
+def test_missing_manifest_and_missing_outcome_when_required(tmp_path):
+    with pytest.raises(InputError, match="nowhere.csv: manifest file not found"):
+        Cohort.from_manifest(tmp_path / "nowhere.csv", inputs=["gm"], outcome="pet")
+    write_cohort(tmp_path)
+    set_cell(tmp_path, "sub-001", "pet", np.nan)
+    with pytest.raises(InputError, match="subject 'sub-001' has no 'pet' image path"):
+        read(tmp_path)
+
+
+def test_nan_outside_the_mask_and_singleton_4d_are_accepted(tmp_path):
+    data = write_cohort(tmp_path)
+    outside = data["gm"][0].copy()
+    outside[0, 0, 0] = np.nan  # not in make_mask()
+    write_nifti(tmp_path / "images/sub-000_gm.nii.gz", outside)
+    write_nifti(tmp_path / "images/sub-000_wm.nii.gz", data["wm"][0][..., None])
+    cohort = read(tmp_path)
+    np.testing.assert_array_equal(cohort.all.inputs["wm"][0], data["wm"][0][make_mask()])
+    assert np.isfinite(cohort.all.inputs["gm"]).all()
+
+
+def test_load_volume_reports_the_file(tmp_path):
+    with pytest.raises(InputError, match="gone.nii.gz: mask file not found"):
+        load_volume(tmp_path / "gone.nii.gz", "mask")
+    path = write_nifti(tmp_path / "ok.nii.gz", np.arange(120.0).reshape(SHAPE))
+    img = load_volume(path)
+    assert img.shape == SHAPE and np.asanyarray(img.dataobj).dtype == np.float32
+
+    # Large enough that the header survives truncation and only the (lazy) data read fails.
+    big = write_nifti(tmp_path / "big.nii.gz", np.random.default_rng(0).random((24, 24, 24)))
+    raw = big.read_bytes()
+    big.write_bytes(raw[: len(raw) // 2])
+    assert nib.load(str(big)).shape == (24, 24, 24)
+    with pytest.raises(InputError, match="big.nii.gz: cannot read image"):
+        load_volume(big)
+
+
+# ----- spaces -------------------------------------------------------------------------------
+def test_space_write_and_read_back_keep_the_grid(tmp_path):
+    write_cohort(tmp_path)
+    space = read(tmp_path).spaces["pet"]
+    vector = np.linspace(-1, 1, space.n_features, dtype=np.float32)
+
+    out = tmp_path / f"pred{space.extension}"
+    space.write(vector, out)
+    img = nib.load(str(out))
+    assert img.shape == SHAPE and img.get_data_dtype() == np.float32
+    np.testing.assert_allclose(img.affine, make_affine())
+    assert img.header.get_zooms() == (2.0, 2.5, 3.0)
+    assert int(img.header["sform_code"]) == 4 and int(img.header["qform_code"]) == 1
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    volume = img.get_fdata()
+    np.testing.assert_array_equal(volume[~make_mask()], 0)
+    np.testing.assert_array_equal(space.to_vector(volume), vector)
+    np.testing.assert_array_equal(space.read(out), vector)
+
+
+def test_space_dict_round_trip_through_json(tmp_path):
+    write_cohort(tmp_path)
+    space = read(tmp_path).spaces["gm"]
+    rebuilt = space_from_dict(json.loads(json.dumps(space.to_dict())))
+    assert isinstance(rebuilt, VolumeSpace) and rebuilt.shape == space.shape
+    np.testing.assert_array_equal(rebuilt.mask, space.mask)
+    np.testing.assert_allclose(rebuilt.affine, space.affine)
+
+    vector = np.arange(space.n_features, dtype=np.float32)
+    rebuilt.write(vector, tmp_path / "a.nii.gz")
+    img = nib.load(str(tmp_path / "a.nii.gz"))
+    np.testing.assert_allclose(img.affine, make_affine())
+    assert img.header.get_zooms() == (2.0, 2.5, 3.0) and int(img.header["sform_code"]) == 4
+    np.testing.assert_array_equal(rebuilt.to_vector(img.get_fdata()), vector)
+
+    with pytest.raises(InputError, match="run/space.json: unknown space kind 'mesh'"):
+        space_from_dict({"kind": "mesh"}, source="run/space.json")
+
+
+def test_grid_drops_singleton_dims():
+    mask = np.ones((4, 3, 1), dtype=bool)
+    mask[0, 0, 0] = False
+    space = VolumeSpace(shape=(4, 3, 1), affine=np.eye(4), header=None, mask=mask)
+    assert space.grid_shape == (4, 3)
+    grid = space.to_grid(np.ones((2, space.n_features)))
+    assert grid.shape == (2, 4, 3)
+    assert grid[:, 0, 0].tolist() == [0, 0] and grid.sum() == 2 * 11
+    np.testing.assert_array_equal(space.to_volume(np.arange(11.0))[..., 0][mask[..., 0]], np.arange(11.0))
+
+
+# ----- atomic outputs ------------------------------------------------------------------------
+def test_atomic_dir_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as work:
+            (work / "half.txt").write_text("half-written")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+    with atomic_dir(out) as work:
+        assert work != out and work.parent == out.parent
+        (work / "new.txt").write_text("complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+    fresh = tmp_path / "nested" / "fresh"
+    with atomic_dir(fresh) as work:
+        (work / "x").write_text("1")
+    assert (fresh / "x").read_text() == "1"
+
+
+def test_atomic_writes_leave_only_the_final_file(tmp_path):
+    atomic_write_text(tmp_path / "a.json", "{}")
+    atomic_write_text(tmp_path / "a.json", '{"b": 1}')
+    save_nifti(np.ones(SHAPE), make_affine(), None, tmp_path / "m.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "m.nii.gz"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"b": 1}
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "m.nii.gz")).get_fdata(), 1)
+
+
+# ----- standardisation -----------------------------------------------------------------------
+def test_standardizer_round_trip():
+    rng = np.random.default_rng(1)
+    gm = rng.normal(5, 2, size=(20, 6)).astype(np.float32)
+    gm[:, 0] = 3.0  # constant in training: the scale floor keeps z finite
+    pet = rng.normal(1000, 50, size=(20, 4)).astype(np.float32)
+    train = Subset(subjects=[str(i) for i in range(20)], inputs={"gm": gm}, outcome=pet)
+
+    std = Standardizer.fit(train)
+    z = std.transform_inputs(train)["gm"]
+    assert z.dtype == np.float32 and np.isfinite(z).all()
+    np.testing.assert_allclose(z[:, 1:].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z[:, 1:].std(axis=0), 1, atol=1e-4)
+    np.testing.assert_array_equal(z[:, 0], 0)
+
+    zy = std.transform_outcome(pet)
+    np.testing.assert_allclose(std.inverse_outcome_mean(zy), pet, rtol=1e-5)
+    np.testing.assert_allclose(std.inverse_outcome_scale(np.ones(4)), pet.std(axis=0), rtol=1e-4)
+
+    restored = Standardizer.from_state_dict(std.state_dict())
+    assert set(std.state_dict()) == {"input_mean.gm", "input_scale.gm", "outcome_mean", "outcome_scale"}
+    np.testing.assert_array_equal(restored.transform_inputs(train)["gm"], z)
+    np.testing.assert_array_equal(restored.inverse_outcome_mean(zy), std.inverse_outcome_mean(zy))
+    from_json = Standardizer.from_dict(json.loads(json.dumps(std.to_dict())))
+    for key, value in std.state_dict().items():
+        np.testing.assert_array_equal(from_json.state_dict()[key], value)
+
+    with pytest.raises(InputError, match="input 'gm' is missing"):
+        std.transform_inputs(Subset(subjects=["x"], inputs={"wm": gm[:1]}))
