@@ -69,8 +69,16 @@ class Preset(_Strict):
         return self.model_dump()
 
 
+def preset_folder():
+    """The named presets: installed as ``inva_pyro.presets``; in a source tree, ``models/`` itself."""
+    try:
+        return resources.files("inva_pyro.presets")
+    except ModuleNotFoundError:  # running from a checkout, where the package dir shadows the install
+        return Path(__file__).resolve().parent.parent / "models"
+
+
 def preset_names() -> list[str]:
-    folder = resources.files("inva_pyro.presets")
+    folder = preset_folder()
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
@@ -84,7 +92,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
         data = path.read_bytes()
         where = str(path)
     else:
-        candidate = resources.files("inva_pyro.presets") / f"{text_source}.toml"
+        candidate = preset_folder() / f"{text_source}.toml"
         if not candidate.is_file():
             raise InputError(f"--model {text_source}: no such preset (known: {', '.join(preset_names())})")
         data = candidate.read_bytes()

@@ -61,13 +61,12 @@ class Prediction:
             crps = float(np.mean(self.raw_crps))
         else:
             crps = M.crps_gaussian(self.observed, self.mean, sd)
-        grid_shape = getattr(self.space, "grid_shape", None) if self.space is not None else None
-        grids = None
-        if grid_shape is not None and len(grid_shape) in (2, 3):
-            grids = (self.space.to_grid(self.mean), self.space.to_grid(self.observed))
-        return M.evaluation_metrics(
-            self.observed, self.mean, sd, {M.level_key(lv): iv for lv, iv in intervals.items()}, crps,
-            grids=grids, truth_mean=truth_mean, truth_sd=truth_sd)
+        grid_shape = mask = None
+        if self.space is not None and len(getattr(self.space, "grid_shape", ())) in (2, 3):
+            grid_shape = self.space.grid_shape
+            mask = self.space.mask.reshape(grid_shape)
+        return M.evaluation_metrics(self.observed, self.mean, sd, intervals, crps, grid_shape=grid_shape,
+                                    mask=mask, truth_mean=truth_mean, truth_sd=truth_sd)
 
     def pit(self, calibrated: bool = True) -> np.ndarray:
         """Probability integral transform of the observed values under the predictive."""

@@ -91,7 +91,7 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
             moments.update(draws)
             if crps is not None:
                 crps.update(draws)
-            bins = torch.bucketize((draws - reference) / noise_sd, grid)      # 0..len(grid)
+            bins = torch.bucketize(((draws - reference) / noise_sd).contiguous(), grid)  # 0..len(grid)
             counts.view(-1, counts.shape[-1]).scatter_add_(
                 1, bins.permute(1, 2, 0).reshape(-1, s), torch.ones(1, dtype=torch.int32, device=device).expand(bins.numel() // s, s))
             if len(block_kept) * chunk_size < keep_samples:

@@ -153,7 +153,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             optimizer.step()
-            epoch_loss += float(loss) * len(idx) / n
+            epoch_loss += loss.item() * len(idx) / n
         val = validation_mse(module, val_data)
         state.epoch += 1
         for key, value in (("epoch", state.epoch), ("train_loss", epoch_loss / n), ("val_mse", val),

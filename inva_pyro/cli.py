@@ -1,0 +1,234 @@
+"""The ``inva`` command line (CONTRACT.md). Thin: every command is a few calls of the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+LEVELS = "0.5,0.8,0.9,0.95"
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not levels or not all(0 < lv < 1 for lv in levels):
+        raise argparse.ArgumentTypeError(f"levels must lie strictly between 0 and 1: {text!r}")
+    return levels
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inva", description="Integrative VAEs (InVA) in Pyro: predict an outcome "
+                                     "image from several input images with calibrated uncertainty.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a simulated cohort with known truth")
+    p.add_argument("--design", default="paper", help="simulation design (default: paper)")
+    p.add_argument("--n-subjects", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
+    p.add_argument("--manifest", type=Path, help="cohort manifest CSV")
+    p.add_argument("--inputs", type=_names, help="input image columns, comma-separated")
+    p.add_argument("--outcome", help="outcome image column")
+    p.add_argument("--mask", type=Path, help="brain mask (NIfTI) for volume cohorts")
+    p.add_argument("--model", default="inva", help="preset name from models/ or a TOML path (default: inva)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")
+    p.add_argument("--out", type=Path, help="run folder to create")
+    p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+    for name, helptext in (("predict", "posterior predictive maps for every subject of a manifest"),
+                           ("evaluate", "predictions against observed outcomes: metrics.json and figures")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", required=True, type=Path, help="run folder written by `inva fit`")
+        p.add_argument("--manifest", required=True, type=Path)
+        p.add_argument("--out", required=True, type=Path)
+        p.add_argument("--samples", type=int, help="posterior predictive draws (default: the preset's)")
+        p.add_argument("--levels", type=_levels, default=_levels(LEVELS), help=f"central interval levels ({LEVELS})")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n-subjects", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training import TrainingDiverged
+    try:
+        return COMMANDS[args.command](args) or 0
+    except InputError as exc:
+        print(f"inva: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"inva: {exc}", file=sys.stderr)
+        return 1
+
+
+def _simulate(args) -> None:
+    from .simulate import write_cohort
+    if args.n_subjects < 10:
+        raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
+    print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
+
+
+def _fit(args) -> None:
+    from . import Cohort, InVA, load_preset
+    if args.resume is not None:
+        run_dir = args.resume
+        run = _read_run_json(run_dir)
+        fit_args = run.get("fit_args") or {}
+        cohort = Cohort.from_manifest(fit_args["manifest"], fit_args["inputs"], fit_args["outcome"],
+                                      mask=fit_args.get("mask"), seed=run["seed"])
+        model = InVA()
+        model.fit(cohort.train, cohort.val, seed=run["seed"], device=fit_args.get("device", "auto"),
+                  run_dir=run_dir, resume=True, progress=sys.stderr.isatty(),
+                  outcome_name=fit_args["outcome"])
+    else:
+        missing = [flag for flag, value in (("--manifest", args.manifest), ("--inputs", args.inputs),
+                                            ("--outcome", args.outcome), ("--out", args.out)) if not value]
+        if missing:
+            raise InputError(f"inva fit needs {', '.join(missing)} (or --resume RUNDIR)")
+        run_dir = args.out
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+            raise InputError(f"{run_dir}: already exists and is not empty (use --overwrite to replace it)")
+        preset = load_preset(args.model)
+        if args.epochs:
+            preset.training.epochs = args.epochs
+        cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
+        fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,
+                    "mask": str(args.mask.resolve()) if args.mask else None, "device": args.device,
+                    "model": str(args.model)}
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        model = InVA(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
+                                 progress=sys.stderr.isatty(), outcome_name=args.outcome,
+                                 space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args})
+    h = model.history
+    print(f"trained {len(h['epoch'])} epochs (best {h['best_epoch']}, validation MSE {min(h['val_mse']):.4f} "
+          f"standardised); run folder: {run_dir}")
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{run_dir}: not an inva run folder (no run.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{run_dir / 'run.json'}: corrupt (not valid JSON)") from None
+
+
+def _load_for_manifest(args, require_outcome: bool):
+    """The run's model and the manifest's subjects to predict (test rows when there is a split)."""
+    from . import Cohort, InVA
+    from .spaces import space_from_dict
+    model = InVA.load(args.run, device=args.device)
+    space = space_from_dict(model.info["space"], args.run / "run.json") if model.info.get("space") else None
+    truth = _truth_columns(args.manifest)
+    cohort = Cohort.from_manifest(args.manifest, model.info["inputs"], model.info["outcome"],
+                                  require_outcome=require_outcome, space=space,
+                                  truth_mean=truth.get("mean"), truth_sd=truth.get("sd"))
+    subset = cohort.test if cohort.has_split else cohort.all
+    return model, subset
+
+
+def _truth_columns(manifest: Path) -> dict:
+    """Truth columns named by a cohort.json beside the manifest (simulated cohorts), else none."""
+    spec = manifest.parent / "cohort.json"
+    try:
+        truth = json.loads(spec.read_text()).get("truth") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return truth if isinstance(truth, dict) else {}
+
+
+def _predict(args) -> None:
+    model, subset = _load_for_manifest(args, require_outcome=False)
+    pred = model.predict(subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
+    pred.to_files(args.out)
+    print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them)")
+
+
+def _evaluate(args) -> None:
+    from .evaluation import CURVE_LEVELS, evaluate_prediction
+    from .io import atomic_dir
+    model, subset = _load_for_manifest(args, require_outcome=True)
+    if subset.outcome is None:
+        raise InputError(f"{args.manifest}: evaluate needs the outcome column '{model.info['outcome']}'")
+    pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
+                         seed=args.seed)
+    with atomic_dir(args.out) as tmp:
+        metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels)
+    print_summary(metrics)
+    print(f"metrics and figures in {args.out}")
+
+
+def print_summary(metrics: dict, ridge_mse: float | None = None) -> None:
+    rows = [("subjects x features", f"{metrics['n_subjects']} x {metrics['n_features']}"),
+            ("MSE", f"{metrics['mse']:.4f}")]
+    if metrics.get("oracle_mse"):
+        rows.append(("oracle MSE", f"{metrics['oracle_mse']:.4f}  (ratio {metrics['mse'] / metrics['oracle_mse']:.3f})"))
+    if ridge_mse is not None:
+        rows.append(("ridge MSE", f"{ridge_mse:.4f}"))
+    rows += [("correlation", f"{metrics['corr']:.3f}"),
+             ("SSIM", "n/a" if metrics["ssim"] is None else f"{metrics['ssim']:.3f}"),
+             ("CRPS", f"{metrics['crps']:.4f}" + (f"  (oracle {metrics['oracle_crps']:.4f})" if metrics.get("oracle_crps") else ""))]
+    for level, cov in metrics["coverage"].items():
+        raw = metrics.get("raw", {}).get("coverage", {}).get(level)
+        rows.append((f"coverage {level}", f"{cov:.3f} calibrated" + (f", {raw:.3f} raw" if raw is not None else "")))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def _demo(args) -> None:
+    from . import Cohort, InVA
+    from .baselines import ridge_predict
+    from .evaluation import CURVE_LEVELS, evaluate_prediction
+    from .io import atomic_dir
+    from .metrics import mse
+    from .simulate import write_cohort
+    start = time.perf_counter()
+    with atomic_dir(args.out) as out:
+        write_cohort(out / "cohort", "paper", args.n_subjects, args.seed)
+        cohort = Cohort.from_dir(out / "cohort", seed=args.seed)
+        print(f"simulated {args.n_subjects} subjects ({len(cohort.train)} train, {len(cohort.val)} val, "
+              f"{len(cohort.test)} test) in {time.perf_counter() - start:.1f} s")
+        model = InVA.from_preset("inva").fit(
+            cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=out / "run",
+            progress=sys.stderr.isatty(), outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+        print(f"fitted in {time.perf_counter() - start:.1f} s (best epoch {model.history['best_epoch']})")
+        test = cohort.test
+        levels = [0.5, 0.8, 0.9, 0.95]
+        pred = model.predict(test, levels=sorted(set(levels) | set(CURVE_LEVELS)), seed=args.seed)
+        pred.levels = levels  # files carry the contract's levels; the curve used all of them
+        pred.to_files(out / "predictions")
+        metrics = evaluate_prediction(pred, test, out, history=model.history, levels=levels)
+        ridge = mse(test.outcome, ridge_predict(cohort.train, test, cohort.input_names))
+    print(f"\ninva demo: {time.perf_counter() - start:.0f} s in all; outputs in {args.out}")
+    print_summary(metrics, ridge_mse=ridge)
+
+
+COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
