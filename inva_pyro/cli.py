@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--levels", type=_levels, default=_levels(LEVELS), help=f"central interval levels ({LEVELS})")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+        if name == "predict":
+            p.add_argument("--raw", action="store_true", help="write the uncalibrated posterior predictive maps")
 
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
@@ -91,14 +93,17 @@ def _simulate(args) -> None:
 
 
 def _fit(args) -> None:
-    from . import Cohort, InVA, load_preset
+    from . import Cohort, load_preset
+    from .registry import model_class, model_from_preset
     if args.resume is not None:
         run_dir = args.resume
         run = _read_run_json(run_dir)
         fit_args = run.get("fit_args") or {}
+        if not fit_args:
+            raise InputError(f"{run_dir / 'run.json'}: no fit arguments recorded; this run cannot be resumed")
         cohort = Cohort.from_manifest(fit_args["manifest"], fit_args["inputs"], fit_args["outcome"],
                                       mask=fit_args.get("mask"), seed=run["seed"])
-        model = InVA()
+        model = model_class(run.get("family", "inva"))()
         model.fit(cohort.train, cohort.val, seed=run["seed"], device=fit_args.get("device", "auto"),
                   run_dir=run_dir, resume=True, progress=sys.stderr.isatty(),
                   outcome_name=fit_args["outcome"])
@@ -120,10 +125,13 @@ def _fit(args) -> None:
         if run_dir.exists():
             import shutil
             shutil.rmtree(run_dir)
-        model = InVA(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
+        model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
                                  progress=sys.stderr.isatty(), outcome_name=args.outcome,
                                  space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args})
     h = model.history
+    if not h or not h.get("epoch"):
+        print(f"fitted; run folder: {run_dir}")
+        return
     print(f"trained {len(h['epoch'])} epochs (best {h['best_epoch']}, validation MSE {min(h['val_mse']):.4f} "
           f"standardised); run folder: {run_dir}")
 
@@ -139,9 +147,10 @@ def _read_run_json(run_dir: Path) -> dict:
 
 def _load_for_manifest(args, require_outcome: bool):
     """The run's model and the manifest's subjects to predict (test rows when there is a split)."""
-    from . import Cohort, InVA
+    from . import Cohort
+    from .registry import load_model
     from .spaces import space_from_dict
-    model = InVA.load(args.run, device=args.device)
+    model = load_model(args.run, device=args.device)
     space = space_from_dict(model.info["space"], args.run / "run.json") if model.info.get("space") else None
     truth = _truth_columns(args.manifest)
     cohort = Cohort.from_manifest(args.manifest, model.info["inputs"], model.info["outcome"],
@@ -164,7 +173,7 @@ def _truth_columns(manifest: Path) -> dict:
 def _predict(args) -> None:
     model, subset = _load_for_manifest(args, require_outcome=False)
     pred = model.predict(subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
-    pred.to_files(args.out)
+    pred.to_files(args.out, calibrated=not args.raw)
     print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them)")
 
 

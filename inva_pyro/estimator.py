@@ -100,7 +100,7 @@ class InVA:
             self._load_config(Path(run_dir), weights=False)
         else:
             self.standardizer = Standardizer.fit(train_set)
-            self.info = {"format": RUN_FORMAT, "inputs": names,
+            self.info = {"format": RUN_FORMAT, "family": "inva", "inputs": names,
                          "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
                          "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
                          "seed": seed, "versions": package_versions(), "complete": False,
