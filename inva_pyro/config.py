@@ -23,6 +23,9 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     family: Literal["inva"] = "inva"
+    structure: Literal["integrative", "separate", "concatenated"] = Field(
+        "integrative", description="integrative: InVA (shallow + shared deep latents); separate: one VAE per "
+        "modality without the shared level; concatenated: one VAE on all inputs concatenated")
     shallow_dim: int = Field(16, ge=1, description="p: shallow latent size per modality")
     deep_dim: int = Field(8, ge=1, description="q: deep (shared-encoder) latent size")
     hidden: int = Field(256, ge=1, description="hidden units of the modality-specific encoders/decoders")

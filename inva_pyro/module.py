@@ -13,6 +13,11 @@ q(z_ki|h_ki) at the shallow mean. The guide is amortised: q(h_ki|x_ki) is modali
 q(z_ki|h_ki) is shared, and q(W, b) is a mean-field Normal. KL weights enter through
 ``poutine.scale``; minibatches through the subsampled ``subjects`` plate, so every ELBO estimate is
 scaled to the full training size. No training or I/O code lives here.
+
+Peer structures (``cfg.structure``), for comparisons: ``separate`` drops the shared level
+(h_ki ~ Normal(0, I_p), one plain VAE per modality); ``concatenated`` is one plain VAE on the
+inputs concatenated into a single vector. Both keep the same predictor (the local pathway still
+sees each input at each voxel).
 """
 from __future__ import annotations
 
@@ -34,15 +39,20 @@ class InVAModule(nn.Module):
         self.input_names = list(input_names)
         self.cfg = cfg
         p, q = cfg.shallow_dim, cfg.deep_dim
-        self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in input_sizes)
-        self.shared_encoder = GaussianNet(p, cfg.shared_hidden, q)
-        self.shared_decoder = GaussianNet(q, cfg.shared_hidden, p)
-        self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in input_sizes)
+        self.hierarchical = cfg.structure == "integrative"
+        self.vae_names = ["concat"] if cfg.structure == "concatenated" else self.input_names
+        vae_sizes = [sum(input_sizes)] if cfg.structure == "concatenated" else list(input_sizes)
+        self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in vae_sizes)
+        self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in vae_sizes)
+        if self.hierarchical:
+            self.shared_encoder = GaussianNet(p, cfg.shared_hidden, q)
+            self.shared_decoder = GaussianNet(q, cfg.shared_hidden, p)
         # The local pathway sees, at each outcome voxel, the inputs defined on the same voxels.
         self.local_modalities = [k for k, v in enumerate(input_sizes) if v == n_outcome] if cfg.predictor == "local" else []
         if cfg.predictor == "local" and not self.local_modalities:
             raise ValueError("predictor 'local' needs at least one input with as many features as the outcome")
-        self.predictor = Predictor(len(input_sizes) * 2 * (p + q), n_outcome, cfg, len(self.local_modalities))
+        stats_per_vae = 2 * (p + q) if self.hierarchical else 2 * p
+        self.predictor = Predictor(len(vae_sizes) * stats_per_vae, n_outcome, cfg, len(self.local_modalities))
         shape = (n_outcome, cfg.predictor_hidden)
         if cfg.bayesian_output:
             self.output_weight_q = MeanFieldNormal(shape)
@@ -52,13 +62,17 @@ class InVAModule(nn.Module):
             self.output_bias = nn.Parameter(torch.zeros(n_outcome))
 
     # ---- deterministic pieces shared by model, guide and prediction -------------------------------
+    def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(xs, dim=-1)] if len(self.vae_names) != len(xs) else xs
+
     def latent_statistics(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """The paper's predictor input: [mean, sd] of q(h|x) and of q(z|h=mean) for every modality."""
         stats = []
-        for encoder, x in zip(self.shallow_encoders, xs):
+        for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs)):
             h_loc, h_scale = encoder(x)
-            z_loc, z_scale = self.shared_encoder(h_loc)
-            stats += [h_loc, h_scale, z_loc, z_scale]
+            stats += [h_loc, h_scale]
+            if self.hierarchical:
+                stats += list(self.shared_encoder(h_loc))
         return torch.cat(stats, dim=-1)
 
     def local_inputs(self, xs: list[torch.Tensor]) -> torch.Tensor | None:
@@ -92,11 +106,15 @@ class InVAModule(nn.Module):
         hidden, local_mean, sd = self.outcome_parts(xs)
         batch = xs[0].shape[0]
         with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for name, decoder, x in zip(self.input_names, self.modality_decoders, xs):
+            for name, decoder, x in zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs)):
                 with poutine.scale(scale=kl_scale):
-                    z = pyro.sample(f"deep_latent_{name}",
-                                    dist.Normal(x.new_zeros(batch, self.cfg.deep_dim), 1.0).to_event(1))
-                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(*self.shared_decoder(z)).to_event(1))
+                    if self.hierarchical:
+                        z = pyro.sample(f"deep_latent_{name}",
+                                        dist.Normal(x.new_zeros(batch, self.cfg.deep_dim), 1.0).to_event(1))
+                        h_prior = dist.Normal(*self.shared_decoder(z))
+                    else:
+                        h_prior = dist.Normal(x.new_zeros(batch, self.cfg.shallow_dim), 1.0)
+                    h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1))
                 pyro.sample(f"input_{name}", dist.Normal(*decoder(h)).to_event(1), obs=x)
             mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
             with poutine.scale(scale=prediction_scale):
@@ -108,7 +126,8 @@ class InVAModule(nn.Module):
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for name, encoder, x in zip(self.input_names, self.shallow_encoders, xs):
+            for name, encoder, x in zip(self.vae_names, self.shallow_encoders, self.vae_inputs(xs)):
                 with poutine.scale(scale=kl_scale):
                     h = pyro.sample(f"shallow_latent_{name}", dist.Normal(*encoder(x)).to_event(1))
-                    pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))
+                    if self.hierarchical:
+                        pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))

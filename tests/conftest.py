@@ -53,7 +53,7 @@ def toy_cohort(n_train: int, n_val: int, n_test: int, seed: int = 0) -> Cohort:
     return Cohort.from_arrays(inputs, y, split=split, truth_mean=mean, truth_sd=sd)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     # Bit-for-bit comparisons (save/load, seeds, resume) and the time budget both want one thread.
     old = torch.get_num_threads()
@@ -68,16 +68,16 @@ def small_cohort() -> Cohort:
 
 
 # The helpers as fixtures, so that test modules need not import conftest.
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_preset():
     return tiny_preset
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_cohort():
     return toy_cohort
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_arrays():
     return toy_arrays
