@@ -49,7 +49,7 @@ def write_figures(prediction, subset: Subset, out_dir: Path, history: dict | Non
     to_grid = (lambda a: space.to_grid(np.asarray(a))) if space is not None else None
     paths = [
         figures.plot_subject_maps(out_dir / "subject_maps.png", y, prediction.mean, prediction.sd,
-                                  prediction.subjects, grid_maps=to_grid),
+                                  prediction.subjects, grid_maps=to_grid, true_mean=subset.truth_mean),
         figures.plot_calibration_curve(out_dir / "calibration_curve.png", CURVE_LEVELS,
                                        curve(prediction, False), curve(prediction, True)),
         figures.plot_pit_histogram(out_dir / "pit_histogram.png", prediction.pit(calibrated=True)),

@@ -71,8 +71,12 @@ def plot_subject_maps(
     subjects: Sequence[str],
     grid_maps: Callable[[np.ndarray], np.ndarray] | None = None,
     max_subjects: int = 4,
+    true_mean=None,
 ) -> Path:
-    """One row per subject: observed | predicted mean | predicted sd | |error|.
+    """One row per subject: [true mean |] observed | predicted mean | predicted sd | |error|.
+
+    With ``true_mean`` (simulated cohorts) a first column shows it and the error column is
+    |true mean - predicted mean|, the part of the error a model can remove.
 
     truth_or_observed, mean, sd: grids of shape (n, H, W) or (n, X, Y, Z) (the middle axial
     slice of a volume is shown), or (n, n_features) arrays together with grid_maps, a
@@ -80,14 +84,16 @@ def plot_subject_maps(
     fill=np.nan, so that voxels outside the mask stay blank). subjects: row labels, one per
     subject; the first max_subjects rows are drawn. Observed and mean share one colour scale.
     """
-    arrays = [to_numpy(a) for a in (truth_or_observed, mean, sd)]
+    sources = [truth_or_observed, mean, sd] + ([true_mean] if true_mean is not None else [])
+    arrays = [to_numpy(a) for a in sources]
     if grid_maps is not None:
         arrays = [np.asarray(grid_maps(a), dtype=np.float64) for a in arrays]
     n_rows = min(len(subjects), arrays[0].shape[0], max_subjects)
     if n_rows == 0:
         raise ValueError("plot_subject_maps needs at least one subject")
-    observed, pred, pred_sd = ([_display_slice(a[i]) for i in range(n_rows)] for a in arrays)
-    abs_err = [np.abs(o - p) for o, p in zip(observed, pred)]
+    observed, pred, pred_sd, *truth = ([_display_slice(a[i]) for i in range(n_rows)] for a in arrays)
+    reference = truth[0] if truth else observed
+    abs_err = [np.abs(o - p) for o, p in zip(reference, pred)]
 
     value_range = _finite_range(*observed, *pred)
     sd_range = (0.0, _finite_range(*pred_sd)[1])
@@ -96,10 +102,12 @@ def plot_subject_maps(
         ("observed", observed, value_range, "viridis"),
         ("predicted mean", pred, value_range, "viridis"),
         ("predicted sd", pred_sd, sd_range, "magma"),
-        ("|observed - mean|", abs_err, err_range, "magma"),
+        ("|true mean - predicted|" if truth else "|observed - mean|", abs_err, err_range, "magma"),
     ]
+    if truth:
+        columns.insert(0, ("true mean", truth[0], value_range, "viridis"))
 
-    fig = _new_figure(11, 2.6 * n_rows + 0.4)
+    fig = _new_figure(2.75 * len(columns), 2.6 * n_rows + 0.4)
     axes = fig.subplots(n_rows, len(columns), squeeze=False)
     for col, (title, images, (vmin, vmax), cmap) in enumerate(columns):
         for row in range(n_rows):

@@ -154,35 +154,57 @@ def fitted(make_preset, small_cohort):
     return fit(make_preset(), small_cohort, seed=0)
 
 
-def test_save_and_load_give_identical_predictions(fitted, small_cohort, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    fitted.save(run)
-    files = sorted(p.name for p in run.iterdir())
+def _check_data_only_run_folder(run, allow=()):
+    files = sorted(p.name for p in run.iterdir() if p.name not in allow)
     assert "weights.safetensors" in files
     assert {"config.json", "run.json", "standardizer.json", "calibration.json"} <= set(files)
     # Data formats only: tensors in safetensors, everything else JSON; no pickle of any kind.
     assert all(name.endswith((".json", ".safetensors")) for name in files), files
-    assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.pt"))
+    assert not list(run.rglob("*.pkl"))
     load_file(str(run / "weights.safetensors"))
     for name in files:
         if name.endswith(".json"):
             json.loads((run / name).read_text())
 
-    # Loading must not unpickle anything.
+
+def _load_without_pickle(run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loading a run used pickle")
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    loaded = InVA.load(run)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", refuse)
+        patch.setattr(pickle, "load", refuse)
+        patch.setattr(pickle, "loads", refuse)
+        return InVA.load(run)
 
+
+def _check_same_model(fitted, loaded, subset):
     assert_states_equal(state_of(fitted), state_of(loaded))
     assert loaded.preset == fitted.preset
+    assert loaded.calibrator.method == fitted.calibrator.method
     assert loaded.calibrator.tau == fitted.calibrator.tau
     np.testing.assert_array_equal(loaded.calibrator.z_quantiles, fitted.calibrator.z_quantiles)
-    test = small_cohort.test
-    assert_predictions_equal(fitted.predict(test, seed=3), loaded.predict(test, seed=3))
+    assert_predictions_equal(fitted.predict(subset, seed=3), loaded.predict(subset, seed=3))
+
+
+def test_save_and_load_give_identical_predictions(fitted, small_cohort, tmp_path, monkeypatch):
+    """fit (no run folder) -> save(dir) -> load(dir): the same model, the same predictions."""
+    run = tmp_path / "run"
+    fitted.save(run)
+    _check_data_only_run_folder(run)
+    assert not list(run.rglob("*.pt"))
+    loaded = _load_without_pickle(run, monkeypatch)
+    _check_same_model(fitted, loaded, small_cohort.test)
+
+
+def test_run_folder_written_by_fit_loads_with_identical_predictions(make_preset, small_cohort, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fitted = fit(make_preset(training={"epochs": 3}), small_cohort, seed=0, run_dir=run)
+    # checkpoint.pt is only for resuming (torch.load(weights_only=True)); loading never reads it.
+    _check_data_only_run_folder(run, allow=(CHECKPOINT,))
+    loaded = _load_without_pickle(run, monkeypatch)
+    _check_same_model(fitted, loaded, small_cohort.test)
+    (run / CHECKPOINT).unlink()
+    _check_same_model(fitted, InVA.load(run), small_cohort.test)
 
 
 # ---- 6. seeds ---------------------------------------------------------------------------------

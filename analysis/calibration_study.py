@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Calibration study: coverage (raw and calibrated), interval width and CRPS over seeds and sizes.
+
+For every simulation seed S and training size N, the script simulates the built-in ``paper``
+design with ``simulate_paper(n_train_max + n_val + n_test, S)``, splits it with
+``simulate.default_split`` (300 / 100 / 100 for the defaults), trains InVA on the first N training
+subjects (the training sets are nested; validation and test subjects are the same for every N),
+predicts the test subjects and scores the raw and the calibrated posterior predictive against the
+observed outcomes and against the oracle (the true mean and sd of the simulation).
+
+The validation subjects are used by ``InVA.fit`` twice: for early stopping and to fit the
+calibrator. ``--calibration-split held-out`` measures what that reuse costs: the validation
+subjects are split in two halves, one for early stopping and one for calibration only.
+
+Outputs in ``--out``:
+    runs.csv            one row per (size, seed): every metric (written as runs finish; re-running
+                        the same command skips the runs already there)
+    summary.csv / .md   per size: mean and sd across seeds of every metric
+    calibration_study.png   observed vs nominal coverage per size (raw and calibrated, +-1 sd across
+                        seeds) and CRPS / oracle CRPS against training size
+    across_runs.json / .md  (with ``--chains M``) R-hat and ESS of the predictions of M fits on one
+                        data set (``inference.across_run_diagnostics``)
+
+Examples:
+    python analysis/calibration_study.py --out study            # 3 sizes x 5 seeds, ~30 min on 2 CPU cores
+    python analysis/calibration_study.py --quick --out /tmp/cs  # tiny smoke run (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+LEVELS = [0.5, 0.8, 0.9, 0.95]
+CURVE_LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
+
+QUICK = dict(sizes=[24], seeds=[0, 1], n_val=12, n_test=10, epochs=3, samples=60, chains=2,
+             preset_overrides={"model": dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8,
+                                             predictor_hidden=6, local_hidden=8, local_channels=2,
+                                             voxel_embedding=2, context_dim=3)},
+             grid=(8, 8))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--out", required=True, type=Path, help="output folder (created; re-runs resume)")
+    p.add_argument("--sizes", default="50,100,300", help="training sizes, comma-separated (default 50,100,300)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="simulation seeds, comma-separated (default 0..4)")
+    p.add_argument("--n-val", type=int, default=100, help="validation subjects (default 100)")
+    p.add_argument("--n-test", type=int, default=100, help="test subjects (default 100)")
+    p.add_argument("--model", default="inva", help="preset name or TOML path (default inva)")
+    p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")
+    p.add_argument("--samples", type=int, default=500, help="posterior predictive draws (default 500)")
+    p.add_argument("--calibration-split", choices=["shared", "held-out"], default="shared",
+                   help="shared: the validation subjects drive early stopping and calibration (what "
+                        "`inva fit` does); held-out: half of them for each")
+    p.add_argument("--chains", type=int, default=0,
+                   help="also fit this many seeds on the first seed's data at the largest size and "
+                        "report R-hat / ESS of the predictions across fits (default 0: skip)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test settings (seconds)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def settings(args) -> dict:
+    if args.quick:
+        return dict(QUICK)
+    return dict(sizes=_ints(args.sizes), seeds=_ints(args.seeds), n_val=args.n_val, n_test=args.n_test,
+                epochs=args.epochs, samples=args.samples, chains=args.chains, preset_overrides={},
+                grid=None)
+
+
+def make_preset(model: str, cfg: dict):
+    from inva_pyro.config import Preset, load_preset
+    preset = load_preset(model)
+    if cfg["preset_overrides"]:
+        data = preset.model_dump()
+        for table, values in cfg["preset_overrides"].items():
+            data[table].update(values)
+        preset = Preset.model_validate(data)
+    if cfg["epochs"]:
+        preset.training.epochs = cfg["epochs"]
+    return preset
+
+
+def simulate_split(seed: int, cfg: dict):
+    """The paper design for one seed: (cohort with every subject, train/val/test index arrays)."""
+    from inva_pyro.cohort import Cohort
+    from inva_pyro.simulate import PAPER_GRID, default_split, simulate_paper
+
+    n_train = max(cfg["sizes"])
+    n_total = n_train + cfg["n_val"] + cfg["n_test"]
+    sim = simulate_paper(n_total, seed, grid=cfg["grid"] or PAPER_GRID)
+    flat = lambda a: np.asarray(a).reshape(n_total, -1)  # noqa: E731
+    if n_total == 500 and cfg["n_val"] == cfg["n_test"] == 100:
+        split = default_split(n_total, seed)          # exactly the design's own split
+    else:
+        rng = np.random.default_rng(seed + 1)
+        split = np.array(["train"] * n_total, dtype=object)
+        order = rng.permutation(n_total)
+        split[order[:cfg["n_val"]]] = "val"
+        split[order[cfg["n_val"]:cfg["n_val"] + cfg["n_test"]]] = "test"
+    cohort = Cohort.from_arrays({k: flat(v) for k, v in sim["inputs"].items()}, flat(sim["outcome"]),
+                                split=list(split), truth_mean=flat(sim["true_mean"]),
+                                truth_sd=flat(sim["true_sd"]), outcome_name="y", seed=seed)
+    idx = {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
+    return cohort, idx
+
+
+def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -> tuple[dict, object]:
+    from inva_pyro import InVA
+    from inva_pyro.diagnostics import collapse_report
+    from inva_pyro.evaluation import coverage_curve
+
+    data = cohort.all
+    train = data.subset(idx["train"][:size])
+    val = data.subset(idx["val"])
+    test = data.subset(idx["test"])
+    calib = None
+    if args.calibration_split == "held-out":
+        half = len(val) // 2
+        val, calib = val.subset(np.arange(half)), val.subset(np.arange(half, len(val)))
+    start = time.perf_counter()
+    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name="y")
+    if calib is not None:  # refit the calibrator on subjects never seen by early stopping
+        xs, y = model._tensors(calib)
+        model._calibrate(calib, xs, y, fit_seed)
+    fit_s = time.perf_counter() - start
+    pred = model.predict(test, num_samples=cfg["samples"], levels=sorted(set(LEVELS) | set(CURVE_LEVELS)),
+                         seed=fit_seed)
+    truth = dict(truth_mean=test.truth_mean, truth_sd=test.truth_sd)
+    cal, raw = pred.metrics(calibrated=True, **truth), pred.metrics(calibrated=False, **truth)
+    row = {"size": size, "seed": seed, "fit_seed": fit_seed, "n_val": len(val),
+           "n_calibration": len(calib) if calib is not None else len(val), "n_test": len(test),
+           "epochs": len(model.history["epoch"]), "best_epoch": model.history["best_epoch"],
+           "fit_seconds": round(fit_s, 1), "mse": cal["mse"], "oracle_mse": cal["oracle_mse"],
+           "crps": cal["crps"], "crps_raw": raw["crps"], "oracle_crps": cal["oracle_crps"],
+           "nll": cal["nll"], "nll_raw": raw["nll"], "tau": model.calibrator.tau}
+    for lv in LEVELS:
+        key = format(lv, "g")
+        row[f"cov{key}"] = cal["coverage"][key]
+        row[f"cov{key}_raw"] = raw["coverage"][key]
+        row[f"width{key}"] = cal["interval_width"][key]
+        row[f"width{key}_raw"] = raw["interval_width"][key]
+    row["crps_ratio"] = row["crps"] / row["oracle_crps"]
+    row["crps_raw_ratio"] = row["crps_raw"] / row["oracle_crps"]
+    oracle_width = {lv: float(np.mean(2 * test.truth_sd)) * _z(lv) for lv in LEVELS}
+    for lv in LEVELS:
+        row[f"oracle_width{format(lv, 'g')}"] = oracle_width[lv]
+    row["curve"] = json.dumps({"raw": coverage_curve(pred, False, CURVE_LEVELS),
+                               "calibrated": coverage_curve(pred, True, CURVE_LEVELS)})
+    collapse = collapse_report(model.module, model._tensors(train)[0])
+    row["active_units"] = json.dumps(collapse["active_units"]["count"])
+    row["collapsed"] = ",".join(collapse["collapsed_modalities"])
+    return row, model
+
+
+def _z(level: float) -> float:
+    from scipy import stats
+    return float(stats.norm.ppf((1 + level) / 2))
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    metrics = ([f"cov{format(lv, 'g')}" for lv in LEVELS] + [f"cov{format(lv, 'g')}_raw" for lv in LEVELS]
+               + [f"width{format(lv, 'g')}" for lv in LEVELS] + [f"width{format(lv, 'g')}_raw" for lv in LEVELS]
+               + [f"oracle_width{format(lv, 'g')}" for lv in LEVELS]
+               + ["crps", "crps_raw", "oracle_crps", "crps_ratio", "crps_raw_ratio", "mse", "oracle_mse",
+                  "nll", "nll_raw", "tau", "best_epoch", "fit_seconds"])
+    rows = []
+    for size, group in runs.groupby("size"):
+        row = {"size": int(size), "n_seeds": len(group)}
+        for m in metrics:
+            values = group[m].astype(float)
+            row[f"{m}_mean"] = values.mean()
+            row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: pd.DataFrame, command: str, calibration_split: str) -> str:
+    f = lambda s, m, d=3: f"{s[m + '_mean']:.{d}f} ± {s[m + '_sd']:.{d}f}"  # noqa: E731
+    lines = [f"Command: `{command}`", "",
+             f"Calibration subjects: {calibration_split}. Mean ± sd across seeds; coverage is the fraction "
+             "of test voxels (all subjects, all voxels) inside the central interval.", "",
+             "| N train | seeds | level | calibrated coverage | raw coverage | calibrated width | raw width | oracle width |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, s in summary.iterrows():
+        for lv in LEVELS:
+            k = format(lv, "g")
+            lines.append(f"| {int(s['size'])} | {int(s['n_seeds'])} | {k} | {f(s, 'cov' + k)} | {f(s, 'cov' + k + '_raw')} "
+                         f"| {f(s, 'width' + k)} | {f(s, 'width' + k + '_raw')} | {s['oracle_width' + k + '_mean']:.3f} |")
+    lines += ["", "| N train | CRPS calibrated | CRPS raw | oracle CRPS | CRPS / oracle | raw CRPS / oracle | MSE | oracle MSE | tau | best epoch |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, s in summary.iterrows():
+        lines.append(f"| {int(s['size'])} | {f(s, 'crps', 4)} | {f(s, 'crps_raw', 4)} | {f(s, 'oracle_crps', 4)} "
+                     f"| {f(s, 'crps_ratio')} | {f(s, 'crps_raw_ratio')} | {f(s, 'mse', 4)} | {f(s, 'oracle_mse', 4)} "
+                     f"| {f(s, 'tau', 2)} | {f(s, 'best_epoch', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: pd.DataFrame, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = sorted(runs["size"].unique())
+    fig = Figure(figsize=(4.2 * (len(sizes) + 1), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sizes) + 1, squeeze=False)[0]
+    nominal = np.array(CURVE_LEVELS)
+    for ax, size in zip(axes, sizes):
+        curves = [json.loads(c) for c in runs.loc[runs["size"] == size, "curve"]]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="ideal")
+        for kind, color, style in (("raw", "tab:red", "--"), ("calibrated", "tab:blue", "-")):
+            values = np.array([c[kind] for c in curves])
+            mean, sd = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+            ax.plot(nominal, mean - nominal, color=color, linestyle=style, marker=".", label=kind)
+            ax.fill_between(nominal, mean - nominal - sd, mean - nominal + sd, color=color, alpha=0.2)
+        ax.axhline(0, color="grey", linestyle=":")
+        ax.axhspan(-0.02, 0.02, color="green", alpha=0.08, label="±0.02")
+        ax.set_xlabel("nominal level of the central interval")
+        ax.set_ylabel("observed − nominal coverage")
+        ax.set_title(f"N train = {size} ({len(curves)} seeds, ±1 sd)")
+        ax.legend(fontsize="small", loc="lower left")
+    ax = axes[-1]
+    summary = summarise(runs)
+    for col, label, color in (("crps_ratio", "calibrated", "tab:blue"), ("crps_raw_ratio", "raw", "tab:red")):
+        ax.errorbar(summary["size"], summary[f"{col}_mean"], yerr=summary[f"{col}_sd"].fillna(0), marker="o",
+                    color=color, label=label, capsize=3)
+    ax.axhline(1.2, color="grey", linestyle="--", label="1.2 × oracle")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("training subjects")
+    ax.set_ylabel("CRPS / oracle CRPS")
+    ax.set_title("Probabilistic accuracy")
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def across_runs(cohort, idx, cfg, args, first_model, out: Path) -> dict:
+    """M fits (seeds 0..M-1) on the first data seed at the largest size, as chains."""
+    from inva_pyro import InVA
+    from inva_pyro.inference import across_run_diagnostics
+
+    size, seed = max(cfg["sizes"]), cfg["seeds"][0]
+    models = [first_model]
+    for fit_seed in range(1, cfg["chains"]):
+        train, val = cohort.all.subset(idx["train"][:size]), cohort.all.subset(idx["val"])
+        models.append(InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False,
+                                                             outcome_name="y"))
+    test = cohort.all.subset(idx["test"])
+    diag = across_run_diagnostics(models, test, num_draws=min(200, cfg["samples"]), seed=0)
+    diag.update(size=size, data_seed=seed, chains=len(models))
+    (out / "across_runs.json").write_text(json.dumps(diag, indent=2))
+    s = diag["summary"]
+    lines = [f"{len(models)} fits (seeds 0..{len(models) - 1}) on data seed {seed}, N train = {size}; "
+             f"{diag['n_draws']} draws per fit, {diag['n_features']} test voxel-subject pairs.", "",
+             "| quantity | R-hat median | R-hat 90% | R-hat max | share R-hat > 1.01 | share > 1.1 | ESS bulk median | ESS bulk min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in s.items():
+        lines.append(f"| {name} | {r['rhat_median']:.3f} | {r['rhat_q90']:.3f} | {r['rhat_max']:.3f} | "
+                     f"{r['rhat_gt_1.01']:.2f} | {r['rhat_gt_1.1']:.2f} | {r['ess_bulk_median']:.0f} | {r['ess_bulk_min']:.0f} |")
+    (out / "across_runs.md").write_text("\n".join(lines) + "\n")
+    return diag
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = settings(args)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    runs_csv = out / "runs.csv"
+    runs = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
+    done = set(zip(runs["size"], runs["seed"])) if len(runs) else set()
+    command = "python analysis/calibration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    first_model = None
+    for seed in cfg["seeds"]:
+        cohort, idx = simulate_split(seed, cfg)
+        for size in sorted(cfg["sizes"]):
+            need_model = cfg["chains"] > 1 and seed == cfg["seeds"][0] and size == max(cfg["sizes"])
+            if (size, seed) in done and not need_model:
+                continue
+            row, model = one_run(cohort, idx, size, seed, seed, cfg, args)
+            if need_model:
+                first_model = model
+            if (size, seed) in done:
+                continue
+            runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True)
+            runs.to_csv(runs_csv, index=False)
+            print(f"size {size} seed {seed}: coverage cal " +
+                  " ".join(f"{row['cov' + format(lv, 'g')]:.3f}" for lv in LEVELS) + " raw " +
+                  " ".join(f"{row['cov' + format(lv, 'g') + '_raw']:.3f}" for lv in LEVELS) +
+                  f"; CRPS/oracle {row['crps_ratio']:.3f}; {row['fit_seconds']:.0f} s", flush=True)
+        if first_model is not None and seed == cfg["seeds"][0]:
+            across_runs(cohort, idx, cfg, args, first_model, out)
+            first_model = None
+    runs = runs[runs["size"].isin(cfg["sizes"]) & runs["seed"].isin(cfg["seeds"])]
+    summary = summarise(runs)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(markdown(summary, command, args.calibration_split))
+    plot(runs, out / "calibration_study.png")
+    print((out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
