@@ -61,9 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-split", choices=["shared", "held-out"], default="shared",
                    help="shared: the validation subjects drive early stopping and calibration (what "
                         "`inva fit` does); held-out: half of them for each")
-    p.add_argument("--chains", type=int, default=0,
+    p.add_argument("--chains", type=int, default=None,
                    help="also fit this many seeds on the first seed's data at the largest size and "
-                        "report R-hat / ESS of the predictions across fits (default 0: skip)")
+                        "report R-hat / ESS of the predictions across fits (default 0: skip; 2 with --quick)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test settings (seconds)")
     return p.parse_args(argv)
@@ -75,9 +75,9 @@ def _ints(text: str) -> list[int]:
 
 def settings(args) -> dict:
     if args.quick:
-        return dict(QUICK)
+        return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains)
     return dict(sizes=_ints(args.sizes), seeds=_ints(args.seeds), n_val=args.n_val, n_test=args.n_test,
-                epochs=args.epochs, samples=args.samples, chains=args.chains, preset_overrides={},
+                epochs=args.epochs, samples=args.samples, chains=args.chains or 0, preset_overrides={},
                 grid=None)
 
 

@@ -115,8 +115,8 @@ class InVA:
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early)
         self._calibrate(val, val_xs, val_y, seed)
+        self.info["complete"] = True
         if run_dir is not None:
-            self.info["complete"] = True
             self.save(run_dir)
         return self
 

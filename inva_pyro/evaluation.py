@@ -39,9 +39,13 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     return result
 
 
-def curve(prediction, calibrated: bool) -> list[float]:
+def coverage_curve(prediction, calibrated: bool, levels: list[float] | None = None) -> list[float]:
+    """Observed coverage of the central intervals at ``levels`` (default CURVE_LEVELS)."""
     intervals = prediction.intervals if calibrated else prediction.raw_intervals
-    return [M.coverage(prediction.observed, *intervals[lv]) for lv in CURVE_LEVELS]
+    return [M.coverage(prediction.observed, *intervals[lv]) for lv in (levels or CURVE_LEVELS)]
+
+
+curve = coverage_curve  # the former name
 
 
 def write_figures(prediction, subset: Subset, out_dir: Path, history: dict | None) -> list[Path]:

@@ -10,6 +10,14 @@ chunks. Each chunk updates running summaries and is dropped, so memory is bounde
 - central-interval quantiles: a per-voxel histogram of the draws on a fixed grid of standardised
   values (0.05 sd bins over +-8 sd around a reference prediction), inverted by linear interpolation;
 - CRPS against observed values (when given): running E|X - y| and E|X - X'| over disjoint pairs.
+
+With ``keep_draws=K`` the first K draws are also kept per draw, for ArviZ (``inference.py``):
+the output-layer draws (W, b) at ``keep_features``, the per-draw component means
+mean_s = H W_s + b_s + local (the predictive is a mixture over s of Normal(mean_s, noise_sd)),
+the noise sd, the replicated outcomes at ``keep_features`` and, when observed values are given,
+the whole-image log-likelihood sum_v log Normal(y_v | mean_sv, noise_sd_v) of every subject and
+draw. The first K draws of (W, b) come from a generator seeded once from ``generator``, so draw
+s uses the same (W, b) for every block of subjects (the kept draws are joint across subjects).
 """
 from __future__ import annotations
 
@@ -33,6 +41,19 @@ class PredictiveSummary:
     quantiles: dict[float, np.ndarray]      # probability -> sample quantile map
     crps: np.ndarray | None = None          # per-entry sample CRPS, when observed values were given
     samples: np.ndarray | None = None       # (keep_samples, n, V) first draws, when asked for
+    draws: "KeptDraws | None" = None        # per-draw pieces of the first keep_draws draws
+
+
+@dataclass
+class KeptDraws:
+    """The first K posterior predictive draws, per draw (standardised units; F = kept features)."""
+    features: np.ndarray                    # (F,) indices of the kept features
+    component_mean: np.ndarray              # (K, n, F) mean of the outcome given draw s of (W, b)
+    noise_sd: np.ndarray                    # (n, F) sd of the outcome given (W, b) (the same for every s)
+    outcome: np.ndarray                     # (K, n, F) replicated outcomes y_rep
+    output_weight: np.ndarray | None        # (K, F, D) draws of W at the kept features (Bayesian output layer)
+    output_bias: np.ndarray | None          # (K, F)
+    image_loglik: np.ndarray | None         # (K, n) sum over every feature of log N(y | mean_s, noise_sd)
 
 
 def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float, torch.Tensor]:
@@ -57,7 +78,13 @@ def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float,
 def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int, probs: list[float],
                          observed: torch.Tensor | None = None, block_size: int | None = None,
                          chunk_size: int | None = None, keep_samples: int = 0,
-                         generator: torch.Generator | None = None) -> PredictiveSummary:
+                         generator: torch.Generator | None = None, keep_draws: int = 0,
+                         keep_features=None) -> PredictiveSummary:
+    """Posterior predictive summaries of ``num_samples`` draws for every subject (see the module doc).
+
+    ``keep_draws``/``keep_features`` (default: every feature): keep the first draws per draw
+    (``PredictiveSummary.draws``); the other outputs do not change in distribution.
+    """
     module.eval()
     n, n_vox = inputs[0].shape[0], module.predictor.scale_head.out_features
     device = inputs[0].device
@@ -69,6 +96,14 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
     means, sds, crps_maps, kept = [], [], [], []
     quantiles = {p: [] for p in probs}
     w_mean, b_mean = module.output_layer_mean()
+    keep_draws = min(int(keep_draws), num_samples)
+    kept_seed = None
+    if keep_draws:
+        features = torch.arange(n_vox) if keep_features is None else torch.as_tensor(np.asarray(keep_features), dtype=torch.long)
+        features = features.to(device)
+        kept_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
+        kd = {"mean": [], "noise_sd": [], "outcome": [], "loglik": []}
+        kept_w = kept_b = None
     for start in range(0, n, block_size):
         xs = [x[start:start + block_size] for x in inputs]
         hidden, local_mean, noise_sd = module.outcome_parts(xs)
@@ -77,12 +112,19 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         crps = StreamingCRPS(observed[start:start + block_size]) if observed is not None else None
         counts = torch.zeros(*reference.shape, len(grid) + 1, dtype=torch.int32, device=device)
         block_kept, drawn = [], 0
+        if keep_draws:
+            # the same (W, b) draws for the kept draws of every block
+            kept_gen = torch.Generator(device=device).manual_seed(kept_seed)
+            block_draws = {"mean": [], "outcome": [], "loglik": [], "w": [], "b": []}
         while drawn < num_samples:
             s = min(chunk_size, num_samples - drawn)
+            if drawn < keep_draws:
+                s = min(s, keep_draws - drawn)   # a chunk is either wholly kept or not
             if module.cfg.bayesian_output:
                 weight_q, bias_q = module.output_layer_posterior()
-                weight = _sample(weight_q, s, generator)                       # (s, V, D)
-                bias = _sample(bias_q, s, generator)                           # (s, V)
+                gen = kept_gen if drawn < keep_draws else generator
+                weight = _sample(weight_q, s, gen)                             # (s, V, D)
+                bias = _sample(bias_q, s, gen)                                 # (s, V)
                 mean = torch.einsum("bd,svd->sbv", hidden, weight) + bias[:, None, :] + local_mean
             else:
                 mean = (hidden @ w_mean.T + b_mean + local_mean).expand(s, -1, -1)
@@ -96,6 +138,16 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
                 1, bins.permute(1, 2, 0).reshape(-1, s), torch.ones(1, dtype=torch.int32, device=device).expand(bins.numel() // s, s))
             if len(block_kept) * chunk_size < keep_samples:
                 block_kept.append(draws[: keep_samples - drawn].cpu())
+            if drawn < keep_draws:
+                block_draws["mean"].append(mean[..., features].cpu())
+                block_draws["outcome"].append(draws[..., features].cpu())
+                if observed is not None:
+                    y_block = observed[start:start + block_size]
+                    block_draws["loglik"].append(torch.distributions.Normal(mean, noise_sd).log_prob(y_block)
+                                                 .double().sum(-1).cpu())
+                if module.cfg.bayesian_output and start == 0:
+                    block_draws["w"].append(weight[:, features].cpu())
+                    block_draws["b"].append(bias[:, features].cpu())
             drawn += s
         means.append(moments.mean.float().cpu())
         sds.append(moments.sd().float().cpu())
@@ -105,10 +157,26 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
             crps_maps.append(torch.as_tensor(crps.value(average=False)).float().cpu())
         if keep_samples:
             kept.append(torch.cat(block_kept, 0)[:keep_samples])
+        if keep_draws:
+            kd["mean"].append(torch.cat(block_draws["mean"], 0))
+            kd["outcome"].append(torch.cat(block_draws["outcome"], 0))
+            kd["noise_sd"].append(noise_sd[:, features].cpu())
+            if block_draws["loglik"]:
+                kd["loglik"].append(torch.cat(block_draws["loglik"], 0))
+            if block_draws["w"]:
+                kept_w, kept_b = torch.cat(block_draws["w"], 0), torch.cat(block_draws["b"], 0)
     cat = lambda parts, dim=0: torch.cat(parts, dim).numpy()
+    kept_draws = None
+    if keep_draws:
+        kept_draws = KeptDraws(
+            features=features.cpu().numpy(), component_mean=cat(kd["mean"], 1), noise_sd=cat(kd["noise_sd"]),
+            outcome=cat(kd["outcome"], 1), output_weight=None if kept_w is None else kept_w.numpy(),
+            output_bias=None if kept_b is None else kept_b.numpy(),
+            image_loglik=cat(kd["loglik"], 1) if kd["loglik"] else None)
     return PredictiveSummary(
         mean=cat(means), sd=cat(sds), quantiles={p: cat(v) for p, v in quantiles.items()},
-        crps=cat(crps_maps) if crps_maps else None, samples=cat(kept, 1) if kept else None)
+        crps=cat(crps_maps) if crps_maps else None, samples=cat(kept, 1) if kept else None,
+        draws=kept_draws)
 
 
 def _sample(distribution, s: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -110,6 +110,7 @@ def save_checkpoint(path: Path, module, optimizer, state: TrainingState) -> None
         "history": state.history,
         "stopped_early": state.stopped_early,
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, path)
 
 
@@ -119,9 +120,16 @@ def load_checkpoint(path: Path, module, optimizer) -> TrainingState:
     module.load_state_dict(ckpt["module"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return TrainingState(epoch=ckpt["epoch"], best_epoch=ckpt["best_epoch"], best_val=ckpt["best_val"],
                          best_module=ckpt["best_module"], history=ckpt["history"],
                          stopped_early=ckpt["stopped_early"])
+
+
+def _diverged(what: str, state: TrainingState, ckpt_path: Path | None) -> TrainingDiverged:
+    where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else ""
+    return TrainingDiverged(f"training stopped: {what} in epoch {state.epoch + 1} (try a lower learning_rate){where}")
 
 
 def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *,
@@ -143,15 +151,21 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xs, y = train_data.take(idx)
-            loss = elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
-                                            kl_scale=kl_scale, prediction_scale=cfg.prediction_weight)
+            try:
+                loss = elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
+                                                kl_scale=kl_scale, prediction_scale=cfg.prediction_weight)
+            except ValueError:
+                # Pyro validates distribution parameters, so non-finite weights surface here first.
+                if all(torch.isfinite(p).all() for p in module.parameters()):
+                    raise
+                loss = torch.tensor(float("nan"))
             if not torch.isfinite(loss):
-                where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else ""
-                raise TrainingDiverged(f"training stopped: the loss became {float(loss)} in epoch {state.epoch + 1}"
-                                       f" (try a lower learning_rate){where}")
+                raise _diverged(f"the loss became {loss.item()}", state, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
+                raise _diverged(f"the gradient became {grad_norm.item()}", state, ckpt_path)
             optimizer.step()
             epoch_loss += loss.item() * len(idx) / n
         val = validation_mse(module, val_data)
