@@ -2,7 +2,18 @@
 
 Reading checks everything a user can get wrong (see CONTRACT.md, "Cohort manifest") and
 reports it as one InputError line naming the file or column. Each image is read once,
-reduced to its masked feature vector and dropped, so memory holds only the matrices.
+reduced to its masked feature vector and dropped, so memory holds only the matrices; with
+``lazy=True`` not even those: files are checked up front and read on demand
+(``streaming.DiskSubset``).
+
+Image formats (the manifest cell's extension decides; docs/cohorts.md):
+- NIfTI ``.nii``/``.nii.gz``: 3D volumes; every volume column shares one grid and mask.
+- GIfTI ``.gii``: one per-vertex map per file. An image NAME is either a column NAME (one
+  file per subject) or the column pair NAME_lh + NAME_rh (left and right hemispheres, read
+  as one image: left vertices, then right). Every surface column shares one vertex layout.
+- region tables ``.csv`` (comma) or ``.tsv``/``.txt`` (tab): rows = subjects, first column
+  = subject id, other columns = regions (FreeSurfer aparcstats2table's layout). Cells may all
+  point at one table; the subject's row is found by id. Each region column has its own regions.
 """
 
 from __future__ import annotations
@@ -17,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .io import load_volume
-from .spaces import VolumeSpace, load_mask
+from .io import load_gifti_map, load_region_table, open_volume
+from .spaces import HEMISPHERES, RegionSpace, Space, SurfaceSpace, VolumeSpace, load_mask
 
 SPLITS = ("train", "val", "test")
 SUBJECT_COLUMN = "subject"
@@ -77,7 +88,7 @@ class Cohort:
     Within each subset, subjects keep the manifest's order.
     """
 
-    def __init__(self, data: Subset, spaces: dict[str, VolumeSpace], input_names: list[str],
+    def __init__(self, data: Subset, spaces: dict[str, Space], input_names: list[str],
                  outcome_name: str | None, split: list[str] | None = None,
                  manifest_path: Path | None = None, seed: int = 0,
                  val_fraction: float = DEFAULT_VAL_FRACTION):
@@ -93,18 +104,24 @@ class Cohort:
     @classmethod
     def from_manifest(cls, path: str | Path, inputs: Sequence[str], outcome: str | None,
                       mask: str | Path | None = None, *, require_outcome: bool = True,
-                      space: VolumeSpace | None = None, truth_mean: str | None = None,
+                      space: Space | dict[str, Space] | None = None, truth_mean: str | None = None,
                       truth_sd: str | None = None, covariates: Sequence[str] | None = None,
-                      seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> "Cohort":
+                      seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION,
+                      lazy: bool = False, cache_subjects: int = 64) -> "Cohort":
         """Read a cohort from a manifest CSV.
 
-        ``inputs``/``outcome`` name image columns. ``mask`` (a NIfTI path, relative to
-        the working directory) selects voxels; None means every voxel. ``space`` (e.g.
-        a trained run's) makes every image be checked against and masked by it instead,
-        so ``mask`` must then be None. With ``require_outcome=False`` a missing or
-        all-empty outcome column gives ``outcome=None`` (predict time).
-        ``truth_mean``/``truth_sd`` name columns of true-mean/true-sd images.
+        ``inputs``/``outcome`` name images: a column, or a NAME_lh/NAME_rh pair of GIfTI
+        columns. ``mask`` (a NIfTI path, relative to the working directory) selects voxels of
+        volume columns; None means every voxel. ``space`` (a trained run's) makes images be
+        checked against it and read through it instead: one space applies to every volume (or
+        every surface) column, or to the outcome when it is a RegionSpace; a dict gives one per
+        name. ``mask`` must then be None. With ``require_outcome=False`` a missing or all-empty
+        outcome column gives ``outcome=None`` (predict time).
+        ``truth_mean``/``truth_sd`` name true-mean/true-sd images (in the outcome's space).
         ``covariates`` lists covariate columns; None takes every other numeric column.
+        ``lazy=True`` checks every file (headers, vertex counts, table rows) but reads no voxel
+        data: the subsets are ``streaming.DiskSubset`` views that read on demand, keeping the
+        last ``cache_subjects`` subjects' vectors in memory.
         """
         csv_path = Path(path)
         if space is not None and mask is not None:
@@ -114,41 +131,61 @@ class Cohort:
         subjects = _subject_ids(table, csv_path)
         split = _split_labels(table[SPLIT_COLUMN], subjects, csv_path) if SPLIT_COLUMN in table else None
 
-        if outcome is not None and not require_outcome and (
-                outcome not in table or table[outcome].isna().all()):
+        if outcome is not None and not require_outcome and not _has_image(table, outcome):
             outcome = None
         truth = {"truth_mean": truth_mean, "truth_sd": truth_sd}
-        image_columns = {**{name: "input" for name in inputs},
-                         **({outcome: "outcome"} if outcome is not None else {}),
-                         **{col: role.replace("_", " ") for role, col in truth.items() if col is not None}}
-        for column, role in image_columns.items():
-            _require_column(table, column, role, csv_path)
+        roles = {**{name: "input" for name in inputs},
+                 **({outcome: "outcome"} if outcome is not None else {}),
+                 **{col: role.replace("_", " ") for role, col in truth.items() if col is not None}}
+        columns = {name: _image_columns(table, name, role, csv_path) for name, role in roles.items()}
 
-        reader = _ImageReader(base=csv_path.parent, mask=mask, space=space)
-        matrices = {column: reader.read_column(table[column], column, subjects, csv_path)
-                    for column in image_columns}
+        reader = _ImageReader(base=csv_path.parent, csv_path=csv_path, mask=mask, given=space,
+                              outcome=outcome, lazy=lazy)
+        sources = {name: reader.sources(table, cols, name, subjects) for name, cols in columns.items()}
+        kinds = {name: reader.column_kind(name, column_sources) for name, column_sources in sources.items()}
+        if mask is not None and "volume" not in kinds.values():
+            raise InputError(f"{mask}: a mask selects voxels of NIfTI volumes, but no image column "
+                             f"holds volumes ({', '.join(f'{n}: {k}' for n, k in kinds.items())})")
+        for name in [n for n in roles if roles[n].startswith("truth")]:
+            if outcome is not None and kinds[name] != kinds[outcome]:
+                raise InputError(f"{csv_path}: truth column '{name}' holds {kinds[name]} files but the "
+                                 f"outcome '{outcome}' holds {kinds[outcome]} files")
+        matrices, spaces = {}, {}
+        for name in roles:
+            space_name = outcome if roles[name].startswith("truth") else name
+            matrices[name], spaces[name] = reader.read_column(name, sources[name], kinds[name],
+                                                              subjects, space_name)
 
-        covariate_columns = _covariate_columns(table, covariates, set(image_columns), csv_path)
+        image_columns = {column for cols in columns.values() for column in cols}
+        covariate_columns = _covariate_columns(table, covariates, image_columns, csv_path)
         covariate_frame = None
         if covariate_columns:
             covariate_frame = table[covariate_columns].apply(pd.to_numeric).astype(np.float64)
             covariate_frame.index = pd.Index(subjects, name=SUBJECT_COLUMN)
 
-        data = Subset(
-            subjects=subjects,
-            inputs={name: matrices[name] for name in inputs},
-            outcome=matrices.get(outcome) if outcome is not None else None,
-            truth_mean=matrices.get(truth_mean) if truth_mean is not None else None,
-            truth_sd=matrices.get(truth_sd) if truth_sd is not None else None,
-            covariates=covariate_frame,
-        )
         names = inputs + ([outcome] if outcome is not None else [])
-        spaces = {name: reader.space for name in names}
-        return cls(data, spaces, inputs, outcome, split, csv_path, seed, val_fraction)
+        if lazy:
+            from .streaming import DiskSubset, RowCache
+
+            data = DiskSubset.from_sources(
+                subjects, sources, spaces, inputs, outcome, truth_mean=truth_mean, truth_sd=truth_sd,
+                covariates=covariate_frame, cache=RowCache(cache_subjects * len(roles)))
+        else:
+            data = Subset(
+                subjects=subjects,
+                inputs={name: matrices[name] for name in inputs},
+                outcome=matrices.get(outcome) if outcome is not None else None,
+                truth_mean=matrices.get(truth_mean) if truth_mean is not None else None,
+                truth_sd=matrices.get(truth_sd) if truth_sd is not None else None,
+                covariates=covariate_frame,
+            )
+        return cls(data, {name: spaces[name] for name in names}, inputs, outcome, split, csv_path,
+                   seed, val_fraction)
 
     @classmethod
     def from_dir(cls, directory: str | Path, *, require_outcome: bool = True, seed: int = 0,
-                 val_fraction: float = DEFAULT_VAL_FRACTION) -> "Cohort":
+                 val_fraction: float = DEFAULT_VAL_FRACTION, lazy: bool = False,
+                 cache_subjects: int = 64) -> "Cohort":
         """Read a cohort folder made by ``inva simulate``: ``cohort.json`` + ``manifest.csv``.
 
         ``cohort.json`` = ``{"design": ..., "inputs": [...], "outcome": ..., "mask": path
@@ -165,7 +202,7 @@ class Cohort:
             directory / "manifest.csv", inputs=spec["inputs"], outcome=spec.get("outcome"),
             mask=mask, require_outcome=require_outcome, truth_mean=truth.get("mean"),
             truth_sd=truth.get("sd"), covariates=spec.get("covariates"), seed=seed,
-            val_fraction=val_fraction)
+            val_fraction=val_fraction, lazy=lazy, cache_subjects=cache_subjects)
 
     @classmethod
     def from_arrays(cls, inputs: dict[str, np.ndarray], outcome: np.ndarray | None,
@@ -237,8 +274,9 @@ class Cohort:
         return self._outcome_name
 
     @property
-    def spaces(self) -> dict[str, VolumeSpace]:
-        """name -> space, for every input and the outcome (volumes share one space)."""
+    def spaces(self) -> dict[str, Space]:
+        """name -> space, for every input and the outcome (volumes share one space, and so do
+        surfaces; each region column has its own)."""
         return dict(self._spaces)
 
     @property
@@ -389,56 +427,147 @@ def _read_cohort_json(path: Path) -> dict[str, Any]:
 
 
 # ----- images -----------------------------------------------------------------------------
-def _image_kind(path: Path) -> str:
-    """The kind of space an image file belongs to, from its extension.
+_KIND_NOUN = {"volume": "image", "surface": "surface map", "regions": "region table"}
 
-    The single dispatch point for formats: GIfTI surfaces and region tables add their
-    extensions here and their reading in ``_ImageReader``.
-    """
+
+def _image_kind(path: Path) -> str:
+    """The kind of space an image file belongs to, from its extension (the one dispatch point)."""
     name = path.name.lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         return "volume"
-    raise InputError(f"{path}: unsupported image format (expected NIfTI .nii or .nii.gz)")
+    if name.endswith(".gii"):
+        return "surface"
+    if name.endswith((".csv", ".tsv", ".txt")):
+        return "regions"
+    raise InputError(f"{path}: unsupported image format (expected NIfTI .nii/.nii.gz, GIfTI .gii, "
+                     "or a region table .csv/.tsv/.txt)")
+
+
+def _has_image(table: pd.DataFrame, name: str) -> bool:
+    """Whether the manifest has image ``name`` (a column or an _lh/_rh pair) with any path in it."""
+    columns = [name] if name in table else [f"{name}_{h}" for h in HEMISPHERES]
+    return all(c in table for c in columns) and not table[columns].isna().all().all()
+
+
+def _image_columns(table: pd.DataFrame, name: str, role: str, csv_path: Path) -> tuple[str, ...]:
+    """The manifest column(s) of image ``name``: ``(name,)``, or ``(name_lh, name_rh)``."""
+    if name in table:
+        return (name,)
+    pair = tuple(f"{name}_{h}" for h in HEMISPHERES)
+    present = [c for c in pair if c in table]
+    if len(present) == 1:
+        other = pair[1 - pair.index(present[0])]
+        raise InputError(f"{csv_path}: column '{present[0]}' for the {role} '{name}' has no partner "
+                         f"column '{other}' (a hemisphere pair needs both)")
+    if not present:
+        _require_column(table, name, role, csv_path)
+    return pair
 
 
 @dataclass
 class _ImageReader:
-    """Reads image columns into matrices, building the shared space from the first image."""
+    """Reads image columns into matrices (or, lazily, checks them), building the spaces.
+
+    Volume columns share one VolumeSpace (the first volume's grid and the mask) and surface
+    columns one SurfaceSpace (the first map's vertex counts); each region column gets its own
+    RegionSpace (the first table's regions). ``given`` (a trained run's space, or a dict of
+    them by name) replaces building: images are checked against it.
+    """
 
     base: Path
+    csv_path: Path
     mask: str | Path | None = None
-    space: VolumeSpace | None = None
+    given: Space | dict[str, Space] | None = None
+    outcome: str | None = None
+    lazy: bool = False
+
+    def __post_init__(self) -> None:
+        self.shared: dict[str, Space] = {}
+        self.by_name: dict[str, Space] = {}
+        given = self.given
+        if isinstance(given, dict):
+            self.by_name = dict(given)
+        elif isinstance(given, RegionSpace):
+            if self.outcome is not None:
+                self.by_name[self.outcome] = given
+        elif given is not None:
+            self.shared[given.kind] = given
+        for space in self.by_name.values():
+            if space.kind in ("volume", "surface"):
+                self.shared.setdefault(space.kind, space)
 
     def resolve(self, value: str) -> Path:
         path = Path(value.strip()).expanduser()
         return path if path.is_absolute() else self.base / path
 
-    def read_column(self, values: pd.Series, column: str, subjects: list[str],
-                    csv_path: Path) -> np.ndarray:
-        matrix: np.ndarray | None = None
-        for row, (subject, value) in enumerate(zip(subjects, values)):
-            if pd.isna(value) or not str(value).strip():
-                raise InputError(f"{csv_path}: subject '{subject}' has no '{column}' image path")
-            path = self.resolve(str(value))
-            read = {"volume": self._read_volume}[_image_kind(path)]
-            vector = read(path, f"{column} image")
-            if matrix is None:
-                matrix = np.empty((len(subjects), vector.size), dtype=np.float32)
-            matrix[row] = vector
-        assert matrix is not None  # the manifest has at least one subject
-        return matrix
+    def sources(self, table: pd.DataFrame, columns: tuple[str, ...], name: str,
+                subjects: list[str]) -> list[Path | tuple[Path, ...]]:
+        """Per subject: the image's path, or its (left, right) paths for a column pair."""
+        out = []
+        for row, subject in enumerate(subjects):
+            paths = []
+            for column in columns:
+                value = table[column].iloc[row]
+                if pd.isna(value) or not str(value).strip():
+                    raise InputError(f"{self.csv_path}: subject '{subject}' has no '{column}' image path")
+                paths.append(self.resolve(str(value)))
+            out.append(paths[0] if len(paths) == 1 else tuple(paths))
+        return out
 
-    def _read_volume(self, path: Path, what: str) -> np.ndarray:
-        if self.space is not None:
-            return self.space.read(path, what)
-        # The first image defines the cohort's grid; its data is used right away so
-        # that no file is read twice.
-        img = load_volume(path, what)
-        mask = None
-        if self.mask is not None:
-            mask = load_mask(self.mask, shape=img.shape, affine=img.affine)
-        self.space = VolumeSpace.from_image(img, mask)
-        return self.space.vector_from_image(img, path, what)
+    def column_kind(self, name: str, sources: list) -> str:
+        """The one kind of every file of a column (checked by extension, no file is opened)."""
+        first = _files(sources[0])[0]
+        kind = _image_kind(first)
+        for source in sources:
+            for path in _files(source):
+                if _image_kind(path) != kind:
+                    raise InputError(f"{path}: a {_image_kind(path)} file in column '{name}', whose first "
+                                     f"file ({first.name}) is a {kind}")
+        if isinstance(sources[0], tuple) and kind != "surface":
+            raise InputError(f"{first}: a {name}_lh/{name}_rh column pair must hold GIfTI hemisphere "
+                             f"maps, not {kind} files")
+        return kind
+
+    def read_column(self, name: str, sources: list, kind: str, subjects: list[str],
+                    space_name: str) -> tuple[np.ndarray | None, Space]:
+        """(matrix (n, V) float32, or None when lazy; the column's space)."""
+        what = f"{name} {_KIND_NOUN[kind]}"
+        space = self._space_for(space_name, kind, sources[0], subjects[0], what)
+        if self.lazy:
+            for subject, source in zip(subjects, sources):
+                space.check_file(source, what, subject=subject)
+            return None, space
+        matrix = np.empty((len(subjects), space.n_features), dtype=np.float32)
+        for row, (subject, source) in enumerate(zip(subjects, sources)):
+            matrix[row] = space.read(source, what, subject=subject)
+        return matrix, space
+
+    def _space_for(self, space_name: str, kind: str, first, subject: str, what: str) -> Space:
+        space = self.by_name.get(space_name) or (self.shared.get(kind) if kind != "regions" else None)
+        if space is not None:
+            if space.kind != kind:
+                raise InputError(f"{_files(first)[0]}: {space_name} must be a {space.kind} like the "
+                                 f"model's, got a {kind} file")
+            return space
+        if kind == "volume":
+            img = open_volume(first, what)  # header only: the grid, not the voxels
+            mask = load_mask(self.mask, shape=img.shape, affine=img.affine) if self.mask is not None else None
+            space = VolumeSpace.from_image(img, mask)
+        elif kind == "surface":
+            files = _files(first)
+            maps = [load_gifti_map(path, what) for path in files]
+            space = SurfaceSpace.from_maps(maps, tuple(HEMISPHERES) if len(files) == 2 else None)
+        else:
+            table = load_region_table(first, what)
+            space = RegionSpace(regions=table.regions, id_column=table.id_column)
+        if kind != "regions":
+            self.shared[kind] = space
+        self.by_name[space_name] = space
+        return space
+
+
+def _files(source) -> tuple[Path, ...]:
+    return tuple(source) if isinstance(source, tuple) else (source,)
 
 
 def _split_indices(split: list[str] | None, n: int, seed: int,

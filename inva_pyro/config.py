@@ -3,15 +3,21 @@
 A preset has three tables, ``[model]`` (architecture), ``[training]`` (SVI settings) and
 ``[prediction]`` (posterior predictive and calibration settings). Named presets live in the
 top-level ``models/`` folder, which is installed as ``inva_pyro.presets``.
+
+``[model]`` is a union discriminated on ``family``: ``inva`` (the default when ``family`` is
+absent; the Pyro program, whose ``structure`` also gives the VAE peers), ``ridge``, ``bart`` and
+``tensor`` (the peer models of ``inva_pyro.peers``), each with its own validated fields.
+``[training]`` and ``[prediction]`` are shared; peers ignore the SVI settings that do not apply
+to them (they use ``training.val_share`` and the whole ``[prediction]`` table).
 """
 from __future__ import annotations
 
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import InputError
 
@@ -42,6 +48,64 @@ class ModelConfig(_Strict):
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
 
 
+class ResidualIntervalConfig(_Strict):
+    """Predictive intervals of a point estimator from validation residuals (``peers/residual.py``)."""
+    interval_scale: Literal["voxel", "pooled"] = Field(
+        "voxel", description="raw sd: per-voxel RMS of validation residuals (shrunk towards the pooled RMS), "
+        "or one pooled RMS for every voxel")
+    scale_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of the validation subjects that fits the "
+                               "raw sd; the others fit the calibration quantiles")
+    scale_shrinkage: float = Field(5.0, ge=0.0, description="pseudo-subjects of pooled variance added to each "
+                                   "voxel's residual variance (0: none)")
+
+
+class RidgeConfig(ResidualIntervalConfig):
+    family: Literal["ridge"] = "ridge"
+    alpha_min: float = Field(1e-2, gt=0.0, description="smallest ridge penalty of the cross-validated grid")
+    alpha_max: float = Field(1e5, gt=0.0, description="largest ridge penalty of the grid")
+    n_alphas: int = Field(15, ge=1, description="penalties on a log grid between alpha_min and alpha_max")
+    alpha_per_target: bool = Field(False, description="one penalty per outcome voxel instead of one for all")
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.alpha_max < self.alpha_min:
+            raise ValueError("alpha_max must be at least alpha_min")
+        return self
+
+
+class TensorConfig(ResidualIntervalConfig):
+    family: Literal["tensor"] = "tensor"
+    ranks: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+        min_length=1, description="candidate CP ranks R of the coefficient (chosen by cross-validation)")
+    alpha_min: float = Field(1e-1, gt=0.0, description="smallest ridge penalty of the cross-validated grid")
+    alpha_max: float = Field(1e5, gt=0.0)
+    n_alphas: int = Field(13, ge=1)
+    cv_folds: int = Field(5, ge=2, description="K-fold cross-validation over training subjects for (R, alpha)")
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.alpha_max < self.alpha_min:
+            raise ValueError("alpha_max must be at least alpha_min")
+        return self
+
+
+class BartConfig(_Strict):
+    family: Literal["bart"] = "bart"
+    num_trees: int = Field(20, ge=1, description="trees per voxel's forest")
+    num_gfr: int = Field(10, ge=0, description="grow-from-root (XBART) warm-start sweeps, discarded")
+    num_burnin: int = Field(0, ge=0, description="MCMC burn-in sweeps after the warm start, discarded")
+    num_draws: int = Field(50, ge=1, description="posterior draws kept per voxel")
+    keep_every: int = Field(1, ge=1, description="thinning of the kept MCMC draws")
+    alpha: float = Field(0.95, gt=0.0, lt=1.0, description="tree prior: P(split) = alpha (1 + depth)^-beta")
+    beta: float = Field(2.0, ge=0.0)
+    min_samples_leaf: int = Field(5, ge=1)
+    max_depth: int = Field(10, ge=1)
+    neighbourhood: int = Field(1, ge=0, description="radius r: each local input's mean over the (2r+1)^d box "
+                               "around the voxel (inside the mask) is an extra feature; 0: the voxel only")
+    n_jobs: int = Field(-1, description="worker processes over voxels (joblib; -1: every core)")
+
+
 class TrainingConfig(_Strict):
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -61,10 +125,26 @@ class PredictionConfig(_Strict):
     calibration: Literal["quantile", "variance", "none"] = "quantile"
 
 
+def _family_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("family", "inva")
+    return getattr(value, "family", "inva")
+
+
+FAMILY_CONFIGS: dict[str, type[BaseModel]] = {"inva": ModelConfig, "ridge": RidgeConfig, "bart": BartConfig,
+                                              "tensor": TensorConfig}
+
+AnyModelConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in FAMILY_CONFIGS.items())],
+    Discriminator(_family_of, custom_error_type="unknown_family",
+                  custom_error_message=f"unknown model family (known: {', '.join(FAMILY_CONFIGS)})"),
+]
+
+
 class Preset(_Strict):
     name: str = "custom"
     description: str = ""
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: AnyModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     prediction: PredictionConfig = Field(default_factory=PredictionConfig)
 
@@ -112,5 +192,7 @@ def parse_preset(raw: dict, where: str = "preset") -> Preset:
         return Preset.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
+        # The discriminated union adds the family tag to the location (model.ridge.n_alphas): drop it.
+        loc = ".".join(str(x) for i, x in enumerate(first["loc"])
+                       if not (i == 1 and first["loc"][0] == "model" and x in FAMILY_CONFIGS))
         raise InputError(f"{where}: {loc}: {first['msg']}") from None

@@ -234,3 +234,96 @@ def plot_training_curves(path, history: Mapping[str, Sequence]) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- model criticism (ArviZ)
+
+
+def _arviz():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.x announces its 1.0 refactor on import
+        import arviz as az
+    return az
+
+
+def plot_ppc(path, idata, num_pp_samples: int = 100, seed: int = 0) -> Path:
+    """Posterior predictive check (``az.plot_ppc``): density of the observed values against that of
+    replicated data sets, pooled over the InferenceData's subjects and features; one panel for the
+    raw posterior predictive (``outcome``) and, when present, one for the calibrated one."""
+    az = _arviz()
+    pp = idata.posterior_predictive
+    panels = [("outcome", "raw posterior predictive")] if "outcome" in pp else []
+    if "outcome_calibrated" in pp:
+        panels.append(("outcome_calibrated", "calibrated predictive"))
+    fig = _new_figure(5.0 * len(panels), 4.2)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    n_draws = int(pp.sizes["chain"] * pp.sizes["draw"])
+    for ax, (var, title) in zip(axes, panels):
+        az.plot_ppc(idata, var_names=["outcome"], data_pairs={"outcome": var}, ax=ax,
+                    num_pp_samples=min(num_pp_samples, n_draws), random_seed=seed, legend=True)
+        ax.set_title(f"PPC, {title}")
+        ax.set_xlabel("outcome value (pooled over subjects and kept features)")
+        ax.set_ylabel("density")
+    return _save(fig, path)
+
+
+def plot_ppc_pit(path, idata) -> Path:
+    """Held-out PIT checks from ArviZ: ``az.plot_bpv(kind="u_value")`` (the marginal p-value
+    P(y_rep <= y) of every observed value, whose density is flat for a calibrated predictive; the
+    grey band is the range expected from a uniform sample of the same size) for the raw and the
+    calibrated predictive, and ``az.plot_loo_pit`` (ECDF of the LOO-PIT minus the uniform CDF) when
+    the InferenceData has a pointwise log-likelihood."""
+    az = _arviz()
+    pp = idata.posterior_predictive
+    panels = [(v, t) for v, t in (("outcome", "raw"), ("outcome_calibrated", "calibrated")) if v in pp]
+    has_loo = "log_likelihood" in idata.groups() and "outcome" in idata.log_likelihood and "outcome" in pp
+    fig = _new_figure(4.6 * (len(panels) + has_loo), 4.0)
+    axes = np.atleast_1d(fig.subplots(1, len(panels) + has_loo))
+    for ax, (var, title) in zip(axes, panels):
+        az.plot_bpv(idata, kind="u_value", var_names=["outcome"], data_pairs={"outcome": var}, ax=ax)
+        ax.set_title(f"PIT of held-out values, {title}")
+        ax.set_xlabel("u = P(y_rep ≤ y)")
+        ax.set_ylabel("density (flat = calibrated)")
+    if has_loo:
+        ax = axes[-1]
+        az.plot_loo_pit(idata, y="outcome", ecdf=True, ax=ax)
+        ax.set_title("LOO-PIT, raw (ECDF − uniform)")
+        ax.set_xlabel("LOO-PIT")
+        ax.set_ylabel("ECDF difference")
+    return _save(fig, path)
+
+
+def plot_latent_activity(path, report: Mapping, threshold: float | None = None) -> Path:
+    """Posterior-collapse diagnostics per VAE and latent level: activity Var_i(E[u|x_i]) of every
+    latent unit (log scale, with the active-unit threshold) and its KL (nats per subject).
+
+    report: ``diagnostics.collapse_report`` output.
+    """
+    threshold = report.get("threshold", 0.01) if threshold is None else threshold
+    activity = report["active_units"]["activity"]
+    kls = report["kl_per_dimension"]
+    rows = [(name, level) for name in activity for level in activity[name]]
+    fig = _new_figure(9.0, 1.9 * len(rows) + 0.8)
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for r, (name, level) in enumerate(rows):
+        act = np.maximum(np.asarray(activity[name][level], dtype=float), 1e-8)
+        kl = np.asarray(kls[name][level], dtype=float)
+        units = np.arange(len(act))
+        colors = ["tab:blue" if a > threshold else "tab:red" for a in act]
+        ax = axes[r, 0]
+        ax.bar(units, act, color=colors)
+        ax.axhline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{name}\n{level}")
+        n_active = int(np.sum(act > threshold))
+        ax.set_title(f"activity Var(E[u|x]): {n_active}/{len(act)} active (> {threshold:g})", fontsize="small")
+        ax = axes[r, 1]
+        ax.bar(units, kl, color=colors)
+        ax.set_title(f"KL per unit (nats/subject), total {kl.sum():.1f}", fontsize="small")
+        for a in axes[r]:
+            a.set_xticks(units if len(units) <= 20 else units[::4])
+    axes[-1, 0].set_xlabel("latent unit")
+    axes[-1, 1].set_xlabel("latent unit")
+    return _save(fig, path)

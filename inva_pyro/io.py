@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -125,6 +126,49 @@ def _short_reason(exc: BaseException) -> str:
     return " ".join(text.split())[:200]
 
 
+def open_volume(path: str | Path, what: str = "image") -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file lazily: the header is read and checked, the voxels stay on disk.
+
+    The returned image's ``dataobj`` is a nibabel array proxy, so slicing it reads only
+    what is asked for (for ``.nii`` files; a ``.nii.gz`` is decompressed up to the slice).
+    Errors (missing file, not an image, a real 4D series) are InputErrors naming the file;
+    damaged voxel data is only detected when it is read (``read_volume_data``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: {what} is a folder, not an image file")
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError:
+        raise InputError(f"{path}: cannot read {what} (not a NIfTI file, or the file is damaged)") from None
+    except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
+        raise InputError(f"{path}: cannot read {what} ({_short_reason(exc)})") from None
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise InputError(f"{path}: {what} is not a volume image ({type(img).__name__})")
+    shape = tuple(img.shape)
+    if len(shape) < 3 or (len(shape) > 3 and any(size != 1 for size in shape[3:])):
+        raise InputError(f"{path}: {what} must be a 3D volume, got shape {shape}")
+    return img
+
+
+def read_volume_data(img: nib.spatialimages.SpatialImage, path: str | Path, what: str = "image",
+                     box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+    """The float32 voxels of an opened volume (the sub-box ``box`` only, when given), as 3D.
+
+    Reading goes through the proxy, so only the box is held in memory; a truncated or
+    corrupt gzip stream is reported here as an InputError naming the file.
+    """
+    box = box or (slice(None),) * 3
+    try:
+        index = box + (0,) * (len(img.shape) - 3)  # singleton 4th/5th dims: take their one entry
+        data = np.asarray(img.dataobj[index], dtype=np.float32)
+    except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
+        raise InputError(f"{path}: cannot read {what} ({_short_reason(exc)})") from None
+    return data
+
+
 def load_volume(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     """Load a 3D NIfTI volume fully into memory, or raise InputError naming the file.
 
@@ -160,3 +204,176 @@ def load_volume(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     header = img.header if isinstance(img.header, nib.Nifti1Header) else None
     loaded = nib.Nifti1Image(data, img.affine, header)
     return loaded
+
+
+# ----- GIfTI surface maps --------------------------------------------------------------------
+# GIfTI's name for the hemisphere a map lies on (AnatomicalStructurePrimary), as FreeSurfer's
+# mris_convert and Connectome Workbench write it.
+STRUCTURE_KEY = "AnatomicalStructurePrimary"
+
+
+def load_gifti_map(path: str | Path, what: str = "surface map") -> tuple[np.ndarray, str | None]:
+    """One per-vertex map from a GIfTI file: ((n_vertices,) float32, hemisphere structure or None).
+
+    The file must hold exactly one data array of one value per vertex (a ``.shape.gii`` or
+    ``.func.gii`` with a single map); a mesh (``.surf.gii``), a label file or a series of maps
+    is refused, since which array is meant would be a guess.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: {what} is a folder, not a GIfTI file")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # XML, base64 and zlib errors are all "damaged file" to the user
+        raise InputError(f"{path}: cannot read {what} (not a GIfTI file, or the file is damaged: "
+                         f"{_short_reason(exc)})") from None
+    if not isinstance(img, nib.gifti.GiftiImage):
+        raise InputError(f"{path}: {what} is not a GIfTI image ({type(img).__name__})")
+    if len(img.darrays) != 1:
+        raise InputError(f"{path}: {what} has {len(img.darrays)} data arrays; expected exactly one "
+                         "per-vertex map")
+    array = img.darrays[0]
+    if array.intent in (nib.nifti1.intent_codes["NIFTI_INTENT_POINTSET"],
+                        nib.nifti1.intent_codes["NIFTI_INTENT_TRIANGLE"]):
+        raise InputError(f"{path}: {what} is a surface mesh, not a per-vertex map")
+    try:
+        data = np.asarray(array.data, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({_short_reason(exc)})") from None
+    if data.ndim == 2 and 1 in data.shape:
+        data = data.reshape(-1)
+    if data.ndim != 1 or data.size == 0:
+        raise InputError(f"{path}: {what} must be one value per vertex, got an array of shape {data.shape}")
+    structure = img.meta.get(STRUCTURE_KEY) or array.meta.get(STRUCTURE_KEY)
+    return data, structure
+
+
+def save_gifti_map(vector: np.ndarray, path: str | Path, structure: str | None = None) -> None:
+    """Write a per-vertex float32 map as a one-array GIfTI file atomically."""
+    data = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    meta = {STRUCTURE_KEY: structure} if structure else {}
+    array = nib.gifti.GiftiDataArray(data, intent="NIFTI_INTENT_NONE", datatype="NIFTI_TYPE_FLOAT32",
+                                     meta=nib.gifti.GiftiMetaData(meta))
+    img = nib.gifti.GiftiImage(darrays=[array], meta=nib.gifti.GiftiMetaData(meta))
+    atomic_write_bytes(path, img.to_bytes())
+
+
+# ----- region tables -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegionTable:
+    """A table of region values, rows = subjects (FreeSurfer ``aparcstats2table`` layout).
+
+    The first column holds subject ids, whatever its header (aparcstats2table writes e.g.
+    ``lh.aparc.thickness``); every other column is one region.
+    """
+
+    id_column: str
+    ids: tuple[str, ...]
+    regions: tuple[str, ...]
+    values: np.ndarray  # (n_rows, n_regions) float64
+
+    def row(self, subject: str) -> int | None:
+        try:
+            return self.ids.index(subject)
+        except ValueError:
+            return None
+
+
+def _table_separator(path: Path) -> str:
+    # aparcstats2table writes tab-separated files by default (named .txt or .tsv by habit);
+    # a .csv is comma-separated.
+    return "," if path.name.lower().endswith(".csv") else "\t"
+
+
+def _parse_region_table(path: Path, what: str) -> RegionTable:
+    import pandas as pd
+
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: {what} is a folder, not a table")
+    with path.open("rb") as handle:
+        head = handle.read(8192)
+    if b"\x00" in head:
+        raise InputError(f"{path}: {what} is not a text table (binary content)")
+    try:
+        # Text first: ids like "007" must stay strings; values are converted below.
+        table = pd.read_csv(path, sep=_table_separator(path), dtype=str, encoding="utf-8-sig",
+                            skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: {what} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: {what} is not a readable table ({_short_reason(exc)})") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    if table.shape[1] < 2:
+        raise InputError(f"{path}: {what} needs a subject-id column and at least one region column "
+                         f"(separator {_table_separator(path)!r})")
+    if len(table) == 0:
+        raise InputError(f"{path}: {what} has no rows (header only)")
+    ids = [str(value).strip() for value in table.iloc[:, 0]]
+    seen: set[str] = set()
+    for subject in ids:
+        if subject in seen:
+            raise InputError(f"{path}: {what} has subject '{subject}' twice")
+        seen.add(subject)
+    regions = list(table.columns[1:])
+    duplicated = sorted({r for r in regions if regions.count(r) > 1})
+    if duplicated or any(str(r).startswith("Unnamed:") for r in regions):
+        raise InputError(f"{path}: {what} has duplicate or empty region names")
+    values = np.empty((len(table), len(regions)), dtype=np.float64)
+    for j, region in enumerate(regions):
+        try:
+            values[:, j] = pd.to_numeric(table.iloc[:, j + 1]).to_numpy(dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InputError(f"{path}: {what} region column '{region}' is not numeric") from None
+    return RegionTable(table.columns[0], tuple(ids), tuple(regions), values)
+
+
+_TABLE_CACHE: dict[tuple, RegionTable] = {}
+_TABLE_CACHE_SIZE = 16
+
+
+def load_region_table(path: str | Path, what: str = "region table") -> RegionTable:
+    """Read a region table, cached by (path, size, modification time).
+
+    A cohort usually points every subject at the same aparcstats2table file, so it is parsed
+    once; a file that changes on disk has a new key and is read again.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return _parse_region_table(path, what)  # reports the missing file
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = _parse_region_table(path, what)
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        _TABLE_CACHE[key] = table
+    return table
+
+
+def save_region_table(values: np.ndarray, regions: list[str] | tuple[str, ...], path: str | Path,
+                      id_column: str = "subject", label: str | None = None) -> None:
+    """Write one row of region values as a CSV atomically: ``id_column,region,...`` then the row.
+
+    ``label`` (default: the file name without extension) fills the id column, so that rows
+    from many output files can be concatenated and still say which map they are.
+    """
+    import csv
+    import io as _io
+
+    path = Path(path)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size != len(regions):
+        raise ValueError(f"{values.size} values for {len(regions)} regions")
+    label = label if label is not None else path.name.split(".")[0]
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([id_column, *regions])
+    # float32 precision is what the model produces; repr of a float32 keeps it exactly.
+    writer.writerow([label, *(repr(float(np.float32(v))) for v in values)])
+    atomic_write_text(path, buffer.getvalue())

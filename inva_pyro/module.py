@@ -65,11 +65,14 @@ class InVAModule(nn.Module):
     def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(xs, dim=-1)] if len(self.vae_names) != len(xs) else xs
 
-    def latent_statistics(self, xs: list[torch.Tensor]) -> torch.Tensor:
+    def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors."""
+        return [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs))]
+
+    def latent_statistics(self, encoded) -> torch.Tensor:
         """The paper's predictor input: [mean, sd] of q(h|x) and of q(z|h=mean) for every modality."""
         stats = []
-        for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs)):
-            h_loc, h_scale = encoder(x)
+        for h_loc, h_scale in encoded:
             stats += [h_loc, h_scale]
             if self.hierarchical:
                 stats += list(self.shared_encoder(h_loc))
@@ -80,9 +83,9 @@ class InVAModule(nn.Module):
             return None
         return torch.stack([xs[k] for k in self.local_modalities], dim=-1)
 
-    def outcome_parts(self, xs: list[torch.Tensor]):
+    def outcome_parts(self, xs: list[torch.Tensor], encoded=None):
         """(H, local mean, sd): all of the outcome distribution except the output layer."""
-        hidden = self.predictor.hidden(self.latent_statistics(xs))
+        hidden = self.predictor.hidden(self.latent_statistics(encoded or self.encode(xs)))
         local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs))
         return hidden, local_mean, sd
 
@@ -96,14 +99,16 @@ class InVAModule(nn.Module):
         return self.output_weight, self.output_bias
 
     # ---- the Pyro program --------------------------------------------------------------------------
-    def model(self, xs, y=None, *, subjects, n_subjects, kl_scale=1.0, prediction_scale=1.0):
+    # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:
+    # the predictor conditions on the same summaries of x that parameterise q(h | x).
+    def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0):
         if self.cfg.bayesian_output:
             tau = self.cfg.output_prior_scale
             weight = pyro.sample("output_weight", dist.Normal(0.0, tau).expand(self.output_weight_q.loc.shape).to_event(2))
             bias = pyro.sample("output_bias", dist.Normal(0.0, tau).expand(self.output_bias_q.loc.shape).to_event(1))
         else:
             weight, bias = self.output_weight, self.output_bias
-        hidden, local_mean, sd = self.outcome_parts(xs)
+        hidden, local_mean, sd = self.outcome_parts(xs, encoded)
         batch = xs[0].shape[0]
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             for name, decoder, x in zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs)):
@@ -120,14 +125,14 @@ class InVAModule(nn.Module):
             with poutine.scale(scale=prediction_scale):
                 pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
 
-    def guide(self, xs, y=None, *, subjects, n_subjects, kl_scale=1.0, prediction_scale=1.0):
+    def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0):
         if self.cfg.bayesian_output:
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for name, encoder, x in zip(self.vae_names, self.shallow_encoders, self.vae_inputs(xs)):
+            for name, (h_loc, h_scale) in zip(self.vae_names, encoded or self.encode(xs)):
                 with poutine.scale(scale=kl_scale):
-                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(*encoder(x)).to_event(1))
+                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(h_loc, h_scale).to_event(1))
                     if self.hierarchical:
                         pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))

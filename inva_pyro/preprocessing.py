@@ -36,8 +36,42 @@ _INPUT_SCALE = "input_scale."
 
 def _mean_and_scale(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     matrix = np.asarray(matrix, dtype=np.float64)  # float64 sums: many subjects, large values
-    mean = matrix.mean(axis=0)
-    scale = matrix.std(axis=0)
+    return _floored(matrix.mean(axis=0), matrix.std(axis=0))
+
+
+class _RunningMoments:
+    """Per-feature mean and variance over chunks of rows (Chan et al.'s parallel Welford update).
+
+    Merging chunk statistics rather than summing x and x^2 avoids the cancellation that
+    sum-of-squares suffers for large values with small spread (PET counts, say).
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def update(self, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk, dtype=np.float64)
+        k = chunk.shape[0]
+        if k == 0:
+            return
+        chunk_mean = chunk.mean(axis=0)
+        chunk_m2 = ((chunk - chunk_mean) ** 2).sum(axis=0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = k, chunk_mean, chunk_m2
+            return
+        total = self.n + k
+        delta = chunk_mean - self.mean
+        self.mean = self.mean + delta * (k / total)
+        self.m2 = self.m2 + chunk_m2 + delta ** 2 * (self.n * k / total)
+        self.n = total
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return _floored(self.mean, np.sqrt(self.m2 / self.n))  # population sd, as in fit()
+
+
+def _floored(mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     positive = scale[scale > 0]
     typical = float(np.median(positive)) if positive.size else 1.0
     scale = np.maximum(scale, RELATIVE_SCALE_FLOOR * typical)
@@ -70,6 +104,27 @@ class Standardizer:
             outcome_mean, outcome_scale = _mean_and_scale(subset.outcome)
         return cls(input_mean, input_scale, outcome_mean, outcome_scale)
 
+    @classmethod
+    def fit_streaming(cls, subset, chunk_size: int = 64) -> "Standardizer":
+        """The same statistics as ``fit``, from a ``streaming.DiskSubset`` read ``chunk_size``
+        subjects at a time, so memory holds one chunk whatever the number of subjects."""
+        if len(subset) == 0:
+            raise ValueError("cannot fit a Standardizer on an empty subset")
+        inputs = {name: _RunningMoments() for name in subset.inputs}
+        outcome = _RunningMoments() if subset.outcome is not None else None
+        for chunk in subset.chunks(chunk_size):
+            for name, moments in inputs.items():
+                moments.update(chunk.inputs[name])
+            if outcome is not None:
+                outcome.update(chunk.outcome)
+        input_mean, input_scale = {}, {}
+        for name, moments in inputs.items():
+            input_mean[name], input_scale[name] = moments.result()
+        outcome_mean = outcome_scale = None
+        if outcome is not None:
+            outcome_mean, outcome_scale = outcome.result()
+        return cls(input_mean, input_scale, outcome_mean, outcome_scale)
+
     @property
     def input_names(self) -> list[str]:
         return list(self.input_mean)
@@ -82,7 +137,7 @@ class Standardizer:
                              f"{', '.join(self.input_mean)})")
         out = {}
         for name, mean in self.input_mean.items():
-            matrix = subset.inputs[name]
+            matrix = np.asarray(subset.inputs[name])  # a streaming LazyMatrix is read here
             if matrix.shape[-1] != mean.shape[0]:
                 raise InputError(f"input '{name}' has {matrix.shape[-1]} features; "
                                  f"the model was trained on {mean.shape[0]}")

@@ -4,7 +4,9 @@ Every family has the same interface as :class:`inva_pyro.estimator.InVA`:
 ``cls(preset)``, ``fit(train, val, *, seed, device, run_dir, progress, outcome_name, space, extra_info)``,
 ``predict(subset, num_samples, levels, seed) -> Prediction``, ``save(run_dir)``, ``cls.load(run_dir, device)``,
 and the attributes ``info`` (run.json) and ``history``. The CLI and analysis scripts go through
-this registry, so a new family is one entry here.
+this registry, so a new family is one entry here (and one config class in ``config.FAMILY_CONFIGS``).
+The peers (``ridge``, ``bart``, ``tensor``) live in ``inva_pyro.peers``; the VAE peers are InVA
+structures (``[model] structure``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from .errors import InputError
 
 def _families() -> dict[str, type]:
     from .estimator import InVA
-    return {"inva": InVA}
+    from .peers import RidgeRegression, TensorRegression, VoxelBART
+    return {"inva": InVA, "ridge": RidgeRegression, "bart": VoxelBART, "tensor": TensorRegression}
 
 
 def model_class(family: str) -> type:

@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-DESIGNS = ("paper",)
 PAPER_GRID = (32, 32)
 LOADINGS = np.array([[1.0, 0.5], [0.6, -0.8], [0.8, 0.8]])
 
@@ -92,36 +91,365 @@ def default_split(n_subjects: int, seed: int) -> np.ndarray:
     return labels
 
 
-def write_cohort(out: Path, design: str, n_subjects: int, seed: int) -> Path:
-    """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth."""
-    import nibabel as nib
+# ----- shared helpers of the brain designs ------------------------------------------------------
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
 
+
+def _logit(p, eps: float = 0.01):
+    p = np.clip(p, eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _subject_factors(n_subjects: int, seed: int) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Subject factors and covariates shared by the brain designs.
+
+    age_z ~ N(0, 1) drives the atrophy factor a1 = 0.8 age_z + 0.6 u; a2 (pathology load),
+    b (white-matter / head-size factor) ~ N(0, 1); site ~ Bernoulli(0.5) is a null covariate.
+    """
+    rng = np.random.default_rng([seed, 7])
+    age_z = rng.standard_normal(n_subjects)
+    factors = {"a1": 0.8 * age_z + 0.6 * rng.standard_normal(n_subjects),
+               "a2": rng.standard_normal(n_subjects),
+               "b": rng.standard_normal(n_subjects)}
+    covariates = pd.DataFrame({"age": np.round(70 + 8 * age_z, 2),
+                               "site": rng.integers(0, 2, n_subjects).astype(float)})
+    return factors, covariates
+
+
+def _subject_rng(seed: int, i: int) -> np.random.Generator:
+    # One stream per subject: a subject's images do not depend on how subjects are chunked.
+    return np.random.default_rng([seed, 11, i])
+
+
+def _bumps(coords: np.ndarray, centres: list[tuple[float, float, float]], width: float) -> np.ndarray:
+    """max over centres c of exp(-|x - c|^2 / (2 width^2)): a pattern in [0, 1] (coords in mm)."""
+    out = np.zeros(coords.shape[:-1])
+    for centre in centres:
+        d2 = ((coords - np.asarray(centre, dtype=float)) ** 2).sum(-1)
+        out = np.maximum(out, np.exp(-d2 / (2 * width ** 2)))
+    return out
+
+
+def _mirrored(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    return [p for x, y, z in points for p in ((x, y, z), (-x, y, z))]
+
+
+# MNI coordinates (mm) of the patterns: P1 atrophy (medial and lateral temporal lobe), P2 pathology
+# (precuneus / posterior cingulate, medial frontal, lateral parietal), P3 periventricular white matter.
+P1_CENTRES = _mirrored([(26, -20, -16), (54, -22, -12)])
+P2_CENTRES = _mirrored([(4, -58, 34), (4, 48, 12), (44, -62, 36)])
+P3_CENTRES = _mirrored([(20, -12, 26)])
+
+
+# ----- design "volume": MNI152 templates -----------------------------------------------------------
+class VolumeDesign:
+    """The ``volume`` design on nilearn's MNI152 (2009a) GM, WM and T1 templates (docs/simulation.md).
+
+    Templates are resampled by nilearn to ``voxel_mm`` (integer mm; 4 gives 50 x 59 x 48). The
+    brain mask is (GM + WM template) > 0.5. ``subject(i)`` returns subject i's images, drawn
+    from its own random stream, so writing can go subject by subject in bounded memory.
+    """
+
+    def __init__(self, n_subjects: int, seed: int = 0, voxel_mm: int = 4):
+        from nilearn import datasets
+
+        self.n_subjects, self.seed, self.voxel_mm = n_subjects, seed, int(voxel_mm)
+        gm_img = datasets.load_mni152_gm_template(resolution=self.voxel_mm)
+        self.affine = gm_img.affine.copy()
+        self.header = gm_img.header.copy()
+        self.G = np.asarray(gm_img.get_fdata(), dtype=np.float64)
+        self.W = np.asarray(datasets.load_mni152_wm_template(resolution=self.voxel_mm).get_fdata())
+        t1 = np.asarray(datasets.load_mni152_template(resolution=self.voxel_mm).get_fdata())
+        self.T = t1 / t1.max()
+        self.shape = self.G.shape
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
+        mm = ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        self.P1 = _bumps(mm, P1_CENTRES, 12.0)
+        self.P2 = _bumps(mm, P2_CENTRES, 14.0)
+        self.P3 = _bumps(mm, P3_CENTRES, 12.0)
+        self.mask = (self.G + self.W) > 0.5
+        # Field smoothness in mm, so that designs at different voxel sizes look alike.
+        self.field_sigma = 6.0 / self.voxel_mm
+        self.factors, self.covariates = _subject_factors(n_subjects, seed)
+
+    def _field(self, rng: np.random.Generator) -> np.ndarray:
+        smooth = ndimage.gaussian_filter(rng.standard_normal(self.shape), self.field_sigma, mode="nearest")
+        return smooth / smooth.std()
+
+    def subject(self, i: int) -> dict[str, np.ndarray]:
+        """Subject i's images (float32 3D arrays): gm, wm, t1, pet, pet_true_mean, pet_true_sd."""
+        rng = _subject_rng(self.seed, i)
+        a1, a2, b = (self.factors[k][i] for k in ("a1", "a2", "b"))
+        e1, e2, e3 = self._field(rng), self._field(rng), self._field(rng)
+        noise = lambda: rng.standard_normal(self.shape)  # noqa: E731
+        gm = np.clip(_sigmoid(_logit(self.G) - 0.8 * a1 * self.P1 - 0.5 * _softplus(a2) * self.P2
+                              + 0.35 * e1) + 0.02 * noise(), 0, 1)
+        wm = np.clip(_sigmoid(_logit(self.W) - 0.6 * b * self.P3 - 0.25 * a1 * self.P1
+                              + 0.35 * e2) + 0.02 * noise(), 0, 1)
+        t1 = self.T + 0.3 * (wm - self.W) - 0.15 * (gm - self.G) + 0.05 * e3 + 0.02 * noise()
+        mean = (0.3 + 0.5 * wm + 1.7 * gm ** 1.5 * np.exp(-0.6 * _softplus(a2) * self.P2)
+                * (1 - 0.05 * a1))
+        sd = (0.04 + 0.10 * gm) * (1 + 0.5 * _sigmoid(2 * a2) * self.P2)
+        pet = mean + sd * noise()
+        arrays = {"gm": gm, "wm": wm, "t1": t1, "pet": pet, "pet_true_mean": mean, "pet_true_sd": sd}
+        return {key: value.astype(np.float32) for key, value in arrays.items()}
+
+
+# ----- design "surface": fsaverage5 maps ------------------------------------------------------------
+def _mesh_smoother(faces: np.ndarray, n_vertices: int):
+    """Row-normalised (A + I) of the mesh graph: one step of neighbour averaging."""
+    from scipy import sparse
+
+    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
+    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
+    adjacency = sparse.coo_matrix((np.ones(i.size), (i, j)), shape=(n_vertices, n_vertices)).tocsr()
+    adjacency.data[:] = 1.0  # an edge shared by two faces counts once
+    step = adjacency + sparse.identity(n_vertices, format="csr")
+    return sparse.diags(1.0 / np.asarray(step.sum(axis=1)).ravel()) @ step
+
+
+class SurfaceDesign:
+    """The ``surface`` design on nilearn's fsaverage5 (10242 vertices per hemisphere).
+
+    Template maps: cortical thickness, vertex area, curvature and sulcal depth. Subject fields
+    are white noise smoothed on the mesh (``smoothing_steps`` rounds of neighbour averaging,
+    then rescaled to unit sd); patterns are bumps on the sphere around the vertices nearest
+    to MNI points on the pial surface. ``chunk(i0, i1)`` returns subjects i0..i1-1.
+    """
+
+    HEMIS = ("lh", "rh")
+    _NILEARN_HEMI = {"lh": "left", "rh": "right"}
+    smoothing_steps = 15
+
+    def __init__(self, n_subjects: int, seed: int = 0):
+        from nilearn import datasets
+
+        self.n_subjects, self.seed = n_subjects, seed
+        mesh = datasets.load_fsaverage("fsaverage5")
+        maps = {key: datasets.load_fsaverage_data(mesh="fsaverage5", data_type=key)
+                for key in ("thickness", "area", "curvature", "sulcal")}
+        self.templates, self.patterns, self.smoothers, self.n_vertices = {}, {}, {}, {}
+        for hemi in self.HEMIS:
+            side = self._NILEARN_HEMI[hemi]
+            pial = mesh["pial"].parts[side]
+            sphere = np.asarray(mesh["sphere"].parts[side].coordinates, dtype=np.float64)
+            self.n_vertices[hemi] = sphere.shape[0]
+            self.templates[hemi] = {key: np.asarray(img.data.parts[side], dtype=np.float64).ravel()
+                                    for key, img in maps.items()}
+            sign = -1 if hemi == "lh" else 1
+            coords = np.asarray(pial.coordinates, dtype=np.float64)
+
+            def pattern(centres, width=20.0):
+                own = [c for c in centres if np.sign(c[0]) == sign]
+                nearest = [int(np.argmin(((coords - np.asarray(c)) ** 2).sum(1))) for c in own]
+                return _bumps(sphere, [tuple(sphere[v]) for v in nearest], width)
+
+            self.patterns[hemi] = {"P1": pattern(P1_CENTRES), "P2": pattern(P2_CENTRES)}
+            self.smoothers[hemi] = _mesh_smoother(np.asarray(pial.faces), sphere.shape[0])
+        self.factors, self.covariates = _subject_factors(n_subjects, seed)
+
+    def _fields(self, rngs: list[np.random.Generator], hemi: str) -> np.ndarray:
+        """(n, V) unit-sd fields smoothed on ``hemi``'s mesh, one per generator."""
+        field = np.stack([rng.standard_normal(self.n_vertices[hemi]) for rng in rngs], axis=1)
+        for _ in range(self.smoothing_steps):
+            field = self.smoothers[hemi] @ field
+        return (field / field.std(axis=0, keepdims=True)).T
+
+    def chunk(self, start: int, stop: int) -> dict[str, dict[str, np.ndarray]]:
+        """hemi -> name -> (stop - start, V) float32 for thickness, area, curv, sulc, pet, truth."""
+        idx = np.arange(start, stop)
+        rngs = [_subject_rng(self.seed, int(i)) for i in idx]
+        a1, a2, b = (self.factors[k][idx][:, None] for k in ("a1", "a2", "b"))
+        out = {}
+        for hemi in self.HEMIS:
+            tpl, pat = self.templates[hemi], self.patterns[hemi]
+            P1, P2 = pat["P1"][None], pat["P2"][None]
+            e1, e2, e3, e4 = (self._fields(rngs, hemi) for _ in range(4))
+            noise = lambda: np.stack([r.standard_normal(self.n_vertices[hemi]) for r in rngs])  # noqa: E731
+            thickness = (tpl["thickness"][None] * np.exp(-0.10 * a1 * P1 - 0.06 * _softplus(a2) * P2
+                                                         + 0.05 * e1) * (1 + 0.02 * noise()))
+            area = tpl["area"][None] * np.exp(0.08 * b + 0.08 * e2)
+            curv = tpl["curvature"][None] + 0.03 * e3 + 0.01 * noise()
+            sulc = tpl["sulcal"][None] + 0.3 * a1 * P1 + 0.1 * e4
+            local = np.tanh(0.5 * thickness)
+            mean = 0.5 + 0.9 * local * np.exp(-0.5 * _softplus(a2) * P2) + 0.08 * sulc
+            sd = (0.03 + 0.05 * local) * (1 + 0.5 * _sigmoid(2 * a2) * P2)
+            pet = mean + sd * noise()
+            out[hemi] = {key: value.astype(np.float32) for key, value in
+                         {"thickness": thickness, "area": area, "curv": curv, "sulc": sulc, "pet": pet,
+                          "pet_true_mean": mean, "pet_true_sd": sd}.items()}
+        return out
+
+
+# ----- design "regions": the surface design averaged over parcels -------------------------------------
+def sphere_parcels(sphere: np.ndarray, n_parcels: int) -> np.ndarray:
+    """Vertex -> parcel (0..n_parcels-1): Voronoi cells on the sphere of seeds chosen by
+    farthest-point sampling from vertex 0 (deterministic, roughly equal-sized parcels)."""
+    seeds = [0]
+    distance = ((sphere - sphere[0]) ** 2).sum(1)
+    for _ in range(n_parcels - 1):
+        seeds.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, ((sphere - sphere[seeds[-1]]) ** 2).sum(1))
+    d2 = ((sphere[:, None, :] - sphere[None, seeds, :]) ** 2).sum(-1)
+    return np.argmin(d2, axis=1)
+
+
+class RegionDesign:
+    """The ``regions`` design: the surface design summarised over 34 parcels per hemisphere,
+    as FreeSurfer's aparcstats2table would (thickness, curvature, sulcal depth: parcel means;
+    area: parcel sum). The outcome's noise is drawn at the region level:
+    y_r = mean_r(m) + mean_r(s) eta_r, so the true region mean and sd are mean_r(m), mean_r(s).
+    """
+
+    N_PARCELS = 34
+
+    def __init__(self, n_subjects: int, seed: int = 0):
+        from nilearn import datasets
+
+        self.surface = SurfaceDesign(n_subjects, seed)
+        mesh = datasets.load_fsaverage("fsaverage5")
+        self.parcels = {}
+        for hemi in SurfaceDesign.HEMIS:
+            sphere = np.asarray(mesh["sphere"].parts[SurfaceDesign._NILEARN_HEMI[hemi]].coordinates)
+            self.parcels[hemi] = sphere_parcels(sphere / 100.0, self.N_PARCELS)
+        self.regions = [f"{hemi}_r{k + 1:02d}" for hemi in SurfaceDesign.HEMIS for k in range(self.N_PARCELS)]
+        self.covariates = self.surface.covariates
+        self.seed = seed
+
+    def chunk(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """name -> (stop - start, 68) region values."""
+        vertex = self.surface.chunk(start, stop)
+        out = {}
+        for name in ("thickness", "area", "curv", "sulc", "pet_true_mean", "pet_true_sd"):
+            parts = []
+            for hemi in SurfaceDesign.HEMIS:
+                labels = self.parcels[hemi]
+                counts = np.bincount(labels, minlength=self.N_PARCELS)
+                sums = np.stack([np.bincount(labels, weights=row, minlength=self.N_PARCELS)
+                                 for row in vertex[hemi][name].astype(np.float64)])
+                parts.append(sums if name == "area" else sums / counts)
+            out[name] = np.concatenate(parts, axis=1)
+        rng = np.random.default_rng([self.seed, 13, start])
+        out["pet"] = out["pet_true_mean"] + out["pet_true_sd"] * rng.standard_normal(out["pet_true_mean"].shape)
+        return out
+
+
+DESIGNS = ("paper", "volume", "surface", "regions")
+VOLUME_VOXEL_MM = 4
+_CHUNK = 50  # subjects generated at once by the surface and region designs
+_TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
+
+
+def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None) -> Path:
+    """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth.
+
+    ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4).
+    """
     from .io import atomic_dir
 
     if design not in DESIGNS:
         from .errors import InputError
         raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
-    sim = simulate_paper(n_subjects, seed)
-    split = default_split(n_subjects, seed)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm pixels; the grid is one slice thick
-    columns = list(sim["inputs"]) + ["y", "y_true_mean", "y_true_sd"]
-    arrays = {**sim["inputs"], "y": sim["outcome"], "y_true_mean": sim["true_mean"], "y_true_sd": sim["true_sd"]}
+    writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
+               "regions": _write_regions}
     with atomic_dir(Path(out)) as tmp:
         (tmp / "images").mkdir()
-        rows = []
-        for i in range(n_subjects):
-            subject = f"sub-{i + 1:04d}"
-            row = {"subject": subject, "split": split[i]}
-            for col in columns:
-                rel = f"images/{subject}_{col}.nii.gz"
-                img = nib.Nifti1Image(arrays[col][i][..., None].astype(np.float32), affine)
-                nib.save(img, tmp / rel)
-                row[col] = rel
-            rows.append(row)
-        manifest = pd.concat([pd.DataFrame(rows), sim["covariates"]], axis=1)
+        split = default_split(n_subjects, seed)
+        subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects)]
+        options = {"voxel_mm": voxel_mm or VOLUME_VOXEL_MM} if design == "volume" else {}
+        rows, spec, covariates = writers[design](tmp, subjects, seed, **options)
+        for row, subject, label in zip(rows, subjects, split):
+            row.update({"subject": subject, "split": label})
+        manifest = pd.DataFrame(rows)
+        front = ["subject", "split"]
+        manifest = manifest[front + [c for c in manifest.columns if c not in front]]
+        manifest = pd.concat([manifest, covariates.reset_index(drop=True)], axis=1)
         manifest.to_csv(tmp / "manifest.csv", index=False)
-        cohort = {"design": design, "inputs": list(sim["inputs"]), "outcome": "y", "mask": None,
-                  "truth": {"mean": "y_true_mean", "sd": "y_true_sd"},
-                  "covariates": list(sim["covariates"].columns), "seed": seed, "n_subjects": n_subjects}
+        cohort = {"design": design, **spec, "covariates": list(covariates.columns), "seed": seed,
+                  "n_subjects": n_subjects, **options}
         (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2))
     return Path(out)
+
+
+def _write_paper(tmp: Path, subjects: list[str], seed: int):
+    import nibabel as nib
+
+    sim = simulate_paper(len(subjects), seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm pixels; the grid is one slice thick
+    arrays = {**sim["inputs"], "y": sim["outcome"], "y_true_mean": sim["true_mean"], "y_true_sd": sim["true_sd"]}
+    rows = []
+    for i, subject in enumerate(subjects):
+        row = {}
+        for col, values in arrays.items():
+            rel = f"images/{subject}_{col}.nii.gz"
+            nib.save(nib.Nifti1Image(values[i][..., None].astype(np.float32), affine), tmp / rel)
+            row[col] = rel
+        rows.append(row)
+    spec = {"inputs": list(sim["inputs"]), "outcome": "y", "mask": None,
+            "truth": {"mean": "y_true_mean", "sd": "y_true_sd"}}
+    return rows, spec, sim["covariates"]
+
+
+def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int):
+    from .io import save_nifti
+
+    design = VolumeDesign(len(subjects), seed, voxel_mm)
+    header = design.header.copy()
+    header.set_xyzt_units("mm")
+    save_nifti(design.mask.astype(np.float32), design.affine, header, tmp / "mask.nii.gz")
+    rows = []
+    for i, subject in enumerate(subjects):
+        row = {}
+        for col, values in design.subject(i).items():
+            rel = f"images/{subject}_{col}.nii.gz"
+            save_nifti(values, design.affine, header, tmp / rel)
+            row[col] = rel
+        rows.append(row)
+    spec = {"inputs": ["gm", "wm", "t1"], "outcome": "pet", "mask": "mask.nii.gz", "truth": _TRUTH}
+    return rows, spec, design.covariates
+
+
+def _write_surface(tmp: Path, subjects: list[str], seed: int):
+    from .io import save_gifti_map
+    from .spaces import HEMISPHERES
+
+    design = SurfaceDesign(len(subjects), seed)
+    rows = [{} for _ in subjects]
+    for start in range(0, len(subjects), _CHUNK):
+        chunk = design.chunk(start, min(start + _CHUNK, len(subjects)))
+        for hemi, maps in chunk.items():
+            for name, values in maps.items():
+                for k, vector in enumerate(values):
+                    subject = subjects[start + k]
+                    rel = f"images/{subject}_{name}_{hemi}.gii"
+                    save_gifti_map(vector, tmp / rel, HEMISPHERES[hemi])
+                    rows[start + k][f"{name}_{hemi}"] = rel
+    spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH,
+            "mesh": "fsaverage5"}
+    return rows, spec, design.covariates
+
+
+def _write_regions(tmp: Path, subjects: list[str], seed: int):
+    design = RegionDesign(len(subjects), seed)
+    tables: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(subjects), _CHUNK):
+        for name, values in design.chunk(start, min(start + _CHUNK, len(subjects))).items():
+            tables.setdefault(name, []).append(values)
+    (tmp / "tables").mkdir()
+    rows = [{} for _ in subjects]
+    for name, parts in tables.items():
+        # One table per measure, rows = subjects, as aparcstats2table writes; every subject's
+        # manifest cell points at it.
+        frame = pd.DataFrame(np.concatenate(parts).astype(np.float32), columns=design.regions)
+        frame.insert(0, "subject", subjects)
+        rel = f"tables/{name}.csv"
+        frame.to_csv(tmp / rel, index=False, float_format="%.9g")
+        for row in rows:
+            row[name] = rel
+    spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH}
+    return rows, spec, design.covariates

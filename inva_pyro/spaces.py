@@ -5,8 +5,15 @@ positions those features come from (the voxels inside a mask, for volumes) and h
 write a vector back as a file in the input's own format. A run folder stores its spaces
 with ``to_dict`` (JSON, no pickle) and rebuilds them with ``space_from_dict``.
 
-Only volumes exist for now. Surfaces (GIfTI) and regions (tables) are later kinds: each
-is one more class with the same methods and ``kind``, registered in ``SPACE_KINDS``.
+Three kinds, with the same methods (``n_features``, ``extension``, ``grid_shape``,
+``read``, ``write``, ``to_dict``/``from_dict``), registered in ``SPACE_KINDS``:
+
+- ``VolumeSpace``: NIfTI voxels inside a mask, read through nibabel proxies and nilearn masking;
+- ``SurfaceSpace``: GIfTI per-vertex maps, one hemisphere or a left/right pair;
+- ``RegionSpace``: named regions of a table whose rows are subjects (aparcstats2table layout).
+
+``grid_shape`` is the 2-D/3-D grid SSIM and slice figures need, or None when the features do
+not lie on a grid (surfaces, regions). ``write`` returns the paths it wrote.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import numpy as np
 from nilearn import masking
 
 from .errors import InputError
-from .io import load_volume, save_nifti
+from .io import (load_gifti_map, load_region_table, load_volume, open_volume, read_volume_data,
+                 save_gifti_map, save_nifti, save_region_table)
 
 # Tolerance for "same affine": voxel sizes and origins are stored as float32 in NIfTI,
 # so images written by different tools differ in the last digits.
@@ -43,6 +51,8 @@ class VolumeSpace:
     kind: ClassVar[str] = "volume"
     extension: ClassVar[str] = ".nii.gz"  # of the files ``write`` makes
     _mask_img: nib.Nifti1Image | None = field(default=None, init=False, repr=False)
+    _box: tuple[slice, slice, slice] | None = field(default=None, init=False, repr=False)
+    _box_mask_img: nib.Nifti1Image | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -125,7 +135,7 @@ class VolumeSpace:
     # ----- files --------------------------------------------------------------------
     def check_image(self, img: nib.Nifti1Image, path: str | Path, what: str = "image") -> None:
         """Raise InputError naming ``path`` if ``img`` is not on this space's grid."""
-        if tuple(img.shape[:3]) != self.shape:
+        if tuple(img.shape[:3]) != self.shape or len(img.shape) < 3:
             raise InputError(f"{path}: {what} shape {tuple(img.shape)} differs from the cohort's {self.shape}")
         if not np.allclose(img.affine, self.affine, atol=AFFINE_ATOL):
             worst = float(np.abs(img.affine - self.affine).max())
@@ -141,13 +151,43 @@ class VolumeSpace:
             raise InputError(f"{path}: {what} has {int(bad.sum())} NaN/Inf voxel(s) inside the mask")
         return vector
 
-    def read(self, path: str | Path, what: str = "image") -> np.ndarray:
-        """Load the file at ``path`` and return its (V,) float32 feature vector."""
-        return self.vector_from_image(load_volume(path, what), path, what)
+    def _mask_box(self) -> tuple[tuple[slice, slice, slice], nib.Nifti1Image]:
+        """The mask's bounding box, and the mask cropped to it as an image on the box's grid."""
+        if self._box is None:
+            nonzero = np.nonzero(self.mask)
+            self._box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in nonzero)
+            corner = np.array([b.start for b in self._box] + [1.0])
+            box_affine = self.affine.copy()
+            box_affine[:, 3] = self.affine @ corner  # the box's first voxel is its origin
+            self._box_mask_img = nib.Nifti1Image(self.mask[self._box].astype(np.uint8), box_affine)
+        return self._box, self._box_mask_img
 
-    def write(self, vector: np.ndarray, path: str | Path) -> None:
+    def read(self, path: str | Path, what: str = "image", subject: str | None = None) -> np.ndarray:
+        """The (V,) float32 feature vector of the NIfTI file at ``path`` (``subject`` is unused).
+
+        Lazy: the header is checked first, then only the mask's bounding box is read through
+        nibabel's array proxy and masked with nilearn, so memory holds one box, not the file.
+        """
+        img = open_volume(path, what)
+        self.check_image(img, path, what)
+        box, box_mask = self._mask_box()
+        data = read_volume_data(img, path, what, box)
+        # ensure_finite=False: nilearn would silently zero NaN/Inf; they must be reported.
+        vector = masking.apply_mask(nib.Nifti1Image(data, box_mask.affine), box_mask,
+                                    dtype=np.float32, ensure_finite=False)
+        bad = ~np.isfinite(vector)
+        if bad.any():
+            raise InputError(f"{path}: {what} has {int(bad.sum())} NaN/Inf voxel(s) inside the mask")
+        return vector
+
+    def check_file(self, path: str | Path, what: str = "image", subject: str | None = None) -> None:
+        """Cheap check that a file is on this grid: header only, no voxel data is read."""
+        self.check_image(open_volume(path, what), path, what)
+
+    def write(self, vector: np.ndarray, path: str | Path) -> list[Path]:
         """Write a (V,) vector as a float32 NIfTI with this space's affine and header."""
         save_nifti(self.to_volume(vector), self.affine, self.header, path)
+        return [Path(path)]
 
     # ----- persistence --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -224,11 +264,227 @@ def load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -> n
     return mask
 
 
-# kind -> class with from_dict; surfaces and regions register here later.
-SPACE_KINDS: dict[str, type] = {VolumeSpace.kind: VolumeSpace}
+# GIfTI structure names of the two cortical hemispheres, and the short labels used in
+# column and file names (FreeSurfer's lh./rh. prefixes).
+HEMISPHERES = {"lh": "CortexLeft", "rh": "CortexRight"}
+_LABEL_OF_STRUCTURE = {structure: label for label, structure in HEMISPHERES.items()}
 
 
-def space_from_dict(d: dict[str, Any], source: str | Path = "space") -> VolumeSpace:
+def surface_sources(source: str | Path | tuple) -> tuple[Path, ...]:
+    """A surface image's files: one path, or the (left, right) pair of paths."""
+    if isinstance(source, (tuple, list)):
+        return tuple(Path(p) for p in source)
+    return (Path(source),)
+
+
+@dataclass(eq=False)
+class SurfaceSpace:
+    """Vertices of one or two surface meshes (GIfTI per-vertex maps).
+
+    ``parts`` lists ``(label, n_vertices)`` per file: one part for a map given as a single
+    GIfTI per subject, or ``("lh", n_left), ("rh", n_right)`` for a hemisphere pair (two
+    manifest columns NAME_lh and NAME_rh). Features are the parts' vertices in order, so a
+    pair is the left hemisphere's vertices followed by the right's. ``structures`` keeps each
+    part's GIfTI AnatomicalStructurePrimary (e.g. CortexLeft) to write it back on outputs.
+    """
+
+    parts: tuple[tuple[str, int], ...]
+    structures: tuple[str | None, ...] = ()
+
+    kind: ClassVar[str] = "surface"
+    extension: ClassVar[str] = ".gii"
+
+    def __post_init__(self) -> None:
+        self.parts = tuple((str(label), int(n)) for label, n in self.parts)
+        if not self.parts or any(n < 1 for _, n in self.parts):
+            raise ValueError(f"SurfaceSpace needs parts with vertices, got {self.parts}")
+        labels = [label for label, _ in self.parts]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"SurfaceSpace part labels must differ, got {labels}")
+        structures = tuple(self.structures) or tuple(HEMISPHERES.get(label) for label in labels)
+        if len(structures) != len(self.parts):
+            raise ValueError("SurfaceSpace needs one structure per part")
+        self.structures = structures
+
+    @classmethod
+    def from_maps(cls, maps: list[tuple[np.ndarray, str | None]], labels: tuple[str, ...] | None = None):
+        """The space of one subject's loaded maps (``load_gifti_map`` results), one per part."""
+        if labels is None:
+            if len(maps) != 1:
+                raise ValueError("labels are needed for several parts")
+            labels = (_LABEL_OF_STRUCTURE.get(maps[0][1], "surface"),)
+        return cls(parts=tuple((label, data.size) for label, (data, _) in zip(labels, maps)),
+                   structures=tuple(structure or HEMISPHERES.get(label) for label, (_, structure)
+                                    in zip(labels, maps)))
+
+    @property
+    def n_features(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    @property
+    def grid_shape(self) -> None:
+        """None: vertices are not on a grid (no SSIM, no slice figures)."""
+        return None
+
+    @property
+    def n_vertices(self) -> dict[str, int]:
+        return dict(self.parts)
+
+    def split(self, vector: np.ndarray) -> list[np.ndarray]:
+        """A (..., V) array cut into its parts' (..., n_vertices) pieces."""
+        vector = np.asarray(vector)
+        if vector.shape[-1] != self.n_features:
+            raise ValueError(f"expected {self.n_features} features, got shape {vector.shape}")
+        bounds = np.cumsum([0] + [n for _, n in self.parts])
+        return [vector[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def read(self, path: str | Path | tuple, what: str = "surface map",
+             subject: str | None = None) -> np.ndarray:
+        """The (V,) float32 vector of one subject's file(s): a path, or the (left, right) pair."""
+        paths = surface_sources(path)
+        if len(paths) != len(self.parts):
+            raise InputError(f"{paths[0]}: {what} is {len(paths)} file(s); this surface space has "
+                             f"{len(self.parts)} part(s) ({', '.join(label for label, _ in self.parts)})")
+        pieces = []
+        for file, (label, n) in zip(paths, self.parts):
+            data, _ = load_gifti_map(file, what)
+            if data.size != n:
+                where = "" if len(self.parts) == 1 else f" ({label})"
+                raise InputError(f"{file}: {what}{where} has {data.size} vertices; the cohort's "
+                                 f"surface has {n}")
+            bad = ~np.isfinite(data)
+            if bad.any():
+                raise InputError(f"{file}: {what} has {int(bad.sum())} NaN/Inf vertex value(s)")
+            pieces.append(data)
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def check_file(self, path, what: str = "surface map", subject: str | None = None) -> None:
+        self.read(path, what)  # GIfTI has no separate header: checking is reading (small files)
+
+    def output_paths(self, path: str | Path) -> list[Path]:
+        """The files ``write(vector, path)`` makes: ``path`` itself for one part, else
+        ``{stem}_lh.gii`` and ``{stem}_rh.gii`` beside it for a hemisphere pair."""
+        path = Path(path)
+        if len(self.parts) == 1:
+            return [path]
+        stem = path.name[: -len(".gii")] if path.name.endswith(".gii") else path.name
+        return [path.with_name(f"{stem}_{label}.gii") for label, _ in self.parts]
+
+    def write(self, vector: np.ndarray, path: str | Path) -> list[Path]:
+        """Write a (V,) vector as float32 GIfTI map(s) with the input's vertex counts."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.n_features,):
+            raise ValueError(f"expected a vector of {self.n_features} features, got shape {vector.shape}")
+        paths = self.output_paths(path)
+        for file, piece, structure in zip(paths, self.split(vector), self.structures):
+            save_gifti_map(piece, file, structure)
+        return paths
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parts": [[label, n] for label, n in self.parts],
+                "structures": list(self.structures)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SurfaceSpace":
+        return cls(parts=tuple((label, int(n)) for label, n in d["parts"]),
+                   structures=tuple(d.get("structures") or ()))
+
+
+@dataclass(eq=False)
+class RegionSpace:
+    """Named regions, read from tables whose rows are subjects (aparcstats2table layout).
+
+    A subject's vector is its row (found by subject id in the table's first column) at the
+    columns ``regions``, in this order, whatever the column order of a later table; extra
+    columns in a later table are ignored, missing ones are an error. ``id_column`` is the
+    header of the first column, written back on outputs.
+    """
+
+    regions: tuple[str, ...]
+    id_column: str = "subject"
+
+    kind: ClassVar[str] = "regions"
+    extension: ClassVar[str] = ".csv"
+
+    def __post_init__(self) -> None:
+        self.regions = tuple(str(r) for r in self.regions)
+        if not self.regions:
+            raise ValueError("RegionSpace needs at least one region")
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError("RegionSpace region names must be unique")
+        self._index: dict[tuple[str, ...], np.ndarray] = {}
+
+    @property
+    def n_features(self) -> int:
+        return len(self.regions)
+
+    @property
+    def grid_shape(self) -> None:
+        """None: regions are not on a grid (no SSIM, no slice figures)."""
+        return None
+
+    def _columns(self, table, path: Path, what: str) -> np.ndarray:
+        """Positions of this space's regions in ``table`` (cached per column layout)."""
+        columns = self._index.get(table.regions)
+        if columns is None:
+            position = {region: j for j, region in enumerate(table.regions)}
+            missing = [region for region in self.regions if region not in position]
+            if missing:
+                shown = ", ".join(f"'{r}'" for r in missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise InputError(f"{path}: {what} lacks {len(missing)} of the cohort's "
+                                 f"{len(self.regions)} regions ({shown})")
+            columns = np.array([position[region] for region in self.regions], dtype=np.int64)
+            self._index[table.regions] = columns
+        return columns
+
+    def read(self, path: str | Path, what: str = "region table", subject: str | None = None) -> np.ndarray:
+        """The (V,) float32 vector of ``subject``'s row (or of the only row, when subject is None)."""
+        path = Path(path)
+        table = load_region_table(path, what)
+        if subject is None:
+            if len(table.ids) != 1:
+                raise InputError(f"{path}: {what} has {len(table.ids)} rows; say which subject to read")
+            row = 0
+        else:
+            row = table.row(subject)
+            if row is None:
+                raise InputError(f"{path}: {what} has no row for subject '{subject}' "
+                                 f"(first column '{table.id_column}')")
+        vector = table.values[row, self._columns(table, path, what)]
+        bad = ~np.isfinite(vector)
+        if bad.any():
+            first = self.regions[int(np.flatnonzero(bad)[0])]
+            raise InputError(f"{path}: {what} has {int(bad.sum())} missing or NaN/Inf value(s) for "
+                             f"subject '{table.ids[row]}' (e.g. region '{first}')")
+        return vector.astype(np.float32)
+
+    def check_file(self, path, what: str = "region table", subject: str | None = None) -> None:
+        self.read(path, what, subject)  # tables are small and cached
+
+    def write(self, vector: np.ndarray, path: str | Path) -> list[Path]:
+        """Write a (V,) vector as a one-row CSV with the same region names (first cell: the file's
+        name without extension, under the input's id-column header)."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.n_features,):
+            raise ValueError(f"expected a vector of {self.n_features} features, got shape {vector.shape}")
+        save_region_table(vector, self.regions, path, id_column=self.id_column)
+        return [Path(path)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "regions": list(self.regions), "id_column": self.id_column}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RegionSpace":
+        return cls(regions=tuple(d["regions"]), id_column=str(d.get("id_column", "subject")))
+
+
+Space = VolumeSpace | SurfaceSpace | RegionSpace
+
+# kind -> class with from_dict.
+SPACE_KINDS: dict[str, type] = {cls.kind: cls for cls in (VolumeSpace, SurfaceSpace, RegionSpace)}
+
+
+def space_from_dict(d: dict[str, Any], source: str | Path = "space") -> Space:
     """Rebuild a space saved with ``to_dict``; ``source`` names the file in error messages."""
     if not isinstance(d, dict) or "kind" not in d:
         raise InputError(f"{source}: not a saved space (no 'kind')")

@@ -153,7 +153,8 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
             xs, y = train_data.take(idx)
             try:
                 loss = elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
-                                                kl_scale=kl_scale, prediction_scale=cfg.prediction_weight)
+                                                encoded=module.encode(xs), kl_scale=kl_scale,
+                                                prediction_scale=cfg.prediction_weight)
             except ValueError:
                 # Pyro validates distribution parameters, so non-finite weights surface here first.
                 if all(torch.isfinite(p).all() for p in module.parameters()):

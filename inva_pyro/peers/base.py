@@ -1,0 +1,211 @@
+"""What every peer model shares: the InVA interface, run.json, saving and loading.
+
+A peer is fitted on the same ``Subset`` objects as :class:`inva_pyro.estimator.InVA` and returns
+the same :class:`inva_pyro.prediction.Prediction`, so ``inva evaluate``, the figures and the
+simulation study treat every family alike. A subclass implements four hooks:
+
+- ``_fit_model(train, val, seed, space, progress)``: fit, then set ``self.calibrator``;
+- ``_predictive(subset, levels, num_samples, seed, keep_samples)``: mean, raw sd, raw intervals
+  (and optionally draws) in outcome units;
+- ``_arrays()`` / ``_set_arrays(arrays)``: the fitted state as named numpy arrays
+  (``weights.safetensors``); ``_save_extra(run_dir)`` / ``_load_extra(run_dir)`` for anything else.
+
+Run folder (no pickle anywhere): ``run.json`` (``format``, ``family``, inputs, sizes, outcome,
+space, seed, versions, ``complete``, fit time), ``config.json`` (the preset), ``standardizer.json``,
+``weights.safetensors``, ``calibration.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ..calibration import Calibrator
+from ..cohort import Subset
+from ..config import FAMILY_CONFIGS, Preset, load_preset
+from ..errors import InputError
+from ..io import atomic_write_text
+from ..prediction import Prediction
+from ..preprocessing import Standardizer
+from ..spaces import space_from_dict
+
+RUN_FORMAT = "inva-pyro-run/1"
+VERSIONED = ("inva-pyro", "numpy", "scipy", "scikit-learn", "stochtree", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    import platform
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
+    """Seeded split of ``subset`` into (train, held-out share); the same rule as InVA's."""
+    order = np.random.default_rng(seed).permutation(len(subset))
+    n_val = max(1, int(round(share * len(subset))))
+    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
+
+
+def central_probs(levels: list[float]) -> list[float]:
+    return sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
+
+
+class PeerModel:
+    """Base class of the peer families (see the module docstring for the hooks)."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, preset: Preset | None = None):
+        if preset is None:
+            preset = Preset(name=self.family, model=FAMILY_CONFIGS[self.family]())
+        if preset.model.family != self.family:
+            raise ValueError(f"{type(self).__name__} needs a '{self.family}' preset, got '{preset.model.family}'")
+        self.preset = preset
+        self.standardizer: Standardizer | None = None
+        self.calibrator: Calibrator | None = None
+        self.history: dict | None = None
+        self.info: dict = {}
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path | None = None) -> "PeerModel":
+        return cls(load_preset(name_or_path or cls.family))
+
+    @property
+    def config(self):
+        return self.preset.model
+
+    # ---- fitting -----------------------------------------------------------------------------------
+    def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
+            run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None):
+        """Fit on ``train_set``; ``val`` (or a seeded ``training.val_share`` of ``train_set``) gives the
+        predictive intervals. ``device`` is accepted for interface parity: peers run on the CPU."""
+        if resume:
+            raise InputError(f"{run_dir}: a '{self.family}' fit has no checkpoints to resume; fit it again")
+        if val is None or len(val) == 0:
+            train_set, val = holdout(train_set, self.preset.training.val_share, seed)
+        if train_set.outcome is None or val.outcome is None:
+            raise InputError("fit needs the outcome for every training and validation subject")
+        names = list(train_set.inputs)
+        self.standardizer = Standardizer.fit(train_set)
+        self.info = {"format": RUN_FORMAT, "family": self.family, "inputs": names,
+                     "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
+                     "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
+                     "seed": seed, "versions": package_versions(), "complete": False,
+                     "space": space.to_dict() if space is not None else None,
+                     "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
+        start = time.perf_counter()
+        self._fit_model(train_set, val, seed=seed, space=space, progress=progress)
+        self.info["fit_seconds"] = round(time.perf_counter() - start, 3)
+        if run_dir is not None:
+            self.info["complete"] = True
+            self.save(run_dir)
+        return self
+
+    def _fit_model(self, train: Subset, val: Subset, *, seed: int, space, progress: bool) -> None:
+        raise NotImplementedError
+
+    def _standardised_inputs(self, subset: Subset) -> np.ndarray:
+        """(n, sum V_k) float64: every input standardised with the training statistics, concatenated."""
+        inputs = self.standardizer.transform_inputs(subset)
+        return np.concatenate([inputs[name] for name in self.info["inputs"]], axis=1).astype(np.float64)
+
+    # ---- prediction --------------------------------------------------------------------------------
+    def predict(self, subset: Subset, num_samples: int | None = None, levels: list[float] | None = None,
+                seed: int = 0, keep_samples: int = 0, space=None) -> Prediction:
+        """Predictive maps for every subject of ``subset`` (the outcome may be absent)."""
+        if not self.info.get("inputs") or self.calibrator is None:
+            raise RuntimeError("fit or load the model first")
+        missing = [n for n in self.info["inputs"] if n not in subset.inputs]
+        if missing:
+            raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
+        for name, size in zip(self.info["inputs"], self.info["input_sizes"]):
+            if subset.inputs[name].shape[1] != size:
+                raise InputError(f"input '{name}' has {subset.inputs[name].shape[1]} features; "
+                                 f"the model was trained on {size}")
+        cfg = self.preset.prediction
+        levels = sorted(levels or cfg.levels)
+        mean, raw_sd, raw_intervals, samples = self._predictive(
+            subset, levels, num_samples or cfg.num_samples, seed, keep_samples)
+        if space is None and self.info.get("space"):
+            space = space_from_dict(self.info["space"])
+        f32 = lambda a: np.asarray(a, dtype=np.float32)
+        return Prediction(
+            subjects=list(subset.subjects), outcome_name=self.info["outcome"], levels=levels,
+            mean=f32(mean), raw_sd=f32(raw_sd),
+            raw_intervals={lv: (f32(lo), f32(hi)) for lv, (lo, hi) in raw_intervals.items()},
+            calibrator=self.calibrator, samples=None if samples is None else f32(samples),
+            observed=subset.outcome, space=space)
+
+    def _predictive(self, subset: Subset, levels: list[float], num_samples: int, seed: int, keep_samples: int):
+        raise NotImplementedError
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _save_extra(self, run_dir: Path) -> None:
+        pass
+
+    def _load_extra(self, run_dir: Path) -> None:
+        pass
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Everything needed to predict later, as JSON and safetensors (nothing executable)."""
+        if self.calibrator is None:
+            raise RuntimeError("fit the model before saving it")
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(self.preset.model_dump(), indent=2))
+        atomic_write_text(run_dir / "standardizer.json", json.dumps(self.standardizer.to_dict()))
+        arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
+        tmp = run_dir / ".weights.safetensors.tmp"
+        save_file(arrays, str(tmp))
+        tmp.replace(run_dir / "weights.safetensors")
+        self._save_extra(run_dir)
+        atomic_write_text(run_dir / "calibration.json", json.dumps(self.calibrator.to_dict()))
+        atomic_write_text(run_dir / "run.json", json.dumps(self.info, indent=2))  # last: marks the folder whole
+        return run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "PeerModel":
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise InputError(f"{run_dir}: run folder not found")
+        try:
+            info = json.loads((run_dir / "run.json").read_text())
+        except FileNotFoundError:
+            raise InputError(f"{run_dir}: not an inva run folder (no run.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{run_dir / 'run.json'}: corrupt (not valid JSON)") from None
+        if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+            raise InputError(f"{run_dir}: not an inva run folder (run.json has no format '{RUN_FORMAT}')")
+        if info.get("family") != cls.family:
+            raise InputError(f"{run_dir}: a '{info.get('family')}' run, not a '{cls.family}' run")
+        if not info.get("complete"):
+            raise InputError(f"{run_dir}: the fit did not finish; fit it again")
+        try:
+            self = cls(Preset.model_validate(json.loads((run_dir / "config.json").read_text())))
+            self.info = info
+            self.standardizer = Standardizer.from_dict(json.loads((run_dir / "standardizer.json").read_text()))
+            self._set_arrays(load_file(str(run_dir / "weights.safetensors")))
+            self._load_extra(run_dir)
+            self.calibrator = Calibrator.from_dict(json.loads((run_dir / "calibration.json").read_text()))
+        except InputError:
+            raise
+        except Exception as exc:  # any damage to these files is the same user-facing problem
+            raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        return self
