@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
 
     for name, helptext in (("predict", "posterior predictive maps for every subject of a manifest"),
                            ("evaluate", "predictions against observed outcomes: metrics.json and figures")):
@@ -115,6 +117,7 @@ def _fit(args) -> None:
         run_dir = args.out
         if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise InputError(f"{run_dir}: already exists and is not empty (use --overwrite to replace it)")
+        devices = _check_devices(args)
         preset = load_preset(args.model)
         if args.epochs:
             preset.training.epochs = args.epochs
@@ -127,13 +130,32 @@ def _fit(args) -> None:
             shutil.rmtree(run_dir)
         model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
                                  progress=sys.stderr.isatty(), outcome_name=args.outcome,
-                                 space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args})
+                                 space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args},
+                                 devices=devices)
     h = model.history
     if not h or not h.get("epoch"):
         print(f"fitted; run folder: {run_dir}")
         return
     print(f"trained {len(h['epoch'])} epochs (best {h['best_epoch']}, validation MSE {min(h['val_mse']):.4f} "
           f"standardised); run folder: {run_dir}")
+
+
+def _check_devices(args) -> int:
+    """Processes to spawn here: --devices locally; none inside a torchrun job, which made them already."""
+    from .distributed import launched_by_torchrun
+    if args.devices < 1 or args.num_nodes < 1:
+        raise InputError("--devices and --num-nodes must be at least 1")
+    if launched_by_torchrun():
+        import os
+        expected = args.devices * args.num_nodes
+        if int(os.environ["WORLD_SIZE"]) != expected:
+            raise InputError(f"torchrun started {os.environ['WORLD_SIZE']} processes but --devices x --num-nodes "
+                             f"= {expected}")
+        return 1
+    if args.num_nodes > 1:
+        raise InputError("--num-nodes > 1: start one process per device on every node with torchrun "
+                         "(see README, Clusters)")
+    return args.devices
 
 
 def _read_run_json(run_dir: Path) -> dict:

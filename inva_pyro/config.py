@@ -76,7 +76,7 @@ class RidgeConfig(ResidualIntervalConfig):
 class TensorConfig(ResidualIntervalConfig):
     family: Literal["tensor"] = "tensor"
     ranks: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
         min_length=1, description="candidate CP ranks R of the coefficient (chosen by cross-validation)")
     alpha_min: float = Field(1e-1, gt=0.0, description="smallest ridge penalty of the cross-validated grid")
     alpha_max: float = Field(1e5, gt=0.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -11,6 +12,7 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .calibration import Calibrator
 from .cohort import Subset
 from .config import Preset, load_preset
@@ -43,6 +45,11 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
+    """One rank of a multi-process fit (started by distributed.spawn)."""
+    InVA(preset).fit(train_set, val, run_dir=run_dir, **kwargs)
 
 
 def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
@@ -82,18 +89,30 @@ class InVA:
 
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None) -> "InVA":
+            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
+            devices: int = 1) -> "InVA":
         """Train on ``train_set``; ``val`` drives early stopping and calibration.
 
         Without ``val`` a seeded share (``training.val_share``) of ``train_set`` is held out.
         With ``run_dir`` the run folder is written as training goes (a checkpoint per epoch), and
-        ``resume=True`` continues the interrupted run found there.
+        ``resume=True`` continues the interrupted run found there. ``devices > 1`` trains in that
+        many local processes (torch.distributed; see distributed.py); inside a ``torchrun`` job the
+        process group is joined from the environment.
         """
         if val is None or len(val) == 0:
             train_set, val = holdout(train_set, self.preset.training.val_share, seed)
         if train_set.outcome is None or val.outcome is None:
             raise InputError("fit needs the outcome for every training and validation subject")
+        kwargs = dict(seed=seed, device=device, resume=resume, progress=progress, outcome_name=outcome_name,
+                      space=space, extra_info=extra_info)
+        if devices > 1 and not distributed.is_distributed():
+            return self._fit_spawned(devices, train_set, val, run_dir, kwargs)
         self.device = resolve_device(device)
+        if distributed.launched_by_torchrun():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            distributed.init_from_environment(self.device)
         pyro.set_rng_seed(seed)
         names = list(train_set.inputs)
         if resume:
@@ -107,17 +126,29 @@ class InVA:
                          "space": space.to_dict() if space is not None else None,
                          "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
-        if run_dir is not None and not resume:
+        writes = run_dir is not None and distributed.rank() == 0
+        if writes and not resume:
             self._write_config(Path(run_dir))
         xs, y = self._tensors(train_set)
         val_xs, val_y = self._tensors(val)
-        state = train(self.module, Batchable(xs, y), Batchable(val_xs, val_y), self.preset.training,
+        state = train(self.module, Batchable(xs, y), Batchable(val_xs, val_y), self.preset.training, seed=seed,
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
-        self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early)
+        self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
+                            devices=distributed.world_size())
         self._calibrate(val, val_xs, val_y, seed)
         self.info["complete"] = True
-        if run_dir is not None:
+        if writes:
             self.save(run_dir)
+        return self
+
+    def _fit_spawned(self, devices: int, train_set: Subset, val: Subset, run_dir, kwargs) -> "InVA":
+        """Train in ``devices`` local processes; rank 0 writes the run folder, which is then loaded."""
+        import tempfile
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(run_dir) if run_dir is not None else Path(scratch) / "run"
+            distributed.spawn(_fit_worker, devices, self.preset, train_set, val, str(folder), kwargs)
+            trained = InVA.load(folder, device=kwargs["device"] if kwargs["device"] != "auto" else "cpu")
+        self.__dict__.update(trained.__dict__)
         return self
 
     def _calibrate(self, val: Subset, val_xs, val_y, seed: int) -> None:

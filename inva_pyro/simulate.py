@@ -173,6 +173,7 @@ class VolumeDesign:
         self.P2 = _bumps(mm, P2_CENTRES, 14.0)
         self.P3 = _bumps(mm, P3_CENTRES, 12.0)
         self.mask = (self.G + self.W) > 0.5
+        self._logit_G, self._logit_W = _logit(self.G), _logit(self.W)  # the same for every subject
         # Field smoothness in mm, so that designs at different voxel sizes look alike.
         self.field_sigma = 6.0 / self.voxel_mm
         self.factors, self.covariates = _subject_factors(n_subjects, seed)
@@ -187,9 +188,9 @@ class VolumeDesign:
         a1, a2, b = (self.factors[k][i] for k in ("a1", "a2", "b"))
         e1, e2, e3 = self._field(rng), self._field(rng), self._field(rng)
         noise = lambda: rng.standard_normal(self.shape)  # noqa: E731
-        gm = np.clip(_sigmoid(_logit(self.G) - 0.8 * a1 * self.P1 - 0.5 * _softplus(a2) * self.P2
+        gm = np.clip(_sigmoid(self._logit_G - 0.8 * a1 * self.P1 - 0.5 * _softplus(a2) * self.P2
                               + 0.35 * e1) + 0.02 * noise(), 0, 1)
-        wm = np.clip(_sigmoid(_logit(self.W) - 0.6 * b * self.P3 - 0.25 * a1 * self.P1
+        wm = np.clip(_sigmoid(self._logit_W - 0.6 * b * self.P3 - 0.25 * a1 * self.P1
                               + 0.35 * e2) + 0.02 * noise(), 0, 1)
         t1 = self.T + 0.3 * (wm - self.W) - 0.15 * (gm - self.G) + 0.05 * e3 + 0.02 * noise()
         mean = (0.3 + 0.5 * wm + 1.7 * gm ** 1.5 * np.exp(-0.6 * _softplus(a2) * self.P2)
@@ -197,7 +198,9 @@ class VolumeDesign:
         sd = (0.04 + 0.10 * gm) * (1 + 0.5 * _sigmoid(2 * a2) * self.P2)
         pet = mean + sd * noise()
         arrays = {"gm": gm, "wm": wm, "t1": t1, "pet": pet, "pet_true_mean": mean, "pet_true_sd": sd}
-        return {key: value.astype(np.float32) for key, value in arrays.items()}
+        # Skull-stripped, as real inputs are: zero outside the brain mask (which also makes the
+        # files compress several times better and so write faster).
+        return {key: np.where(self.mask, value, 0.0).astype(np.float32) for key, value in arrays.items()}
 
 
 # ----- design "surface": fsaverage5 maps ------------------------------------------------------------
@@ -271,14 +274,14 @@ class SurfaceDesign:
             P1, P2 = pat["P1"][None], pat["P2"][None]
             e1, e2, e3, e4 = (self._fields(rngs, hemi) for _ in range(4))
             noise = lambda: np.stack([r.standard_normal(self.n_vertices[hemi]) for r in rngs])  # noqa: E731
-            thickness = (tpl["thickness"][None] * np.exp(-0.10 * a1 * P1 - 0.06 * _softplus(a2) * P2
-                                                         + 0.05 * e1) * (1 + 0.02 * noise()))
+            thickness = (tpl["thickness"][None] * np.exp(-0.15 * a1 * P1 - 0.08 * _softplus(a2) * P2
+                                                         + 0.10 * e1) * (1 + 0.02 * noise()))
             area = tpl["area"][None] * np.exp(0.08 * b + 0.08 * e2)
             curv = tpl["curvature"][None] + 0.03 * e3 + 0.01 * noise()
             sulc = tpl["sulcal"][None] + 0.3 * a1 * P1 + 0.1 * e4
             local = np.tanh(0.5 * thickness)
-            mean = 0.5 + 0.9 * local * np.exp(-0.5 * _softplus(a2) * P2) + 0.08 * sulc
-            sd = (0.03 + 0.05 * local) * (1 + 0.5 * _sigmoid(2 * a2) * P2)
+            mean = 0.4 + 1.2 * local * np.exp(-0.5 * _softplus(a2) * P2) + 0.08 * sulc
+            sd = (0.015 + 0.025 * local) * (1 + 0.5 * _sigmoid(2 * a2) * P2)
             pet = mean + sd * noise()
             out[hemi] = {key: value.astype(np.float32) for key, value in
                          {"thickness": thickness, "area": area, "curv": curv, "sulc": sulc, "pet": pet,
@@ -401,13 +404,14 @@ def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int):
     design = VolumeDesign(len(subjects), seed, voxel_mm)
     header = design.header.copy()
     header.set_xyzt_units("mm")
-    save_nifti(design.mask.astype(np.float32), design.affine, header, tmp / "mask.nii.gz")
+    # fsync=False: the files are inside a fresh atomic_dir, which appears only when complete.
+    save_nifti(design.mask.astype(np.float32), design.affine, header, tmp / "mask.nii.gz", fsync=False)
     rows = []
     for i, subject in enumerate(subjects):
         row = {}
         for col, values in design.subject(i).items():
             rel = f"images/{subject}_{col}.nii.gz"
-            save_nifti(values, design.affine, header, tmp / rel)
+            save_nifti(values, design.affine, header, tmp / rel, fsync=False)
             row[col] = rel
         rows.append(row)
     spec = {"inputs": ["gm", "wm", "t1"], "outcome": "pet", "mask": "mask.nii.gz", "truth": _TRUTH}
@@ -427,7 +431,7 @@ def _write_surface(tmp: Path, subjects: list[str], seed: int):
                 for k, vector in enumerate(values):
                     subject = subjects[start + k]
                     rel = f"images/{subject}_{name}_{hemi}.gii"
-                    save_gifti_map(vector, tmp / rel, HEMISPHERES[hemi])
+                    save_gifti_map(vector, tmp / rel, HEMISPHERES[hemi], fsync=False)
                     rows[start + k][f"{name}_{hemi}"] = rel
     spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH,
             "mesh": "fsaverage5"}

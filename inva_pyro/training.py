@@ -20,6 +20,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainingConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -132,44 +133,49 @@ def _diverged(what: str, state: TrainingState, ckpt_path: Path | None) -> Traini
     return TrainingDiverged(f"training stopped: {what} in epoch {state.epoch + 1} (try a lower learning_rate){where}")
 
 
-def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *,
+def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *, seed: int = 0,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
           on_epoch_end: Callable[[TrainingState], None] | None = None) -> TrainingState:
-    """Fit ``module`` by SVI; returns the state with the best (early-stopping) weights loaded."""
+    """Fit ``module`` by SVI; returns the state with the best (early-stopping) weights loaded.
+
+    In a torch.distributed process group each global minibatch is sharded across ranks and
+    gradients are averaged (see distributed.py); rank 0 writes the checkpoints.
+    """
     device = train_data.outcome.device
+    rank = distributed.rank()
     optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = load_checkpoint(ckpt_path, module, optimizer) if resume else TrainingState()
+    if rank > 0:  # independent latent and dropout noise on every rank (weights start identical)
+        torch.manual_seed(seed + 7919 * rank + 104729 * state.epoch)
     elbo = Trace_ELBO()
     n = len(train_data)
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress, desc="fit", unit="epoch")
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
         module.train()
         kl_scale = kl_scale_at(state.epoch, cfg)
-        order = torch.randperm(n).to(device)
+        # The visiting order depends on (seed, epoch) only: identical on every rank and after a resume.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch)).to(device)
         epoch_loss = 0.0
         for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            xs, y = train_data.take(idx)
-            try:
-                loss = elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
-                                                encoded=module.encode(xs), kl_scale=kl_scale,
-                                                prediction_scale=cfg.prediction_weight)
-            except ValueError:
-                # Pyro validates distribution parameters, so non-finite weights surface here first.
-                if all(torch.isfinite(p).all() for p in module.parameters()):
-                    raise
-                loss = torch.tensor(float("nan"))
-            if not torch.isfinite(loss):
-                raise _diverged(f"the loss became {loss.item()}", state, ckpt_path)
+            idx = distributed.shard(order[start:start + cfg.batch_size])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            problem = None
+            if len(idx):
+                loss = _minibatch_loss(elbo, module, train_data, idx, n, kl_scale, cfg.prediction_weight)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    epoch_loss += loss.item() * len(idx) / n
+                else:
+                    problem = f"the loss became {loss.item()}"
+                    _poison_gradients(module)  # so that every rank sees the failure after the all-reduce
+            distributed.average_gradients(module)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
-                raise _diverged(f"the gradient became {grad_norm.item()}", state, ckpt_path)
+                raise _diverged(problem or f"the gradient became {grad_norm.item()}", state, ckpt_path)
             optimizer.step()
-            epoch_loss += loss.item() * len(idx) / n
-        val = validation_mse(module, val_data)
+        epoch_loss = distributed.sum_across_ranks(epoch_loss)
+        val = validation_mse(module, val_data)  # identical on every rank: same weights, eval mode
         state.epoch += 1
         for key, value in (("epoch", state.epoch), ("train_loss", epoch_loss / n), ("val_mse", val),
                            ("kl_scale", kl_scale)):
@@ -179,7 +185,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
             state.best_module = copy.deepcopy(module.state_dict())
         elif state.epoch - state.best_epoch >= cfg.patience:
             state.stopped_early = True
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             save_checkpoint(ckpt_path, module, optimizer, state)
         bar.update(1)
         bar.set_postfix(neg_elbo=f"{epoch_loss / n:.1f}", val_mse=f"{val:.4f}", best=state.best_epoch)
@@ -190,3 +196,21 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
         module.load_state_dict(state.best_module)
     module.eval()
     return state
+
+
+def _minibatch_loss(elbo, module, data: Batchable, idx, n, kl_scale, prediction_scale) -> torch.Tensor:
+    xs, y = data.take(idx)
+    try:
+        return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
+                                        encoded=module.encode(xs), kl_scale=kl_scale,
+                                        prediction_scale=prediction_scale)
+    except ValueError:
+        # Pyro validates distribution parameters, so non-finite weights surface here first.
+        if all(torch.isfinite(p).all() for p in module.parameters()):
+            raise
+        return torch.tensor(float("nan"))
+
+
+def _poison_gradients(module) -> None:
+    for p in module.parameters():
+        p.grad = torch.full_like(p, float("nan"))

@@ -47,9 +47,14 @@ def _dual_ridge(x: np.ndarray, y: np.ndarray):
 def _rrr_factors(u: np.ndarray, s: np.ndarray, yc: np.ndarray, alpha: float, max_rank: int):
     """Top right singular vectors of the augmented ridge fit (Q x max_rank) and U^T Y scaled by 1/(s+alpha)."""
     uty = u.T @ yc
-    w = np.sqrt(s / (s + alpha))[:, None] * uty
-    _, _, vt = np.linalg.svd(w, full_matrices=False)
-    return vt[:max_rank].T, uty / (s + alpha)[:, None]
+    w = np.sqrt(s / (s + alpha))[:, None] * uty          # (N, Q), N << Q: eigendecompose W W^T
+    lam, p = np.linalg.eigh(w @ w.T)
+    order = np.argsort(lam)[::-1][:max_rank]
+    sv = np.sqrt(np.maximum(lam[order], 0.0))
+    keep = sv > 1e-10 * max(sv[0], 1e-300)
+    v = np.zeros((w.shape[1], len(order)))
+    v[:, keep] = (w.T @ p[:, order[keep]]) / sv[keep]    # right singular vectors
+    return v, uty / (s + alpha)[:, None]
 
 
 class TensorRegression(PointPeer):
