@@ -401,9 +401,11 @@ def plot_brain_maps(path, space, observed, mean, sd, subjects: Sequence[str], ma
     return _plot_profile_maps(path, names, observed, mean, sd, subjects[:n_rows])
 
 
-def _save_plain(fig: Figure, path) -> Path:
-    # nilearn places its own axes inside each panel, which a constrained layout would move.
-    return _save(fig, path)
+def _label_rows(fig: Figure, first_axes, subjects) -> None:
+    """Subject ids down the left margin, centred on each row's first panel."""
+    for ax, subject in zip(first_axes, subjects):
+        box = ax.get_position()
+        fig.text(0.008, box.y0 + box.height / 2, str(subject), rotation=90, va="center", fontsize=9)
 
 
 def _plot_volume_maps(path, space, observed, mean, sd, subjects) -> Path:
@@ -419,20 +421,24 @@ def _plot_volume_maps(path, space, observed, mean, sd, subjects) -> Path:
     width = 2.6 if single_slice else 4.6
     fig = Figure(figsize=(width * len(columns), 2.0 * len(subjects) + 0.5))
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.03, right=0.99, top=0.9, bottom=0.02, wspace=0.08, hspace=0.15)
     axes = fig.subplots(len(subjects), len(columns), squeeze=False)
+    # Outside the mask: blank (fully transparent), not the colour of 0.
+    blank_outside = {} if space.mask.all() else {
+        "transparency": nib.Nifti1Image(space.mask.astype(np.float32), space.affine),
+        "transparency_range": [0, 1]}
     for col, (title, values, cmap, (vmin, vmax), _) in enumerate(columns):
-        for row, subject in enumerate(subjects):
+        for row in range(len(subjects)):
             ax = axes[row, col]
-            img = nib.Nifti1Image(space.to_volume(values[row]), space.affine)
-            plotting.plot_img(img, display_mode=display, cut_coords=cut_coords, figure=fig, axes=ax,
+            plotting.plot_img(nib.Nifti1Image(space.to_volume(values[row]), space.affine),
+                              display_mode=display, cut_coords=cut_coords, figure=fig, axes=ax,
                               cmap=cmap, vmin=vmin, vmax=vmax, colorbar=True, annotate=False,
-                              draw_cross=False, black_bg=False, resampling_interpolation="nearest")
+                              draw_cross=False, black_bg=False, resampling_interpolation="nearest",
+                              **blank_outside)
             if row == 0:
                 ax.set_title(title, fontsize=10)
-            if col == 0:
-                fig.text(0.005, 1 - (row + 0.5) / len(subjects) * 0.92 - 0.06, str(subject),
-                         rotation=90, va="center", fontsize=9)
-    return _save_plain(fig, path)
+    _label_rows(fig, axes[:, 0], subjects)
+    return _save(fig, path)
 
 
 def _plot_surface_maps(path, space, meshes, observed, mean, sd, subjects) -> Path:
@@ -443,6 +449,8 @@ def _plot_surface_maps(path, space, meshes, observed, mean, sd, subjects) -> Pat
     n_cols = len(columns) * len(labels)
     fig = Figure(figsize=(2.3 * n_cols, 2.1 * len(subjects) + 0.5))
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.03, right=0.97, top=0.9, bottom=0.02, wspace=0.05, hspace=0.1)
+    first_axes = []
     for col, (title, values, cmap, (vmin, vmax), symmetric) in enumerate(columns):
         for row, subject in enumerate(subjects):
             pieces = space.split(values[row])
@@ -454,10 +462,12 @@ def _plot_surface_maps(path, space, meshes, observed, mean, sd, subjects) -> Pat
                                             engine="matplotlib", cmap=cmap, vmin=vmin, vmax=vmax,
                                             symmetric_cbar=symmetric, colorbar=h == len(labels) - 1,
                                             axes=ax, figure=fig)
-                heading = f"{title}" + (f" ({label})" if len(labels) > 1 else "")
-                ax.set_title(heading if row == 0 else (str(subject) if col == 0 and h == 0 else ""),
-                             fontsize=9)
-    return _save_plain(fig, path)
+                if row == 0:
+                    ax.set_title(title + (f" ({label})" if len(labels) > 1 else ""), fontsize=9)
+                if col == 0 and h == 0:
+                    first_axes.append(ax)
+    _label_rows(fig, first_axes, subjects)
+    return _save(fig, path)
 
 
 def _plot_profile_maps(path, names, observed, mean, sd, subjects) -> Path:
@@ -482,12 +492,12 @@ def _plot_profile_maps(path, names, observed, mean, sd, subjects) -> Path:
             ax_sd.plot(x, np.abs(observed[row] - mean[row]), ".", color="tab:red", markersize=3,
                        label="|observed - mean|")
         ax_sd.set_xlim(-0.5, n_features - 0.5)
-        for a in (ax, ax_sd):
-            if names is not None and n_features <= 80:
-                a.set_xticks(x)
-                a.set_xticklabels(names, rotation=90, fontsize=5)
-            else:
-                a.set_xlabel("region" if names is not None else "vertex / feature")
+        if names is not None and n_features <= 80:
+            ax.set_xticks(x)
+            ax.set_xticklabels(names, rotation=90, fontsize=5)
+        else:
+            ax.set_xlabel("region" if names is not None else "vertex / feature")
+        ax_sd.set_xlabel("region (same order)" if names is not None else "vertex / feature")
         if row == 0:
             ax.legend(loc="upper right", fontsize="x-small")
             ax_sd.legend(loc="upper right", fontsize="x-small")
