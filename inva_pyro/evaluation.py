@@ -140,9 +140,11 @@ curve = coverage_curve  # the former name
 def write_figures(prediction, subset: Subset, out_dir: Path, history: dict | None) -> list[Path]:
     y, space = prediction.observed, prediction.space
     to_grid = (lambda a: space.to_grid(np.asarray(a))) if space is not None else None
-    paths = [
-        figures.plot_subject_maps(out_dir / "subject_maps.png", y, prediction.mean, prediction.sd,
-                                  prediction.subjects, grid_maps=to_grid, true_mean=subset.truth_mean),
+    paths = []
+    if to_grid is not None:  # maps need the image grid (a prediction without a space has none)
+        paths.append(figures.plot_subject_maps(out_dir / "subject_maps.png", y, prediction.mean, prediction.sd,
+                                               prediction.subjects, grid_maps=to_grid, true_mean=subset.truth_mean))
+    paths += [
         figures.plot_calibration_curve(out_dir / "calibration_curve.png", curve_levels(prediction),
                                        coverage_curve(prediction, False), coverage_curve(prediction, True)),
         figures.plot_pit_histogram(out_dir / "pit_histogram.png", prediction.pit(calibrated=True)),

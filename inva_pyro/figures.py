@@ -248,6 +248,21 @@ def _arviz():
     return az
 
 
+def _quiet(fn):
+    """Run an ArviZ plotting call without its deprecation chatter (matplotlib/ArviZ version skew)."""
+    import functools
+    import warnings
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="arviz")
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_quiet
 def plot_ppc(path, idata, num_pp_samples: int = 100, seed: int = 0) -> Path:
     """Posterior predictive check (``az.plot_ppc``): density of the observed values against that of
     replicated data sets, pooled over the InferenceData's subjects and features; one panel for the
@@ -264,11 +279,14 @@ def plot_ppc(path, idata, num_pp_samples: int = 100, seed: int = 0) -> Path:
         az.plot_ppc(idata, var_names=["outcome"], data_pairs={"outcome": var}, ax=ax,
                     num_pp_samples=min(num_pp_samples, n_draws), random_seed=seed, legend=True)
         ax.set_title(f"PPC, {title}")
-        ax.set_xlabel("outcome value (pooled over subjects and kept features)")
+        ax.set_xlabel("outcome value")
         ax.set_ylabel("density")
+    n_sub, n_feat = idata.observed_data["outcome"].shape if "observed_data" in idata.groups() else (0, 0)
+    fig.suptitle(f"Observed vs replicated outcomes, pooled over {n_sub} subjects x {n_feat} features", fontsize="medium")
     return _save(fig, path)
 
 
+@_quiet
 def plot_ppc_pit(path, idata) -> Path:
     """Held-out PIT checks from ArviZ: ``az.plot_bpv(kind="u_value")`` (the marginal p-value
     P(y_rep <= y) of every observed value, whose density is flat for a calibrated predictive; the
@@ -316,6 +334,7 @@ def plot_latent_activity(path, report: Mapping, threshold: float | None = None) 
         ax.bar(units, act, color=colors)
         ax.axhline(threshold, color="black", linestyle="--", linewidth=1)
         ax.set_yscale("log")
+        ax.set_ylim(min(threshold / 10, act.min() / 2), max(1.0, act.max() * 2))
         ax.set_ylabel(f"{name}\n{level}")
         n_active = int(np.sum(act > threshold))
         ax.set_title(f"activity Var(E[u|x]): {n_active}/{len(act)} active (> {threshold:g})", fontsize="small")

@@ -9,11 +9,12 @@ subject and draw (the joint log-likelihood of all its features). Groups and vari
 - ``posterior`` (draws of the variational posterior):
   ``output_weight`` (chain, draw, feature, hidden) and ``output_bias`` (chain, draw, feature): the
   Bayesian output layer of the predictor at the kept features (standardised outcome units, the
-  model's own parameterisation); ``shallow_latent_{k}`` (chain, draw, subject, shallow_dim) and
-  ``deep_latent_{k}`` (chain, draw, subject, deep_dim): draws of h ~ q(h|x_k), z ~ q(z|h) for every
-  subject and modality (their means and sds are the per-subject latent posterior summaries; see
-  ``az.summary``). The latent draws are independent of the output-layer draws: the outcome depends
-  on the encoders' deterministic summaries, not on sampled latents.
+  model's own parameterisation); ``deep_latent_{k}`` (chain, draw, subject, deep_dim): draws of
+  z ~ q(z|h), h ~ q(h|x_k) for every subject and modality (their means and sds, e.g. from
+  ``az.summary``, are the per-subject deep-latent posterior summaries); ``shallow_latent_{k}``
+  (chain, draw, subject, shallow_dim) instead for the structures without a deep level, or with
+  ``shallow=True``. The latent draws are independent of the output-layer draws: the outcome
+  depends on the encoders' deterministic summaries, not on sampled latents.
 - ``posterior_predictive``: ``outcome`` (chain, draw, subject, feature): draws of the raw posterior
   predictive (output layer ~ q, then the heteroscedastic Normal noise), in image units;
   ``outcome_calibrated``: draws of the calibrated predictive mean + raw_sd * Z, Z drawn from the
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-DEFAULT_DRAWS = 200
+DEFAULT_DRAWS = 100
 DEFAULT_FEATURES = 64
 
 
@@ -108,7 +109,7 @@ def _kept_draws(model, subset, num_draws: int, features: np.ndarray, seed: int):
 
 
 def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEFAULT_DRAWS,
-                         n_features: int = DEFAULT_FEATURES, features=None, seed: int = 0):
+                         n_features: int = DEFAULT_FEATURES, features=None, seed: int = 0, shallow: bool = False):
     """InferenceData (groups in the module docstring) for a fitted InVA model on ``subset``.
 
     ``prediction`` (from ``model.predict(subset)``) supplies the predictive mean and sds of the
@@ -140,10 +141,10 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
         sd = calibrator.sd(raw_sd) if calibrator is not None and calibrator.method != "none" else raw_sd
 
     rng = np.random.default_rng(seed)
-    posterior_predictive = {"outcome": y_rep[None]}
+    posterior_predictive = {"outcome": y_rep[None].astype(np.float32)}
     if calibrator is not None and calibrator.method != "none":
         z = rng.choice(np.asarray(calibrator.atoms(), dtype=np.float64), size=y_rep.shape)
-        posterior_predictive["outcome_calibrated"] = (mean + raw_sd * z)[None]
+        posterior_predictive["outcome_calibrated"] = (mean + raw_sd * z)[None].astype(np.float32)
 
     posterior = {}
     dims = {"outcome": ["subject", "feature"], "outcome_calibrated": ["subject", "feature"],
@@ -155,6 +156,8 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
         posterior["output_weight"] = d.output_weight[None].astype(np.float32)
         posterior["output_bias"] = d.output_bias[None].astype(np.float32)
     for name, draws in latent_draws(model.module, xs, num_draws, seed).items():
+        if name.startswith("shallow") and model.module.hierarchical and not shallow:
+            continue
         posterior[name] = draws[None].astype(np.float32)
         dims[name] = ["subject", "shallow_dim" if name.startswith("shallow") else "deep_dim"]
 
@@ -163,7 +166,7 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
     if subset.outcome is not None:
         obs = np.asarray(subset.outcome, dtype=np.float64)[:, feats]
         observed["outcome"] = obs
-        log_likelihood["outcome"] = stats.norm.logpdf(obs, comp_mean, noise_sd)[None]
+        log_likelihood["outcome"] = stats.norm.logpdf(obs, comp_mean, noise_sd)[None].astype(np.float32)
         if d.image_loglik is not None:
             # standardised -> image units: the density picks up -log(scale_v) for every feature
             log_likelihood["outcome_image"] = (d.image_loglik - np.log(scale).sum())[None]
@@ -213,11 +216,14 @@ def inference_data_from_prediction(prediction, *, num_draws: int = DEFAULT_DRAWS
     mean = np.asarray(prediction.mean, dtype=np.float64)[:, feats]
     raw_sd = np.asarray(prediction.raw_sd, dtype=np.float64)[:, feats]
     cal = prediction.calibrator
+    has_samples = prediction.samples is not None and len(prediction.samples) >= 2
+    if has_samples:  # one draw dimension for both variables
+        num_draws = min(num_draws, len(prediction.samples))
     atoms = np.asarray(cal.atoms()) if cal is not None and cal.method != "none" else None
     z = rng.choice(atoms, size=(num_draws, *mean.shape)) if atoms is not None else rng.standard_normal((num_draws, *mean.shape))
-    pp = {"outcome_calibrated": (mean + raw_sd * z)[None]}
-    if prediction.samples is not None and len(prediction.samples) >= 2:
-        pp["outcome"] = np.asarray(prediction.samples, dtype=np.float64)[:, :, feats][None]
+    pp = {"outcome_calibrated": (mean + raw_sd * z)[None].astype(np.float32)}
+    if has_samples:
+        pp["outcome"] = np.asarray(prediction.samples[:num_draws], dtype=np.float32)[:, :, feats][None]
     observed = {"outcome": np.asarray(prediction.observed, dtype=np.float64)[:, feats]} if prediction.observed is not None else None
     constant = {"predictive_mean": mean, "predictive_sd": np.asarray(prediction.sd, dtype=np.float64)[:, feats],
                 "predictive_raw_sd": raw_sd, "feature_index": feats}

@@ -15,7 +15,7 @@ from inva_pyro.cohort import Cohort, Subset
 from inva_pyro.errors import InputError
 from inva_pyro.io import atomic_dir, atomic_write_text, load_volume, save_nifti
 from inva_pyro.preprocessing import Standardizer
-from inva_pyro.spaces import VolumeSpace, space_from_dict
+from inva_pyro.spaces import RegionSpace, SurfaceSpace, VolumeSpace, space_from_dict
 
 SHAPE = (6, 5, 4)
 COLUMNS = ("gm", "wm", "pet")
@@ -466,3 +466,312 @@ def test_standardizer_round_trip():
 
     with pytest.raises(InputError, match="input 'gm' is missing"):
         std.transform_inputs(Subset(subjects=["x"], inputs={"wm": gm[:1]}))
+
+
+# ----- GIfTI surfaces ------------------------------------------------------------------------
+N_VERTICES = {"lh": 12, "rh": 9}
+
+
+def write_gifti(path: Path, data, structure: str | None = None) -> Path:
+    """A one-map GIfTI written with nibabel directly (not through the package's writer)."""
+    meta = nib.gifti.GiftiMetaData({"AnatomicalStructurePrimary": structure} if structure else {})
+    array = nib.gifti.GiftiDataArray(np.asarray(data, dtype=np.float32), intent="NIFTI_INTENT_SHAPE",
+                                     datatype="NIFTI_TYPE_FLOAT32")
+    nib.save(nib.gifti.GiftiImage(darrays=[array], meta=meta), str(path))
+    return path
+
+
+def write_surface_cohort(root: Path, n: int = 5, pair: bool = True, seed: int = 0) -> dict:
+    """Subjects' thickness/pet maps: a hemisphere pair (NAME_lh, NAME_rh) or one lh file per image."""
+    rng = np.random.default_rng(seed)
+    (root / "surf").mkdir(parents=True, exist_ok=True)
+    hemis = ("lh", "rh") if pair else ("lh",)
+    data = {(name, h): rng.normal(2, 0.3, size=(n, N_VERTICES[h])) for name in ("thick", "pet") for h in hemis}
+    rows = []
+    for i in range(n):
+        row = {"subject": f"sub-{i:03d}", "split": ["train", "train", "train", "val", "test"][i % 5]}
+        for (name, h), values in data.items():
+            rel = f"surf/sub-{i:03d}_{h}.{name}.gii"
+            write_gifti(root / rel, values[i], {"lh": "CortexLeft", "rh": "CortexRight"}[h])
+            row[f"{name}_{h}" if pair else name] = rel
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return data
+
+
+def test_gifti_hemisphere_pair_reads_as_one_image_and_writes_back(tmp_path):
+    data = write_surface_cohort(tmp_path)
+    cohort = Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["thick"], outcome="pet")
+    space = cohort.spaces["pet"]
+    assert isinstance(space, SurfaceSpace) and space.parts == (("lh", 12), ("rh", 9))
+    assert space.grid_shape is None and space.n_features == 21
+    assert cohort.spaces["thick"] is space  # surface columns share one layout
+    np.testing.assert_allclose(cohort.all.inputs["thick"],
+                               np.concatenate([data["thick", "lh"], data["thick", "rh"]], axis=1), rtol=1e-6)
+
+    vector = np.arange(21, dtype=np.float32)
+    written = space.write(vector, tmp_path / "sub-004_pet_mean.gii")
+    assert [p.name for p in written] == ["sub-004_pet_mean_lh.gii", "sub-004_pet_mean_rh.gii"]
+    for path, (label, n), piece in zip(written, space.parts, (vector[:12], vector[12:])):
+        img = nib.load(str(path))
+        assert len(img.darrays) == 1 and img.darrays[0].data.shape == (n,)
+        np.testing.assert_array_equal(img.darrays[0].data, piece)
+        assert img.meta["AnatomicalStructurePrimary"] == {"lh": "CortexLeft", "rh": "CortexRight"}[label]
+    np.testing.assert_array_equal(space.read(tuple(written)), vector)
+
+    rebuilt = space_from_dict(json.loads(json.dumps(space.to_dict())))
+    assert isinstance(rebuilt, SurfaceSpace) and rebuilt.parts == space.parts
+    assert rebuilt.structures == ("CortexLeft", "CortexRight")
+
+    # At predict time the run's space checks every surface column.
+    again = Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["thick"], outcome="pet", space=rebuilt)
+    np.testing.assert_array_equal(again.all.outcome, cohort.all.outcome)
+
+
+def test_gifti_single_column_is_one_hemisphere(tmp_path):
+    data = write_surface_cohort(tmp_path, pair=False)
+    cohort = Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["thick"], outcome="pet")
+    space = cohort.spaces["pet"]
+    assert space.parts == (("lh", 12),) and space.structures == ("CortexLeft",)
+    np.testing.assert_allclose(cohort.test.outcome, data["pet", "lh"][4:5], rtol=1e-6)
+    out = tmp_path / "x.gii"
+    assert space.write(np.ones(12), out) == [out]
+    assert nib.load(str(out)).darrays[0].data.shape == (12,)
+
+
+def _gifti_wrong_vertex_count(root):
+    write_gifti(root / "surf/sub-002_rh.thick.gii", np.ones(10), "CortexRight")
+    return "sub-002_rh.thick.gii: thick surface map (rh) has 10 vertices; the cohort's surface has 9"
+
+
+def _gifti_nan(root):
+    values = np.ones(12)
+    values[3] = np.nan
+    write_gifti(root / "surf/sub-001_lh.pet.gii", values)
+    return "sub-001_lh.pet.gii: pet surface map has 1 NaN/Inf vertex value(s)"
+
+
+def _gifti_two_arrays(root):
+    arrays = [nib.gifti.GiftiDataArray(np.ones(12, dtype=np.float32)) for _ in range(2)]
+    nib.save(nib.gifti.GiftiImage(darrays=arrays), str(root / "surf/sub-003_lh.thick.gii"))
+    return "sub-003_lh.thick.gii: thick surface map has 2 data arrays"
+
+
+def _gifti_garbage(root):
+    (root / "surf/sub-000_lh.pet.gii").write_text("<not gifti")
+    return "sub-000_lh.pet.gii: cannot read pet surface map"
+
+
+def _gifti_mesh(root):
+    mesh = [nib.gifti.GiftiDataArray(np.zeros((12, 3), dtype=np.float32), intent="NIFTI_INTENT_POINTSET")]
+    nib.save(nib.gifti.GiftiImage(darrays=mesh), str(root / "surf/sub-004_lh.pet.gii"))
+    return "sub-004_lh.pet.gii: pet surface map is a surface mesh, not a per-vertex map"
+
+
+def _gifti_missing_partner(root):
+    table = pd.read_csv(root / "manifest.csv").drop(columns="pet_rh")
+    table.to_csv(root / "manifest.csv", index=False)
+    return "column 'pet_lh' for the outcome 'pet' has no partner column 'pet_rh'"
+
+
+def _gifti_mixed_with_volume(root):
+    set_cell(root, "sub-002", "thick_lh", "surf/sub-002_lh.thick.nii.gz")
+    return "sub-002_lh.thick.nii.gz: a volume file in column 'thick'"
+
+
+@pytest.mark.parametrize("spoil", [_gifti_wrong_vertex_count, _gifti_nan, _gifti_two_arrays, _gifti_garbage,
+                                   _gifti_mesh, _gifti_missing_partner, _gifti_mixed_with_volume])
+def test_bad_gifti_raises_one_line_naming_the_file(tmp_path, spoil):
+    write_surface_cohort(tmp_path)
+    expected = spoil(tmp_path)
+    with pytest.raises(InputError) as caught:
+        Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["thick"], outcome="pet")
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_mask_needs_volumes(tmp_path):
+    write_surface_cohort(tmp_path)
+    write_nifti(tmp_path / "mask.nii.gz", make_mask().astype(np.float32))
+    with pytest.raises(InputError, match="mask.nii.gz: a mask selects voxels of NIfTI volumes"):
+        Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["thick"], outcome="pet",
+                             mask=tmp_path / "mask.nii.gz")
+
+
+# ----- region tables -----------------------------------------------------------------------------
+REGIONS = ["lh_bankssts_thickness", "lh_cuneus_thickness", "rh_bankssts_thickness", "rh_cuneus_thickness"]
+
+
+def write_region_cohort(root: Path, n: int = 5, seed: int = 0) -> dict:
+    """aparcstats2table-like tables (tab-separated, rows = subjects) shared by every subject,
+    plus a volume outcome, to show that kinds mix."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    subjects = [f"sub-{i:03d}" for i in range(n)]
+    thick = rng.normal(2.5, 0.2, size=(n, len(REGIONS)))
+    frame = pd.DataFrame(thick, columns=REGIONS)
+    frame.insert(0, "lh.aparc.thickness", subjects)
+    frame.iloc[::-1].to_csv(root / "thickness.txt", sep="\t", index=False)  # any row order
+    pet = rng.normal(size=(n, len(REGIONS)))
+    table = pd.DataFrame(pet, columns=REGIONS)
+    table.insert(0, "subject", subjects)
+    table.to_csv(root / "pet.csv", index=False)
+    gm = rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    rows = []
+    for i, subject in enumerate(subjects):
+        write_nifti(root / f"images/{subject}_gm.nii.gz", gm[i])
+        rows.append({"subject": subject, "thick": "thickness.txt", "pet": "pet.csv",
+                     "gm": f"images/{subject}_gm.nii.gz", "split": ["train", "train", "train", "val", "test"][i % 5]})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return {"thick": thick, "pet": pet, "gm": gm}
+
+
+def read_regions(root: Path, **kwargs) -> Cohort:
+    options = dict(inputs=["thick", "gm"], outcome="pet")
+    options.update(kwargs)
+    return Cohort.from_manifest(root / "manifest.csv", **options)
+
+
+def test_region_tables_read_by_subject_and_write_back(tmp_path):
+    data = write_region_cohort(tmp_path)
+    cohort = read_regions(tmp_path)
+    thick_space, pet_space = cohort.spaces["thick"], cohort.spaces["pet"]
+    assert isinstance(pet_space, RegionSpace) and pet_space.regions == tuple(REGIONS)
+    assert thick_space.id_column == "lh.aparc.thickness" and thick_space is not pet_space
+    assert isinstance(cohort.spaces["gm"], VolumeSpace) and pet_space.grid_shape is None
+    np.testing.assert_allclose(cohort.all.inputs["thick"], data["thick"], rtol=1e-6)
+    np.testing.assert_allclose(cohort.all.outcome, data["pet"], rtol=1e-6)
+
+    out = tmp_path / "sub-004_pet_mean.csv"
+    vector = np.array([0.1, 1e-8, -3.25, 1234.5678], dtype=np.float32)
+    assert pet_space.write(vector, out) == [out]
+    written = pd.read_csv(out)
+    assert list(written.columns) == ["subject", *REGIONS] and written.loc[0, "subject"] == "sub-004_pet_mean"
+    np.testing.assert_array_equal(pet_space.read(out), vector)  # float32 values survive exactly
+
+    # A later table with the regions in another order, and an extra one, maps by name.
+    table = pd.read_csv(tmp_path / "pet.csv")
+    table = table[["subject", *REGIONS[::-1]]].assign(eTIV=1.0)
+    table.to_csv(tmp_path / "pet.csv", index=False)
+    rebuilt = space_from_dict(json.loads(json.dumps(pet_space.to_dict())))
+    again = read_regions(tmp_path, space={"pet": rebuilt, "thick": thick_space, "gm": cohort.spaces["gm"]})
+    np.testing.assert_allclose(again.all.outcome, data["pet"], rtol=1e-6)
+
+
+def _regions_missing(root):
+    # One subject's own table lacks two of the regions the first table defined.
+    pd.read_csv(root / "pet.csv").drop(columns=[REGIONS[1], REGIONS[3]]).to_csv(root / "pet2.csv", index=False)
+    set_cell(root, "sub-003", "pet", "pet2.csv")
+    return f"pet2.csv: pet region table lacks 2 of the cohort's 4 regions ('{REGIONS[1]}', '{REGIONS[3]}')"
+
+
+def _regions_no_row(root):
+    table = pd.read_csv(root / "pet.csv")
+    table.loc[table["subject"] == "sub-002", "subject"] = "sub-999"
+    table.to_csv(root / "pet.csv", index=False)
+    return "pet.csv: pet region table has no row for subject 'sub-002'"
+
+
+def _regions_nan(root):
+    table = pd.read_csv(root / "pet.csv")
+    table.loc[1, REGIONS[2]] = np.nan
+    table.to_csv(root / "pet.csv", index=False)
+    return f"for subject 'sub-001' (e.g. region '{REGIONS[2]}')"
+
+
+def _regions_text(root):
+    table = pd.read_csv(root / "pet.csv").astype({REGIONS[0]: str})
+    table.loc[0, REGIONS[0]] = "n/a?"
+    table.to_csv(root / "pet.csv", index=False)
+    return f"pet.csv: pet region table region column '{REGIONS[0]}' is not numeric"
+
+
+def _regions_duplicate_row(root):
+    table = pd.read_csv(root / "pet.csv")
+    pd.concat([table, table.iloc[:1]]).to_csv(root / "pet.csv", index=False)
+    return "pet.csv: pet region table has subject 'sub-000' twice"
+
+
+def _regions_id_only(root):
+    pd.read_csv(root / "pet.csv")[["subject"]].to_csv(root / "pet.csv", index=False)
+    return "pet.csv: pet region table needs a subject-id column and at least one region column"
+
+
+@pytest.mark.parametrize("spoil", [_regions_missing, _regions_no_row, _regions_nan, _regions_text,
+                                   _regions_duplicate_row, _regions_id_only])
+def test_bad_region_table_raises_one_line_naming_the_file(tmp_path, spoil):
+    write_region_cohort(tmp_path)
+    expected = spoil(tmp_path)
+    with pytest.raises(InputError) as caught:
+        read_regions(tmp_path)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_nan_in_the_mask_file_is_refused(tmp_path):
+    write_cohort(tmp_path)
+    mask = make_mask().astype(np.float32)
+    mask[0, 0, 0] = np.nan
+    write_nifti(tmp_path / "mask.nii.gz", mask)
+    with pytest.raises(InputError, match="mask.nii.gz: mask has NaN/Inf voxels"):
+        read(tmp_path)
+
+
+def test_volume_read_through_the_mask_box_equals_the_full_read(tmp_path):
+    data = write_cohort(tmp_path)
+    space = read(tmp_path).spaces["gm"]
+    # Uncompressed .nii too, where the proxy reads only the box from disk.
+    plain = write_nifti(tmp_path / "plain.nii", data["gm"][2])
+    np.testing.assert_array_equal(space.read(plain), data["gm"][2][make_mask()])
+    np.testing.assert_array_equal(space.read(tmp_path / "images/sub-002_gm.nii.gz"),
+                                  space.to_vector(data["gm"][2]))
+
+
+# ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------
+def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
+    from inva_pyro.streaming import DiskBatches, DiskSubset, LazyMatrix
+
+    write_cohort(tmp_path, n=10)
+    eager = read(tmp_path)
+    lazy = read(tmp_path, lazy=True, cache_subjects=2)
+    assert isinstance(lazy.all, DiskSubset) and isinstance(lazy.all.inputs["gm"], LazyMatrix)
+    assert lazy.all.inputs["gm"].shape == eager.all.inputs["gm"].shape
+    assert lazy.train.subjects == eager.train.subjects and len(lazy.test) == len(eager.test)
+
+    rows = lazy.train.rows()
+    for name in ("gm", "wm"):
+        np.testing.assert_array_equal(rows.inputs[name], eager.train.inputs[name])
+    np.testing.assert_array_equal(rows.outcome, eager.train.outcome)
+    np.testing.assert_array_equal(np.asarray(lazy.val.outcome), eager.val.outcome)
+    assert len(lazy.all.cache) <= 2 * 3  # 2 subjects x 3 image columns
+    picked = lazy.all.rows([7, 1])
+    assert picked.subjects == ["sub-007", "sub-001"]
+    np.testing.assert_array_equal(picked.inputs["wm"], eager.all.inputs["wm"][[7, 1]])
+
+    streamed = Standardizer.fit_streaming(lazy.train, chunk_size=2)
+    direct = Standardizer.fit(eager.train)
+    for key, value in direct.state_dict().items():
+        np.testing.assert_allclose(streamed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+    import torch
+
+    batches = DiskBatches(lazy.train, streamed, ["wm", "gm"], device="cpu")
+    assert len(batches) == len(eager.train)
+    xs, y = batches.take(torch.tensor([3, 0]))
+    z = direct.transform_inputs(eager.train.subset([3, 0]))
+    np.testing.assert_allclose(xs[0].numpy(), z["wm"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(xs[1].numpy(), z["gm"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y.numpy(), direct.transform_outcome(eager.train.outcome[[3, 0]]), rtol=1e-4, atol=1e-5)
+    assert batches.to("cpu").device.type == "cpu" and xs[0].dtype == torch.float32
+
+
+def test_lazy_cohort_checks_headers_up_front_and_data_on_read(tmp_path):
+    write_cohort(tmp_path)
+    _shape_differs(tmp_path)
+    with pytest.raises(InputError, match="sub-003_gm.nii.gz: gm image shape"):
+        read(tmp_path, lazy=True)
+
+    write_cohort(tmp_path)
+    _nan_in_mask(tmp_path)
+    lazy = read(tmp_path, lazy=True)  # headers are fine; the NaN is in the voxels
+    with pytest.raises(InputError, match="sub-004_pet.nii.gz: pet image has 1 NaN/Inf voxel"):
+        lazy.all.rows()

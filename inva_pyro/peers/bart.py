@@ -36,6 +36,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,8 +243,11 @@ class VoxelBART(PeerModel):
         n_chunks = min(n_out, max(1, 4 * workers))
         bounds = np.linspace(0, n_out, n_chunks + 1).astype(int)
         chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        results = Parallel(n_jobs=n_jobs)(
+        from tqdm.auto import tqdm
+        tasks = Parallel(n_jobs=n_jobs, return_as="generator")(
             delayed(_fit_voxels)(features[:, c, :], y[:, c], seeds[c], params) for c in chunks)
+        results = list(tqdm(tasks, total=len(chunks), desc=f"bart: {n_out} voxels", unit="chunk",
+                            disable=not progress, file=sys.stderr))
         self.documents = [doc for docs, _ in results for doc in docs]
         self.forests = Forests.concatenate([f for _, f in results])
         mean, sd = self._moments(val)

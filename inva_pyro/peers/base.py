@@ -87,9 +87,13 @@ class PeerModel:
     # ---- fitting -----------------------------------------------------------------------------------
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None):
+            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
+            devices: int = 1):
         """Fit on ``train_set``; ``val`` (or a seeded ``training.val_share`` of ``train_set``) gives the
-        predictive intervals. ``device`` is accepted for interface parity: peers run on the CPU."""
+        predictive intervals. ``device`` is accepted for interface parity: peers run on the CPU, in one
+        process (``bart`` spreads its voxels over ``n_jobs`` local worker processes)."""
+        if devices != 1:
+            raise InputError(f"--devices {devices}: a '{self.family}' model runs in one process on the CPU")
         if resume:
             raise InputError(f"{run_dir}: a '{self.family}' fit has no checkpoints to resume; fit it again")
         if val is None or len(val) == 0:
@@ -108,7 +112,6 @@ class PeerModel:
         self._fit_model(train_set, val, seed=seed, space=space, progress=progress)
         self.info["fit_seconds"] = round(time.perf_counter() - start, 3)
         if run_dir is not None:
-            self.info["complete"] = True
             self.save(run_dir)
         return self
 
@@ -169,6 +172,7 @@ class PeerModel:
             raise RuntimeError("fit the model before saving it")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.info["complete"] = True
         atomic_write_text(run_dir / "config.json", json.dumps(self.preset.model_dump(), indent=2))
         atomic_write_text(run_dir / "standardizer.json", json.dumps(self.standardizer.to_dict()))
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}

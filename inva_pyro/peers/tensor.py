@@ -33,28 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .linear import CentredKernel, FactoredLinear
 from .residual import PointPeer
-
-
-def _dual_ridge(x: np.ndarray, y: np.ndarray):
-    """Centre, then eigendecompose the kernel: returns (x_mean, y_mean, U, s, Y_c)."""
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    s, u = np.linalg.eigh(xc @ xc.T)
-    return x_mean, y_mean, xc, u, np.maximum(s, 0.0), yc
-
-
-def _rrr_factors(u: np.ndarray, s: np.ndarray, yc: np.ndarray, alpha: float, max_rank: int):
-    """Top right singular vectors of the augmented ridge fit (Q x max_rank) and U^T Y scaled by 1/(s+alpha)."""
-    uty = u.T @ yc
-    w = np.sqrt(s / (s + alpha))[:, None] * uty          # (N, Q), N << Q: eigendecompose W W^T
-    lam, p = np.linalg.eigh(w @ w.T)
-    order = np.argsort(lam)[::-1][:max_rank]
-    sv = np.sqrt(np.maximum(lam[order], 0.0))
-    keep = sv > 1e-10 * max(sv[0], 1e-300)
-    v = np.zeros((w.shape[1], len(order)))
-    v[:, keep] = (w.T @ p[:, order[keep]]) / sv[keep]    # right singular vectors
-    return v, uty / (s + alpha)[:, None]
 
 
 class TensorRegression(PointPeer):
@@ -62,7 +42,7 @@ class TensorRegression(PointPeer):
 
     def __init__(self, preset=None):
         super().__init__(preset)
-        self.x_mean = self.y_mean = self.left = self.right = None   # B = left @ right.T
+        self.linear: FactoredLinear | None = None     # B = left @ right.T, rank R
 
     def _fit_point(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
         cfg = self.config
@@ -72,32 +52,28 @@ class TensorRegression(PointPeer):
         folds = np.random.default_rng(seed).permutation(n) % min(cfg.cv_folds, n)
         errors = np.zeros((len(alphas), len(ranks)))
         for f in np.unique(folds):
-            tr, te = folds != f, folds == f
-            x_mean, y_mean, xc, u, s, yc = _dual_ridge(x[tr], y[tr])
-            k_te = (x[te] - x_mean) @ xc.T @ u          # held-out kernel rows in the eigenbasis
+            train, held = folds != f, folds == f
+            kernel = CentredKernel.fit(x[train], y[train])
+            rows = kernel.kernel_rows(x[held])
+            target = y[held] - kernel.y_mean
             for a, alpha in enumerate(alphas):
-                v, coef = _rrr_factors(u, s, yc, alpha, max(ranks))
-                ridge_fit = k_te @ coef                  # held-out ridge predictions (centred)
-                resid_target = y[te] - y_mean
+                v = kernel.rrr_directions(alpha, max(ranks))
+                ridge_fit = rows @ (kernel.uty / (kernel.s + alpha)[:, None])   # held-out ridge predictions
                 for j, r in enumerate(ranks):
-                    pred = (ridge_fit @ v[:, :r]) @ v[:, :r].T
-                    errors[a, j] += np.sum((resid_target - pred) ** 2)
+                    errors[a, j] += np.sum((target - (ridge_fit @ v[:, :r]) @ v[:, :r].T) ** 2)
         a_best, r_best = np.unravel_index(np.argmin(errors), errors.shape)
         alpha, rank = float(alphas[a_best]), int(ranks[r_best])
-        x_mean, y_mean, xc, u, s, yc = _dual_ridge(x, y)
-        v, coef = _rrr_factors(u, s, yc, alpha, rank)
-        # B = X_c^T U diag(1/(s+alpha)) U^T Y_c V V^T = left @ right.T, left = X_c^T (U coef V), right = V
-        self.left = xc.T @ (u @ (coef @ v))
-        self.right = v
-        self.x_mean, self.y_mean = x_mean, y_mean
+        kernel = CentredKernel.fit(x, y)
+        v = kernel.rrr_directions(alpha, rank)
+        # B = X_c^T A V V^T with A = U diag(1/(s+alpha)) U^T Y_c: left = X_c^T (A V), right = V
+        self.linear = FactoredLinear(kernel.x_mean, kernel.y_mean, kernel.xc.T @ (kernel.dual_coef(alpha) @ v), v)
         self.info.update(rank=rank, alpha=alpha, cv_mse=float(errors[a_best, r_best] / y.size))
 
     def _predict_point(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.x_mean) @ self.left) @ self.right.T + self.y_mean
+        return self.linear.predict(x)
 
     def _point_arrays(self) -> dict[str, np.ndarray]:
-        return {"x_mean": self.x_mean, "y_mean": self.y_mean, "left": self.left, "right": self.right}
+        return self.linear.arrays()
 
     def _set_point_arrays(self, arrays) -> None:
-        for key in ("x_mean", "y_mean", "left", "right"):
-            setattr(self, key, np.asarray(arrays[key], dtype=np.float64))
+        self.linear = FactoredLinear.from_arrays(arrays)
