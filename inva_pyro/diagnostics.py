@@ -26,9 +26,10 @@ gets no information through the deep statistics). ``warn_if_collapsed`` turns ei
 Python warning and a line on stderr (called at the end of ``fit``).
 
 ``psis_khat`` runs Pyro's ``psis_diagnostic`` (Yao et al. 2018) subject by subject: the target is
-p(h_k, z_k for all k | x_i, W-hat, b-hat), with the Bayesian output layer held at its posterior
-mean (the outcome's likelihood does not depend on the sampled latents: the predictor sees the
-encoders' deterministic summaries), and the proposal is the amortised guide.
+p(h_k, z_k for all k | x_i), the proposal the amortised guide q(h_k, z_k | x_i). The Bayesian output
+layer is held at its posterior mean and the outcome left out: its likelihood does not depend on
+the sampled latents (the predictor sees the encoders' deterministic summaries), so it would only
+add a constant to every log-weight.
 """
 from __future__ import annotations
 
@@ -217,13 +218,16 @@ def warn_if_collapsed(module, xs: list[torch.Tensor], *, stream=None, **kwargs) 
 
 
 @torch.no_grad()
-def psis_khat(module, xs: list[torch.Tensor], y: torch.Tensor | None = None, *, num_particles: int = 1000,
-              max_subjects: int = 16, seed: int = 0) -> dict:
+def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_subjects: int = 16,
+              seed: int = 0) -> dict:
     """Pareto k-hat of the guide, per subject, for the first ``max_subjects`` of a seeded shuffle.
 
     Returns {"subjects": [index...], "khat": [...], "median", "max", "share_above_0.7",
-    "num_particles"}. k < 0.5: good, 0.5..0.7: usable, > 0.7: the guide's proposal for that
-    subject's latents is poor (Yao et al. 2018). See the module docstring for the target.
+    "share_above_0.5", "num_particles"}. k < 0.5: good, 0.5..0.7: usable, > 0.7: the guide's
+    proposal for that subject's latents is poor (Yao et al. 2018). The output layer is held at its
+    posterior mean and, like the outcome (whose likelihood is then constant in the latents), left
+    out of both traces (``poutine.block``), so the importance weights are exactly
+    p(x_i, h, z) / q(h, z | x_i).
     """
     import pyro
     from pyro import poutine
@@ -237,21 +241,19 @@ def psis_khat(module, xs: list[torch.Tensor], y: torch.Tensor | None = None, *, 
     if module.cfg.bayesian_output:
         w, b = module.output_layer_mean()
         data = {"output_weight": w.detach(), "output_bias": b.detach()}
-    model = poutine.condition(module.model, data=data)
-    if y is None:  # without an observed outcome it would be a model-only latent: leave it out
-        model = poutine.block(model, hide=["outcome"])
-    guide = poutine.condition(module.guide, data=data)
+    hidden = ["output_weight", "output_bias", "outcome"]
+    model = poutine.block(poutine.condition(module.model, data=data), hide=hidden)
+    guide = poutine.block(poutine.condition(module.guide, data=data), hide=hidden)
     khats = []
     rng_state = torch.get_rng_state()
     try:
         pyro.set_rng_seed(seed)
         for i in order:
             xi = [x[i:i + 1] for x in xs]
-            yi = None if y is None else y[i:i + 1]
             subjects = torch.zeros(1, dtype=torch.long, device=xs[0].device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                k = psis_diagnostic(model, guide, xi, yi, subjects=subjects, n_subjects=1,
+                k = psis_diagnostic(model, guide, xi, None, subjects=subjects, n_subjects=1,
                                     num_particles=num_particles, max_plate_nesting=1)
             khats.append(float(k))
     finally:
@@ -270,9 +272,9 @@ def model_diagnostics(model, subset, *, psis_subjects: int = 16, psis_particles:
     module = getattr(model, "module", None)
     if module is None or not hasattr(module, "shallow_encoders") or len(subset) < 2:
         return {}
-    xs, y = model._tensors(subset)
+    xs, _ = model._tensors(subset, with_outcome=False)
     out = {"collapse": collapse_report(module, xs, seed=seed)}
     out["collapse"]["warnings"] = collapse_messages(out["collapse"])
     if psis_subjects > 0:
-        out["psis"] = psis_khat(module, xs, y, num_particles=psis_particles, max_subjects=psis_subjects, seed=seed)
+        out["psis"] = psis_khat(module, xs, num_particles=psis_particles, max_subjects=psis_subjects, seed=seed)
     return out

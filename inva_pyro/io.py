@@ -294,20 +294,25 @@ def _table_separator(path: Path) -> str:
     return "," if path.name.lower().endswith(".csv") else "\t"
 
 
-def _parse_region_table(path: Path, what: str) -> RegionTable:
-    import pandas as pd
-
+def _read_table_bytes(path: Path, what: str) -> bytes:
     if not path.exists():
         raise InputError(f"{path}: {what} file not found")
     if path.is_dir():
         raise InputError(f"{path}: {what} is a folder, not a table")
-    with path.open("rb") as handle:
-        head = handle.read(8192)
-    if b"\x00" in head:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
         raise InputError(f"{path}: {what} is not a text table (binary content)")
+    return raw
+
+
+def _parse_region_table(path: Path, what: str, raw: bytes) -> RegionTable:
+    import io as _io
+
+    import pandas as pd
+
     try:
         # Text first: ids like "007" must stay strings; values are converted below.
-        table = pd.read_csv(path, sep=_table_separator(path), dtype=str, encoding="utf-8-sig",
+        table = pd.read_csv(_io.BytesIO(raw), sep=_table_separator(path), dtype=str, encoding="utf-8-sig",
                             skipinitialspace=True)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: {what} is empty") from None
@@ -343,20 +348,20 @@ _TABLE_CACHE_SIZE = 16
 
 
 def load_region_table(path: str | Path, what: str = "region table") -> RegionTable:
-    """Read a region table, cached by (path, size, modification time).
+    """Read a region table, cached by (path, content hash).
 
     A cohort usually points every subject at the same aparcstats2table file, so it is parsed
-    once; a file that changes on disk has a new key and is read again.
+    once. The key is the content's hash, not the modification time (whose granularity can hide
+    a quick rewrite): reading the bytes again is cheap, parsing them is what is saved.
     """
+    import hashlib
+
     path = Path(path)
-    try:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    except OSError:
-        return _parse_region_table(path, what)  # reports the missing file
+    raw = _read_table_bytes(path, what)
+    key = (str(path.resolve()), hashlib.blake2b(raw, digest_size=16).digest())
     table = _TABLE_CACHE.get(key)
     if table is None:
-        table = _parse_region_table(path, what)
+        table = _parse_region_table(path, what, raw)
         if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
             _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
         _TABLE_CACHE[key] = table

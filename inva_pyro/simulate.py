@@ -1,5 +1,10 @@
 """Simulated cohorts with known truth.
 
+Designs: ``paper`` (below, unchanged), and ``volume`` (MNI152 templates), ``surface``
+(fsaverage5 maps) and ``regions`` (the surface design per parcel), built from templates that
+ship inside the installed nilearn package; their equations are in docs/simulation.md and in the
+docstrings of VolumeDesign, SurfaceDesign and RegionDesign.
+
 Design ``paper`` (2-D, K = 3 inputs on a 32 x 32 grid, saved as 32 x 32 x 1 NIfTI images).
 Grid points v with coordinates in [-1, 1]^2; bump(c, w)(v) = exp(-|v - c|^2 / (2 w^2)).
 Per subject i: shared factors a_i ~ N(0, I_2), modality-specific factors b_ki ~ N(0, 1),

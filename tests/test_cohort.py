@@ -775,3 +775,21 @@ def test_lazy_cohort_checks_headers_up_front_and_data_on_read(tmp_path):
     lazy = read(tmp_path, lazy=True)  # headers are fine; the NaN is in the voxels
     with pytest.raises(InputError, match="sub-004_pet.nii.gz: pet image has 1 NaN/Inf voxel"):
         lazy.all.rows()
+
+
+def test_lazy_reading_of_surfaces_and_region_tables(tmp_path):
+    write_surface_cohort(tmp_path / "surf")
+    eager = Cohort.from_manifest(tmp_path / "surf/manifest.csv", inputs=["thick"], outcome="pet")
+    lazy = Cohort.from_manifest(tmp_path / "surf/manifest.csv", inputs=["thick"], outcome="pet", lazy=True)
+    np.testing.assert_array_equal(lazy.train.rows().inputs["thick"], eager.train.inputs["thick"])
+    assert lazy.spaces["pet"].parts == eager.spaces["pet"].parts
+
+    write_region_cohort(tmp_path / "reg")
+    eager = read_regions(tmp_path / "reg")
+    lazy = read_regions(tmp_path / "reg", lazy=True)
+    rows = lazy.all.rows()
+    np.testing.assert_array_equal(rows.outcome, eager.all.outcome)
+    np.testing.assert_array_equal(rows.inputs["gm"], eager.all.inputs["gm"])
+    _regions_no_row(tmp_path / "reg")  # rows are looked up up front, even when lazy
+    with pytest.raises(InputError, match="no row for subject 'sub-002'"):
+        read_regions(tmp_path / "reg", lazy=True)

@@ -137,3 +137,57 @@ def test_evaluate_without_the_model_writes_a_reduced_inference_data(fitted, tmp_
     diag = json.loads((tmp_path / "metrics.json").read_text())["diagnostics"]
     assert "collapse" not in diag and "loo" not in diag
     assert (tmp_path / "ppc.png").exists() and (tmp_path / "ppc_pit.png").exists()
+
+
+# ---- the analysis scripts, in their --quick modes -------------------------------------------------
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["calibration_study", "ppc"])
+def test_analysis_scripts_have_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script(name).main(["--help"])
+    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_calibration_study_quick(tmp_path):
+    study = _script("calibration_study")
+    assert study.main(["--quick", "--out", str(tmp_path)]) == 0
+    for name in ("runs.csv", "summary.csv", "summary.md", "calibration_study.png", "across_runs.json", "across_runs.md"):
+        assert (tmp_path / name).exists(), name
+    summary = (tmp_path / "summary.md").read_text()
+    assert "calibrated coverage" in summary and "CRPS / oracle" in summary
+    across = json.loads((tmp_path / "across_runs.json").read_text())
+    assert across["chains"] == 2 and across["summary"]["mean"]["rhat_median"] > 0
+    # a re-run finds every run done and only rebuilds the tables
+    assert study.main(["--quick", "--chains", "0", "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 1 + 2
+
+
+def test_ppc_report_quick(tmp_path, make_preset):
+    from inva_pyro import Cohort
+    from inva_pyro.simulate import write_cohort
+
+    write_cohort(tmp_path / "cohort", "paper", 30, 0)
+    cohort = Cohort.from_dir(tmp_path / "cohort")
+    InVA(make_preset(training={"epochs": 3})).fit(cohort.train, cohort.val, seed=0, progress=False, outcome_name="y",
+                                                   space=cohort.spaces["y"], run_dir=tmp_path / "run")
+    out = tmp_path / "report"
+    assert _script("ppc").main(["--run", str(tmp_path / "run"), "--manifest", str(tmp_path / "cohort" / "manifest.csv"),
+                                "--out", str(out), "--quick"]) == 0
+    report = (out / "ppc_summary.md").read_text()
+    assert "Posterior predictive p-values" in report and "Pareto k-hat" in report
+    summary = json.loads((out / "ppc_summary.json").read_text())
+    assert set(summary["pvalues"]) == {"outcome", "outcome_calibrated"}
+    for name in ("ppc.png", "ppc_pit.png", "test_statistics.png", "calibration_curve.png", "latent_activity.png"):
+        assert matplotlib.image.imread(out / name).ndim == 3, name
+    assert set(inference.load_inference_data(out / "inference_data.nc").groups()) >= {"posterior", "log_likelihood"}

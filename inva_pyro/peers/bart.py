@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cohort import Subset
 from ..calibration import Calibrator
+from ..cohort import Subset
 from ..errors import InputError
 from .base import PeerModel, central_probs
 
@@ -223,7 +223,8 @@ class VoxelBART(PeerModel):
         return local_features(self._local_inputs(subset), self.neighbours)
 
     def _fit_model(self, train: Subset, val: Subset, *, seed: int, space, progress: bool) -> None:
-        from joblib import Parallel, delayed
+        from joblib import Parallel, delayed, effective_n_jobs
+        from tqdm.auto import tqdm
 
         cfg = self.config
         n_out = self.info["n_outcome"]
@@ -239,11 +240,9 @@ class VoxelBART(PeerModel):
         params = cfg.model_dump()
         seeds = [seed * SEED_STRIDE + v for v in range(n_out)]
         n_jobs = cfg.n_jobs
-        workers = Parallel(n_jobs=n_jobs)._effective_n_jobs() if n_jobs != 1 else 1
-        n_chunks = min(n_out, max(1, 4 * workers))
+        n_chunks = min(n_out, 4 * effective_n_jobs(n_jobs))     # a few chunks per worker: balanced load
         bounds = np.linspace(0, n_out, n_chunks + 1).astype(int)
         chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        from tqdm.auto import tqdm
         tasks = Parallel(n_jobs=n_jobs, return_as="generator")(
             delayed(_fit_voxels)(features[:, c, :], y[:, c], seeds[c], params) for c in chunks)
         results = list(tqdm(tasks, total=len(chunks), desc=f"bart: {n_out} voxels", unit="chunk",
@@ -258,37 +257,40 @@ class VoxelBART(PeerModel):
         for start in range(0, self.forests.n_voxels, self.VOXEL_CHUNK):
             yield slice(start, min(start + self.VOXEL_CHUNK, self.forests.n_voxels))
 
-    def _moments(self, subset: Subset) -> tuple[np.ndarray, np.ndarray]:
+    def _draws(self, subset: Subset):
+        """(voxels, f draws (n, v, S), sigma^2 draws (v, S)) for chunks of voxels in turn."""
         features = self._features(subset)
-        mean = np.empty(features.shape[:2])
-        sd = np.empty_like(mean)
         for c in self._chunks():
-            f = self.forests.draws(features[:, c, :], c)
-            mean[:, c] = f.mean(-1)
-            sd[:, c] = np.sqrt(f.var(-1) + self.forests.sigma2[c].mean(-1))
+            yield c, self.forests.draws(features[:, c, :], c), self.forests.sigma2[c]
+
+    @staticmethod
+    def _mixture_moments(f: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and sd of (1/S) sum_s N(f_s, sigma_s^2): mean_s f, sqrt(var_s f + mean_s sigma^2)."""
+        return f.mean(-1), np.sqrt(f.var(-1) + sigma2.mean(-1))
+
+    def _moments(self, subset: Subset) -> tuple[np.ndarray, np.ndarray]:
+        mean = np.empty((len(subset), self.forests.n_voxels))
+        sd = np.empty_like(mean)
+        for c, f, sigma2 in self._draws(subset):
+            mean[:, c], sd[:, c] = self._mixture_moments(f, sigma2)
         return mean, sd
 
     def _predictive(self, subset, levels, num_samples, seed, keep_samples):
-        features = self._features(subset)
-        n, n_vox = features.shape[:2]
-        probs = central_probs(levels)
-        mean = np.empty((n, n_vox))
+        mean = np.empty((len(subset), self.forests.n_voxels))
         sd = np.empty_like(mean)
+        probs = central_probs(levels)
         quantiles = {p: np.empty_like(mean) for p in probs}
         keep = min(keep_samples, num_samples)
-        samples = np.empty((keep, n, n_vox)) if keep else None
-        for c in self._chunks():
-            f = self.forests.draws(features[:, c, :], c)                  # (n, v, S)
-            sigma = np.sqrt(self.forests.sigma2[c])                        # (v, S)
-            mean[:, c] = f.mean(-1)
-            sd[:, c] = np.sqrt(f.var(-1) + (sigma ** 2).mean(-1))
+        samples = np.empty((keep, *mean.shape)) if keep else None
+        for c, f, sigma2 in self._draws(subset):
+            mean[:, c], sd[:, c] = self._mixture_moments(f, sigma2)
+            # num_samples Monte-Carlo draws of the mixture (1/S) sum_s N(f_s, sigma_s^2) per subject and voxel
             rng = np.random.default_rng([seed, c.start])
             pick = rng.integers(0, f.shape[-1], size=(*f.shape[:2], num_samples))
+            sigma = np.broadcast_to(np.sqrt(sigma2), f.shape)
             draws = (np.take_along_axis(f, pick, -1)
-                     + np.take_along_axis(np.broadcast_to(sigma, f.shape), pick, -1)
-                     * rng.standard_normal(pick.shape))
-            q = np.quantile(draws, probs, axis=-1)
-            for p, values in zip(probs, q):
+                     + np.take_along_axis(sigma, pick, -1) * rng.standard_normal(pick.shape))
+            for p, values in zip(probs, np.quantile(draws, probs, axis=-1)):
                 quantiles[p][:, c] = values
             if keep:
                 samples[:, :, c] = np.moveaxis(draws[..., :keep], -1, 0)
