@@ -217,17 +217,19 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(4.2 * (len(sizes) + 1), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sizes) + 1, squeeze=False)[0]
+    for ax in axes[1:len(sizes)]:
+        ax.sharey(axes[0])
     nominal = np.array(CURVE_LEVELS)
     for ax, size in zip(axes, sizes):
         curves = [json.loads(c) for c in runs.loc[runs["size"] == size, "curve"]]
-        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="ideal")
         for kind, color, style in (("raw", "tab:red", "--"), ("calibrated", "tab:blue", "-")):
             values = np.array([c[kind] for c in curves])
             mean, sd = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
             ax.plot(nominal, mean - nominal, color=color, linestyle=style, marker=".", label=kind)
             ax.fill_between(nominal, mean - nominal - sd, mean - nominal + sd, color=color, alpha=0.2)
-        ax.axhline(0, color="grey", linestyle=":")
-        ax.axhspan(-0.02, 0.02, color="green", alpha=0.08, label="±0.02")
+        ax.axhline(0, color="grey", linestyle=":", label="ideal")
+        ax.axhspan(-0.02, 0.02, color="green", alpha=0.12, label="±0.02")
+        ax.set_xlim(0, 1)
         ax.set_xlabel("nominal level of the central interval")
         ax.set_ylabel("observed − nominal coverage")
         ax.set_title(f"N train = {size} ({len(curves)} seeds, ±1 sd)")
@@ -240,8 +242,8 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
     ax.axhline(1.2, color="grey", linestyle="--", label="1.2 × oracle")
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.set_xscale("log")
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training subjects")
     ax.set_ylabel("CRPS / oracle CRPS")
     ax.set_title("Probabilistic accuracy")
