@@ -211,3 +211,13 @@ def test_schedule_refuses_bad_arguments():
         kl_schedule(0, "cosine")
     with pytest.raises(ValueError, match="epoch"):
         kl_schedule(-1)
+
+
+def test_dssim_keeps_leading_dimensions_for_vectorised_particles():
+    shape = (10, 9)
+    target = _smooth_images(3, shape, 10).reshape(3, -1)
+    recon = target + 0.3 * torch.randn((2, 3, 90), generator=torch.Generator().manual_seed(11))
+    module = DSSIM(shape)
+    both = module(recon, target)  # (particles, subjects, V) against (subjects, V)
+    assert both.shape == (2, 3)
+    assert torch.allclose(both[1], module(recon[1], target), atol=1e-6)
