@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--raw", action="store_true", help="write the uncalibrated posterior predictive maps")
 
+    p = sub.add_parser("latents", help="posterior mean and sd of the shallow and deep latents per subject")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (one row per subject)")
+    p.add_argument("--traversal", type=Path, metavar="DIR", help="also write latent-traversal figures here")
+
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n-subjects", type=int, default=500)
@@ -131,7 +137,7 @@ def _fit(args) -> None:
         model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
                                  progress=sys.stderr.isatty(), outcome_name=args.outcome,
                                  space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args},
-                                 devices=devices)
+                                 devices=devices, input_spaces={n: cohort.spaces[n] for n in args.inputs})
     h = model.history
     if not h or not h.get("epoch"):
         print(f"fitted; run folder: {run_dir}")
@@ -171,15 +177,23 @@ def _load_for_manifest(args, require_outcome: bool):
     """The run's model and the manifest's subjects to predict (test rows when there is a split)."""
     from . import Cohort
     from .registry import load_model
-    from .spaces import space_from_dict
     model = load_model(args.run, device=args.device)
-    space = space_from_dict(model.info["space"], args.run / "run.json") if model.info.get("space") else None
     truth = _truth_columns(args.manifest)
     cohort = Cohort.from_manifest(args.manifest, model.info["inputs"], model.info["outcome"],
-                                  require_outcome=require_outcome, space=space,
+                                  require_outcome=require_outcome, space=_run_spaces(model, args.run),
                                   truth_mean=truth.get("mean"), truth_sd=truth.get("sd"))
     subset = cohort.test if cohort.has_split else cohort.all
     return model, subset
+
+
+def _run_spaces(model, run_dir: Path) -> dict | None:
+    """The image spaces a run was trained in, by column: new subjects must be in the same spaces."""
+    from .spaces import space_from_dict
+    info = model.info
+    spaces = {n: space_from_dict(d, run_dir / "run.json") for n, d in (info.get("input_spaces") or {}).items()}
+    if info.get("space"):
+        spaces[info["outcome"]] = space_from_dict(info["space"], run_dir / "run.json")
+    return spaces or None
 
 
 def _truth_columns(manifest: Path) -> dict:
@@ -246,7 +260,8 @@ def _demo(args) -> None:
               f"{len(cohort.test)} test) in {time.perf_counter() - start:.1f} s")
         model = InVA.from_preset("inva").fit(
             cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=out / "run",
-            progress=sys.stderr.isatty(), outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+            progress=sys.stderr.isatty(), outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name],
+            input_spaces=cohort.spaces)
         print(f"fitted in {time.perf_counter() - start:.1f} s (best epoch {model.history['best_epoch']})")
         test = cohort.test
         levels = [0.5, 0.8, 0.9, 0.95]
@@ -259,7 +274,27 @@ def _demo(args) -> None:
     print_summary(metrics, ridge_mse=ridge)
 
 
-COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo}
+def _latents(args) -> None:
+    from . import Cohort, InVA
+    from .latents import latent_traversal, write_latents
+    from .registry import load_model
+    model = load_model(args.run)
+    if not isinstance(model, InVA):
+        raise InputError(f"{args.run}: a '{model.info.get('family')}' run has no latent variables")
+    info = model.info
+    cohort = Cohort.from_manifest(args.manifest, info["inputs"], info["outcome"], require_outcome=False,
+                                  space=_run_spaces(model, args.run))
+    write_latents(model, cohort.all, args.out)
+    print(f"wrote latent means and sds of {len(cohort.all)} subjects to {args.out}")
+    if args.traversal:
+        args.traversal.mkdir(parents=True, exist_ok=True)
+        for name in model.module.vae_names:
+            latent_traversal(model, name, args.traversal / f"{name}_traversal.png", subset=cohort.all, difference=True)
+        print(f"latent traversals in {args.traversal}")
+
+
+COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo,
+            "latents": _latents}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,6 +46,29 @@ class ModelConfig(_Strict):
     bayesian_output: bool = True
     output_prior_scale: float = Field(1.0, gt=0.0)
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
+    # The VAE tutorial's toolkit (docs/toolkit.md)
+    network: Literal["mlp", "conv"] = Field("mlp", description="encoders/decoders: MLPs on masked vectors, or "
+                                            "2-D/3-D convolutions on the image grid (volumes and 2-D grids only)")
+    conv_channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    reconstruction: Literal["gaussian", "laplace"] = Field("gaussian", description="likelihood of the inputs")
+    dssim_weight: float = Field(0.0, ge=0.0, description="weight per voxel of the DSSIM = 1 - SSIM term of each "
+                                "input's reconstruction (2-D/3-D grids only)")
+    dssim_window: int = Field(7, ge=3, description="SSIM window (odd)")
+    mmd_weight: float = Field(0.0, ge=0.0, description="weight per subject of MMD(aggregate posterior, prior) on "
+                              "the top latent level (InfoVAE)")
+    mmd_kernel: Literal["imq", "rbf"] = "imq"
+    mmd_bandwidth: float | None = Field(None, gt=0.0, description="kernel scale C; default 2 x latent size")
+    deep_kl_weight: float = Field(1.0, ge=0.0, description="extra weight on the deep level's KL (0 with "
+                                  "mmd_weight > 0: InfoVAE on the deep latents)")
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        if self.dssim_window % 2 == 0:
+            raise ValueError("dssim_window must be odd")
+        if (self.network == "conv" or self.dssim_weight > 0) and self.structure == "concatenated":
+            raise ValueError("network 'conv' and dssim_weight need one image per VAE; structure 'concatenated' "
+                             "has none")
+        return self
 
 
 class ResidualIntervalConfig(_Strict):
@@ -117,6 +140,11 @@ class TrainingConfig(_Strict):
     patience: int = Field(30, ge=1, description="epochs without validation improvement before stopping")
     val_share: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the manifest has no split")
     grad_clip: float = Field(10.0, gt=0.0)
+    kl_schedule: Literal["constant", "linear", "cyclical"] = Field(
+        "linear", description="KL weight over epochs: constant, linear warm-up over kl_anneal_epochs, or "
+        "cyclical annealing (Fu et al. 2019) with kl_cycles cycles")
+    kl_cycles: int = Field(4, ge=1)
+    kl_cycle_ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of each cycle spent increasing")
 
 
 class PredictionConfig(_Strict):

@@ -33,12 +33,15 @@ add a constant to every log-weight.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 import warnings
 
 import numpy as np
 import torch
+from pyro.poutine.messenger import Messenger
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_RATIO = 0.05
@@ -217,6 +220,14 @@ def warn_if_collapsed(module, xs: list[torch.Tensor], *, stream=None, **kwargs) 
 # --------------------------------------------------------------------------- Pareto k (PSIS)
 
 
+class _UnitScale(Messenger):
+    """Undo every ``poutine.scale`` inside (KL weights, annealing): importance weights need the
+    model's own densities. Applied outside the program, it sees each site after the inner scales."""
+
+    def _process_message(self, msg):
+        msg["scale"] = 1.0
+
+
 @torch.no_grad()
 def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_subjects: int = 16,
               seed: int = 0) -> dict:
@@ -226,7 +237,8 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
     "share_above_0.5", "num_particles"}. k < 0.5: good, 0.5..0.7: usable, > 0.7: the guide's
     proposal for that subject's latents is poor (Yao et al. 2018). The output layer is held at its
     posterior mean and, like the outcome (whose likelihood is then constant in the latents), left
-    out of both traces (``poutine.block``), so the importance weights are exactly
+    out of both traces (``poutine.block``); KL weights (``poutine.scale``) are undone and training
+    penalties (DSSIM, MMD factors) left out, so the importance weights are exactly
     p(x_i, h, z) / q(h, z | x_i).
     """
     import pyro
@@ -242,8 +254,12 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
         w, b = module.output_layer_mean()
         data = {"output_weight": w.detach(), "output_bias": b.detach()}
     hidden = ["output_weight", "output_bias", "outcome"]
-    model = poutine.block(poutine.condition(module.model, data=data), hide=hidden)
-    guide = poutine.block(poutine.condition(module.guide, data=data), hide=hidden)
+    model_fn = module.model
+    if "extra_terms" in inspect.signature(module.model).parameters:
+        # DSSIM / MMD penalties are training objectives (pyro.factor), not part of p(x, h, z)
+        model_fn = functools.partial(module.model, extra_terms=False)
+    model = _UnitScale()(poutine.block(poutine.condition(model_fn, data=data), hide=hidden))
+    guide = _UnitScale()(poutine.block(poutine.condition(module.guide, data=data), hide=hidden))
     khats = []
     rng_state = torch.get_rng_state()
     try:

@@ -77,7 +77,13 @@ class InVA:
 
     # ---- fitting -----------------------------------------------------------------------------------
     def _build(self, input_names, input_sizes, n_outcome):
-        self.module = InVAModule(input_names, input_sizes, n_outcome, self.preset.model).to(self.device)
+        spaces = self.info.get("input_spaces") or {}
+        grids = []
+        for name in input_names:  # (grid shape, flat mask indices) where an input is an image grid
+            space = space_from_dict(spaces[name]) if name in spaces else None
+            shape = getattr(space, "grid_shape", None)
+            grids.append((shape, np.flatnonzero(space.mask)) if shape and len(shape) in (2, 3) else None)
+        self.module = InVAModule(input_names, input_sizes, n_outcome, self.preset.model, grids).to(self.device)
 
     def _tensors(self, subset: Subset, with_outcome: bool = True):
         inputs = self.standardizer.transform_inputs(subset)
@@ -90,7 +96,7 @@ class InVA:
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
             on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
-            devices: int = 1) -> "InVA":
+            devices: int = 1, input_spaces: dict | None = None) -> "InVA":
         """Train on ``train_set``; ``val`` drives early stopping and calibration.
 
         Without ``val`` a seeded share (``training.val_share``) of ``train_set`` is held out.
@@ -104,7 +110,7 @@ class InVA:
         if train_set.outcome is None or val.outcome is None:
             raise InputError("fit needs the outcome for every training and validation subject")
         kwargs = dict(seed=seed, device=device, resume=resume, progress=progress, outcome_name=outcome_name,
-                      space=space, extra_info=extra_info)
+                      space=space, extra_info=extra_info, input_spaces=input_spaces)
         if devices > 1 and not distributed.is_distributed():
             return self._fit_spawned(devices, train_set, val, run_dir, kwargs)
         self.device = resolve_device(device)
@@ -124,6 +130,7 @@ class InVA:
                          "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
                          "seed": seed, "versions": package_versions(), "complete": False,
                          "space": space.to_dict() if space is not None else None,
+                         "input_spaces": {n: sp.to_dict() for n, sp in (input_spaces or {}).items() if n in names},
                          "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
         writes = run_dir is not None and distributed.rank() == 0

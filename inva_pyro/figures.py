@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from .io import _umask
 from .metrics import to_numpy
 
 
@@ -36,6 +37,7 @@ def _save(fig: Figure, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the PNG the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .io import _umask
+
 DEFAULT_DRAWS = 100
 DEFAULT_FEATURES = 64
 
@@ -244,6 +246,7 @@ def save_inference_data(idata, path: str | Path, engine: str = "h5netcdf") -> Pa
     os.close(fd)
     try:
         idata.to_netcdf(tmp, engine=engine)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

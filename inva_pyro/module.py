@@ -14,6 +14,11 @@ q(z_ki|h_ki) is shared, and q(W, b) is a mean-field Normal. KL weights enter thr
 ``poutine.scale``; minibatches through the subsampled ``subjects`` plate, so every ELBO estimate is
 scaled to the full training size. No training or I/O code lives here.
 
+Options from the VAE tutorial (docs/toolkit.md): a Laplace likelihood for the inputs; a DSSIM
+term per input image, ``pyro.factor(-w V DSSIM(g_k(h_ki), x_ki))`` (w per voxel, like the
+likelihood); an InfoVAE term ``pyro.factor(-lambda N MMD(q(z), p(z)))`` on the top latent level
+over the minibatch; an extra weight on the deep level's KL; convolutional encoders/decoders.
+
 Peer structures (``cfg.structure``), for comparisons: ``separate`` drops the shared level
 (h_ki ~ Normal(0, I_p), one plain VAE per modality); ``concatenated`` is one plain VAE on the
 inputs concatenated into a single vector. Both keep the same predictor (the local pathway still
@@ -28,11 +33,20 @@ from pyro import poutine
 from torch import nn
 
 from .config import ModelConfig
+from .conv import ConvDecoder, ConvEncoder
+from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 
 
+def weighted(weight: float):
+    """Scale the log-densities of the sites inside by ``weight``; a weight of 0 drops them (mask)."""
+    return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
+
+
 class InVAModule(nn.Module):
-    def __init__(self, input_names: list[str], input_sizes: list[int], n_outcome: int, cfg: ModelConfig):
+    def __init__(self, input_names: list[str], input_sizes: list[int], n_outcome: int, cfg: ModelConfig,
+                 input_grids: list | None = None):
+        """``input_grids[k]``: (grid shape, flat mask indices) of input k's image, or None (no grid)."""
         super().__init__()
         if not input_names:
             raise ValueError("InVA needs at least one input modality")
@@ -42,8 +56,21 @@ class InVAModule(nn.Module):
         self.hierarchical = cfg.structure == "integrative"
         self.vae_names = ["concat"] if cfg.structure == "concatenated" else self.input_names
         vae_sizes = [sum(input_sizes)] if cfg.structure == "concatenated" else list(input_sizes)
-        self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in vae_sizes)
-        self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in vae_sizes)
+        grids = list(input_grids) if input_grids is not None else [None] * len(vae_sizes)
+        if cfg.network == "conv" or cfg.dssim_weight > 0:
+            flat = [name for name, g in zip(self.vae_names, grids) if g is None or len(g[0]) not in (2, 3)]
+            if flat:
+                raise ValueError(f"network 'conv' and dssim_weight need 2-D or 3-D image grids; "
+                                 f"{', '.join(flat)} has none")
+        if cfg.network == "conv":
+            self.shallow_encoders = nn.ModuleList(ConvEncoder(*g, p, cfg.conv_channels, cfg.hidden) for g in grids)
+            self.modality_decoders = nn.ModuleList(ConvDecoder(*g, p, cfg.conv_channels, cfg.hidden) for g in grids)
+        else:
+            self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in vae_sizes)
+            self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in vae_sizes)
+        self.likelihood = dist.Laplace if cfg.reconstruction == "laplace" else dist.Normal
+        self.dssim_terms = (nn.ModuleList(DSSIM(*g, win_size=cfg.dssim_window) for g in grids)
+                            if cfg.dssim_weight > 0 else None)
         if self.hierarchical:
             self.shared_encoder = GaussianNet(p, cfg.shared_hidden, q)
             self.shared_decoder = GaussianNet(q, cfg.shared_hidden, p)
@@ -101,7 +128,8 @@ class InVAModule(nn.Module):
     # ---- the Pyro program --------------------------------------------------------------------------
     # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:
     # the predictor conditions on the same summaries of x that parameterise q(h | x).
-    def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0):
+    def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
+              extra_terms=True):
         if self.cfg.bayesian_output:
             tau = self.cfg.output_prior_scale
             weight = pyro.sample("output_weight", dist.Normal(0.0, tau).expand(self.output_weight_q.loc.shape).to_event(2))
@@ -110,20 +138,31 @@ class InVAModule(nn.Module):
             weight, bias = self.output_weight, self.output_bias
         hidden, local_mean, sd = self.outcome_parts(xs, encoded)
         batch = xs[0].shape[0]
+        cfg, top_latents = self.cfg, []
         with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for name, decoder, x in zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs)):
-                with poutine.scale(scale=kl_scale):
+            for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):
+                with weighted(kl_scale):
                     if self.hierarchical:
-                        z = pyro.sample(f"deep_latent_{name}",
-                                        dist.Normal(x.new_zeros(batch, self.cfg.deep_dim), 1.0).to_event(1))
+                        with weighted(cfg.deep_kl_weight):
+                            z = pyro.sample(f"deep_latent_{name}",
+                                            dist.Normal(x.new_zeros(batch, cfg.deep_dim), 1.0).to_event(1))
                         h_prior = dist.Normal(*self.shared_decoder(z))
                     else:
-                        h_prior = dist.Normal(x.new_zeros(batch, self.cfg.shallow_dim), 1.0)
+                        h_prior = dist.Normal(x.new_zeros(batch, cfg.shallow_dim), 1.0)
                     h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1))
-                pyro.sample(f"input_{name}", dist.Normal(*decoder(h)).to_event(1), obs=x)
+                x_mean, x_scale = decoder(h)
+                pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
+                if extra_terms and self.dssim_terms is not None:
+                    pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
+                top_latents.append(z if self.hierarchical else h)
             mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
             with poutine.scale(scale=prediction_scale):
                 pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
+        if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
+            # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
+            for name, z in zip(self.vae_names, top_latents):
+                pyro.factor(f"mmd_{name}", -cfg.mmd_weight * n_subjects *
+                            mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
 
     def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0):
         if self.cfg.bayesian_output:
@@ -132,7 +171,8 @@ class InVAModule(nn.Module):
             pyro.sample("output_bias", bias_q)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             for name, (h_loc, h_scale) in zip(self.vae_names, encoded or self.encode(xs)):
-                with poutine.scale(scale=kl_scale):
+                with weighted(kl_scale):
                     h = pyro.sample(f"shallow_latent_{name}", dist.Normal(h_loc, h_scale).to_event(1))
                     if self.hierarchical:
-                        pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))
+                        with weighted(self.cfg.deep_kl_weight):
+                            pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import TrainingConfig
+from .losses import kl_schedule
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -57,10 +58,9 @@ class TrainingState:
 
 
 def kl_scale_at(epoch: int, cfg: TrainingConfig) -> float:
-    """Linear KL annealing from 1/anneal_epochs up to kl_weight."""
-    if cfg.kl_anneal_epochs == 0:
-        return cfg.kl_weight
-    return cfg.kl_weight * min(1.0, (epoch + 1) / cfg.kl_anneal_epochs)
+    """The KL weight of ``epoch`` under the preset's schedule (linear warm-up by default)."""
+    return kl_schedule(epoch, cfg.kl_schedule, max_weight=cfg.kl_weight, warmup=cfg.kl_anneal_epochs,
+                       total_epochs=cfg.epochs, cycles=cfg.kl_cycles, ratio=cfg.kl_cycle_ratio)
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float):

@@ -212,3 +212,14 @@ def test_psis_khat_is_small_when_the_guide_is_the_exact_posterior(make_preset):
     x = torch.randn(6, p, generator=g) @ a + sigma * torch.randn(6, v, generator=g)
     report = D.psis_khat(module, [x], num_particles=1000, max_subjects=6, seed=0)
     assert report["max"] < 0.5
+
+
+def test_psis_khat_ignores_kl_weights(make_preset):
+    # the same networks with a different deep_kl_weight: the weights p/q, hence k-hat, are unchanged
+    module = build(make_preset)
+    xs = inputs(n=4)
+    first = D.psis_khat(module, xs, num_particles=200, max_subjects=2, seed=0)
+    if "deep_kl_weight" in type(module.cfg).model_fields:
+        module.cfg = module.cfg.model_copy(update={"deep_kl_weight": 0.3})
+    second = D.psis_khat(module, xs, num_particles=200, max_subjects=2, seed=0)
+    assert first["khat"] == pytest.approx(second["khat"], rel=1e-6)
