@@ -222,7 +222,8 @@ def _evaluate(args) -> None:
     pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
                          seed=args.seed)
     with atomic_dir(args.out) as tmp:
-        metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels)
+        metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels, model=model,
+                                      seed=args.seed)
     print_summary(metrics)
     print(f"metrics and figures in {args.out}")
 
@@ -240,6 +241,8 @@ def print_summary(metrics: dict, ridge_mse: float | None = None) -> None:
     for level, cov in metrics["coverage"].items():
         raw = metrics.get("raw", {}).get("coverage", {}).get(level)
         rows.append((f"coverage {level}", f"{cov:.3f} calibrated" + (f", {raw:.3f} raw" if raw is not None else "")))
+    for message in metrics.get("diagnostics", {}).get("collapse", {}).get("warnings", []):
+        rows.append(("warning", message))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
@@ -268,7 +271,8 @@ def _demo(args) -> None:
         pred = model.predict(test, levels=sorted(set(levels) | set(CURVE_LEVELS)), seed=args.seed)
         pred.levels = levels  # files carry the contract's levels; the curve used all of them
         pred.to_files(out / "predictions")
-        metrics = evaluate_prediction(pred, test, out, history=model.history, levels=levels)
+        metrics = evaluate_prediction(pred, test, out, history=model.history, levels=levels, model=model,
+                                      seed=args.seed, psis_subjects=8)
         ridge = mse(test.outcome, ridge_predict(cohort.train, test, cohort.input_names))
     print(f"\ninva demo: {time.perf_counter() - start:.0f} s in all; outputs in {args.out}")
     print_summary(metrics, ridge_mse=ridge)

@@ -143,6 +143,12 @@ class InVA:
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
                             devices=distributed.world_size())
         self._calibrate(val, val_xs, val_y, seed)
+        if distributed.rank() == 0:
+            from .diagnostics import warn_if_collapsed
+            report = warn_if_collapsed(self.module, xs)  # PosteriorCollapseWarning and a line on stderr
+            self.history["collapse"] = {"active_units": report["active_units"]["count"],
+                                        "collapsed_modalities": report["collapsed_modalities"],
+                                        "inactive_deep": report["inactive_deep"]}
         self.info["complete"] = True
         if writes:
             self.save(run_dir)

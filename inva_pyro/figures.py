@@ -152,7 +152,7 @@ def plot_pit_histogram(path, pit_values, bins: int = 20) -> Path:
     heights, _, _ = ax.hist(pit, bins=bins, range=(0, 1), density=True, color="tab:blue", alpha=0.75, label="PIT")
     ax.axhline(1.0, color="black", linestyle="--", label="uniform (calibrated)")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.3 * max(float(np.max(heights)) if len(heights) else 1.0, 1.0))  # room for the legend
+    ax.set_ylim(0, 1.45 * max(float(np.max(heights)) if len(heights) else 1.0, 1.0))  # room for the legend
     ax.set_xlabel("PIT = predictive CDF at the observed value")
     ax.set_ylabel("density")
     ax.set_title("Probability integral transform")

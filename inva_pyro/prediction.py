@@ -74,6 +74,13 @@ class Prediction:
             return M.pit_quantile_distribution(self.observed, self.mean, self.raw_sd, self.calibrator.atoms())
         return M.pit_gaussian(self.observed, self.mean, self.raw_sd)
 
+    def to_inference_data(self, model=None, subset=None, **kwargs):
+        """ArviZ InferenceData (inference.py): full with the fitted model and its subjects, else reduced."""
+        from .inference import build_inference_data, inference_data_from_prediction
+        if model is not None and subset is not None:
+            return build_inference_data(model, subset, self, **kwargs)
+        return inference_data_from_prediction(self, **kwargs)
+
     # ---- files -------------------------------------------------------------------------------------
     def maps(self, calibrated: bool = True) -> dict[str, np.ndarray]:
         """Named maps in CONTRACT.md order: mean, sd, lo{P}, hi{P}."""
