@@ -297,13 +297,17 @@ class StreamingMoments:
 
     def update(self, x) -> None:
         """Add a chunk of shape (s, ...) (torch or numpy)."""
-        device = x.device if isinstance(x, torch.Tensor) else None
-        x = _as_tensor(x, device if self._mean is None else self._mean.device)
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(np.asarray(x))
         n_b = x.shape[0]
         if n_b == 0:
             return
+        # Chunk statistics in the chunk's own precision (centred, so float32 loses nothing that
+        # matters); only the merge below, where rounding would accumulate, is float64.
         mean_b = x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
+        target = self._mean.device if self._mean is not None else x.device
+        mean_b, m2_b = mean_b.to(target, torch.float64), m2_b.to(target, torch.float64)
         if self._mean is None:
             self.count, self._mean, self._m2 = n_b, mean_b, m2_b
             return

@@ -11,6 +11,14 @@ chunks. Each chunk updates running summaries and is dropped, so memory is bounde
   values (0.05 sd bins over +-8 sd around a reference prediction), inverted by linear interpolation;
 - CRPS against observed values (when given): running E|X - y| and E|X - X'| over disjoint pairs.
 
+Draws use the local reparameterisation (Kingma, Salimans & Welling 2015): under the mean-field
+q(W, b), the pre-activation H_i . W_v + b_v of voxel v is Normal(H_i . loc_v + loc_b_v,
+sum_d H_id^2 sd_vd^2 + sd_b_v^2), independently across voxels, so a draw of subject i's outcome
+image is exactly reference_i + sqrt(epistemic^2 + noise^2) * eps. This has the same joint
+distribution over the voxels of a subject as drawing W and b, at O(V) instead of O(V x D) cost per
+draw; only the dependence between subjects through a shared (W, b) is dropped, and no per-subject
+summary depends on it. The kept draws below are made the joint way.
+
 With ``keep_draws=K`` the first K draws are also kept per draw, for ArviZ (``inference.py``):
 the output-layer draws (W, b) at ``keep_features``, the per-draw component means
 mean_s = H W_s + b_s + local (the predictive is a mixture over s of Normal(mean_s, noise_sd)),
@@ -31,6 +39,7 @@ from .metrics import StreamingCRPS, StreamingMoments
 # Standardised histogram grid: fine enough that interpolation error (<= 1/2 bin) is well under
 # the Monte-Carlo error of a 0.025/0.975 sample quantile at a few hundred draws.
 GRID = torch.linspace(-8.0, 8.0, 321)
+GRID_LOW, GRID_STEP = -8.0, 16.0 / 320
 
 
 @dataclass
@@ -58,19 +67,19 @@ class KeptDraws:
 
 def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float, torch.Tensor]:
     """Quantiles (standardised units) from per-voxel counts over the bins of GRID (+2 open bins)."""
-    total = counts.sum(-1, keepdim=True).to(torch.float64)
-    cdf = torch.cumsum(counts, -1).to(torch.float64) / total          # cdf at each bin's right edge
-    edges = GRID.to(torch.float64).to(counts.device)
-    flat = cdf.reshape(-1, cdf.shape[-1])
+    # Cumulative counts at each bin's right edge, in float32 (exact for counts below 2^24).
+    flat = torch.cumsum(counts.reshape(-1, counts.shape[-1]), -1, dtype=torch.float32)
+    total = flat[:, -1:]
+    edges = GRID.to(counts.device)
     out = {}
     for p in probs:
-        target = torch.full((flat.shape[0], 1), p, dtype=torch.float64, device=flat.device)
+        target = (p * total).contiguous()
         j = torch.searchsorted(flat, target).squeeze(-1).clamp(1, len(edges) - 1)
-        # bin j spans [edges[j-1], edges[j]); interpolate the cdf linearly inside it
+        # bin j spans [edges[j-1], edges[j]); interpolate the cumulative count linearly inside it
         left, right = flat.gather(1, (j - 1)[:, None]).squeeze(-1), flat.gather(1, j[:, None]).squeeze(-1)
-        frac = ((p - left) / (right - left).clamp_min(1e-12)).clamp(0.0, 1.0)
+        frac = ((target.squeeze(-1) - left) / (right - left).clamp_min(1e-6)).clamp(0.0, 1.0)
         value = edges[j - 1] + frac * (edges[j] - edges[j - 1])
-        out[p] = value.reshape(cdf.shape[:-1])
+        out[p] = value.double().reshape(counts.shape[:-1])
     return out
 
 
@@ -108,6 +117,10 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         xs = [x[start:start + block_size] for x in inputs]
         hidden, local_mean, noise_sd = module.outcome_parts(xs)
         reference = hidden @ w_mean.T + b_mean + local_mean
+        total_sd = noise_sd
+        if module.cfg.bayesian_output:  # local reparameterisation: the output layer's spread per entry
+            w_sd, b_sd = module.output_weight_q.scale, module.output_bias_q.scale
+            total_sd = torch.sqrt(hidden.square() @ w_sd.square().T + b_sd.square() + noise_sd.square())
         moments = StreamingMoments()
         crps = StreamingCRPS(observed[start:start + block_size]) if observed is not None else None
         counts = torch.zeros(*reference.shape, len(grid) + 1, dtype=torch.int32, device=device)
@@ -120,20 +133,25 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
             s = min(chunk_size, num_samples - drawn)
             if drawn < keep_draws:
                 s = min(s, keep_draws - drawn)   # a chunk is either wholly kept or not
-            if module.cfg.bayesian_output:
-                weight_q, bias_q = module.output_layer_posterior()
-                gen = kept_gen if drawn < keep_draws else generator
-                weight = _sample(weight_q, s, gen)                             # (s, V, D)
-                bias = _sample(bias_q, s, gen)                                 # (s, V)
-                mean = torch.einsum("bd,svd->sbv", hidden, weight) + bias[:, None, :] + local_mean
+            if drawn < keep_draws:  # joint draws of (W, b), shared by every subject, for ArviZ
+                if module.cfg.bayesian_output:
+                    weight_q, bias_q = module.output_layer_posterior()
+                    weight = _sample(weight_q, s, kept_gen)                    # (s, V, D)
+                    bias = _sample(bias_q, s, kept_gen)                        # (s, V)
+                    mean = torch.einsum("bd,svd->sbv", hidden, weight) + bias[:, None, :] + local_mean
+                else:
+                    mean = reference.expand(s, -1, -1)
+                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+                draws = mean + noise_sd * noise                                 # (s, B, V)
             else:
-                mean = (hidden @ w_mean.T + b_mean + local_mean).expand(s, -1, -1)
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-            draws = mean + noise_sd * noise                                     # (s, B, V)
+                noise = torch.randn((s, *reference.shape), generator=generator, device=device, dtype=reference.dtype)
+                draws = reference + total_sd * noise
             moments.update(draws)
             if crps is not None:
                 crps.update(draws)
-            bins = torch.bucketize(((draws - reference) / noise_sd).contiguous(), grid)  # 0..len(grid)
+            # GRID is uniform, so a draw's bin is arithmetic (no binary search): 0 below, len(GRID) above
+            bins = ((draws - reference) / noise_sd).sub_(GRID_LOW).div_(GRID_STEP).floor_().add_(1)
+            bins = bins.clamp_(0, len(grid)).to(torch.int64)
             counts.view(-1, counts.shape[-1]).scatter_add_(
                 1, bins.permute(1, 2, 0).reshape(-1, s), torch.ones(1, dtype=torch.int32, device=device).expand(bins.numel() // s, s))
             if len(block_kept) * chunk_size < keep_samples:
