@@ -226,11 +226,12 @@ def test_histogram_quantiles_interpolate_inside_a_bin():
     edges = GRID.double()
     for p in probs:
         expected = torch.stack([edges[j - 1] + p * (edges[j] - edges[j - 1]) for j in js])
-        torch.testing.assert_close(q[p], expected, rtol=0, atol=1e-9)
+        # float32 interpolation: |value| <= 8 standardised units, eps 6e-8 -> at most ~5e-7 off
+        torch.testing.assert_close(q[p], expected, rtol=0, atol=1e-6)
     # Two bins with equal mass: the median is the shared edge.
     counts = torch.zeros(1, n_bins, dtype=torch.int32)
     counts[0, 100], counts[0, 101] = 50, 50
-    assert float(histogram_quantiles(counts, [0.5])[0.5]) == pytest.approx(float(GRID[100]), abs=1e-9)
+    assert float(histogram_quantiles(counts, [0.5])[0.5]) == pytest.approx(float(GRID[100]), abs=1e-6)
 
 
 def test_posterior_predictive_matches_the_exact_normal(make_preset):
