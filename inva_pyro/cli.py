@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--lazy", action="store_true", help="read training images from disk minibatch by minibatch "
+                   "(memory bounded by the batch and a cache, not by the number of subjects)")
+    p.add_argument("--cache-subjects", type=int, default=64, help="subjects kept in the --lazy read cache")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
 
@@ -110,7 +113,8 @@ def _fit(args) -> None:
         if not fit_args:
             raise InputError(f"{run_dir / 'run.json'}: no fit arguments recorded; this run cannot be resumed")
         cohort = Cohort.from_manifest(fit_args["manifest"], fit_args["inputs"], fit_args["outcome"],
-                                      mask=fit_args.get("mask"), seed=run["seed"])
+                                      mask=fit_args.get("mask"), seed=run["seed"], lazy=fit_args.get("lazy", False),
+                                      cache_subjects=fit_args.get("cache_subjects", 64))
         model = model_class(run.get("family", "inva"))()
         model.fit(cohort.train, cohort.val, seed=run["seed"], device=fit_args.get("device", "auto"),
                   run_dir=run_dir, resume=True, progress=sys.stderr.isatty(),
@@ -127,9 +131,11 @@ def _fit(args) -> None:
         preset = load_preset(args.model)
         if args.epochs:
             preset.training.epochs = args.epochs
-        cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
+        cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed,
+                                      lazy=args.lazy, cache_subjects=args.cache_subjects)
         fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,
                     "mask": str(args.mask.resolve()) if args.mask else None, "device": args.device,
+                    "lazy": args.lazy, "cache_subjects": args.cache_subjects,
                     "model": str(args.model)}
         if run_dir.exists():
             import shutil

@@ -23,6 +23,7 @@ from .prediction import Prediction
 from .predictive import posterior_predictive
 from .preprocessing import Standardizer
 from .spaces import space_from_dict
+from .streaming import DiskBatches, DiskSubset
 from .training import CHECKPOINT, Batchable, train
 
 RUN_FORMAT = "inva-pyro-run/1"
@@ -121,10 +122,13 @@ class InVA:
             distributed.init_from_environment(self.device)
         pyro.set_rng_seed(seed)
         names = list(train_set.inputs)
+        on_disk = isinstance(train_set, DiskSubset)  # read minibatch by minibatch (Cohort.from_manifest(lazy=True))
+        if isinstance(val, DiskSubset):
+            val = val.rows()  # validation subjects are used every epoch and for calibration: keep them in memory
         if resume:
             self._load_config(Path(run_dir), weights=False)
         else:
-            self.standardizer = Standardizer.fit(train_set)
+            self.standardizer = Standardizer.fit_streaming(train_set) if on_disk else Standardizer.fit(train_set)
             self.info = {"format": RUN_FORMAT, "family": "inva", "inputs": names,
                          "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
                          "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
@@ -136,16 +140,20 @@ class InVA:
         writes = run_dir is not None and distributed.rank() == 0
         if writes and not resume:
             self._write_config(Path(run_dir))
-        xs, y = self._tensors(train_set)
+        if on_disk:
+            train_data = DiskBatches(train_set, self.standardizer, self.info["inputs"], self.device)
+        else:
+            train_data = Batchable(*self._tensors(train_set))
         val_xs, val_y = self._tensors(val)
-        state = train(self.module, Batchable(xs, y), Batchable(val_xs, val_y), self.preset.training, seed=seed,
+        state = train(self.module, train_data, Batchable(val_xs, val_y), self.preset.training, seed=seed,
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
                             devices=distributed.world_size())
         self._calibrate(val, val_xs, val_y, seed)
         if distributed.rank() == 0:
             from .diagnostics import warn_if_collapsed
-            report = warn_if_collapsed(self.module, xs)  # PosteriorCollapseWarning and a line on stderr
+            sample = train_data.take(torch.arange(min(len(train_data), 512), device=self.device))[0]
+            report = warn_if_collapsed(self.module, sample)  # PosteriorCollapseWarning and a line on stderr
             self.history["collapse"] = {"active_units": report["active_units"]["count"],
                                         "collapsed_modalities": report["collapsed_modalities"],
                                         "inactive_deep": report["inactive_deep"]}

@@ -33,7 +33,10 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Batchable:
-    """Standardised training tensors: one (N, V_k) tensor per input, and the (N, V_y) outcome."""
+    """Standardised training tensors in memory: one (N, V_k) tensor per input, and the (N, V_y) outcome.
+
+    The loop needs only ``len``, ``take(idx)`` and ``device``: ``streaming.DiskBatches`` offers the
+    same for cohorts read from disk minibatch by minibatch."""
     inputs: list[torch.Tensor]
     outcome: torch.Tensor
 
@@ -45,6 +48,10 @@ class Batchable:
 
     def to(self, device) -> "Batchable":
         return Batchable([x.to(device) for x in self.inputs], self.outcome.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.outcome.device
 
 
 @dataclass
@@ -80,7 +87,7 @@ def validation_mse(module, data: Batchable, batch_size: int = 256) -> float:
     weight, bias = module.output_layer_mean()
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.outcome.device)
+        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         xs, y = data.take(idx)
         hidden, local_mean, _ = module.outcome_parts(xs)
         mean = hidden @ weight.T + bias + local_mean
@@ -141,7 +148,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     In a torch.distributed process group each global minibatch is sharded across ranks and
     gradients are averaged (see distributed.py); rank 0 writes the checkpoints.
     """
-    device = train_data.outcome.device
+    device = train_data.device
     rank = distributed.rank()
     optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None

@@ -140,3 +140,16 @@ def test_resume_continues_an_interrupted_fit(cohort_dir, tmp_path, monkeypatch):
     history = json.loads((run / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3, 4]
     assert json.loads((run / "run.json").read_text())["complete"]
+
+
+def test_lazy_fit_from_disk_matches_in_memory_fit(cohort_dir, tmp_path):
+    # Reading minibatches from disk changes where the numbers come from, not the numbers.
+    runs = {}
+    for mode in ("memory", "lazy"):
+        run = tmp_path / mode
+        args = fit_args(cohort_dir, tiny_preset(tmp_path, epochs=2), run) + (["--lazy", "--cache-subjects", "4"]
+                                                                             if mode == "lazy" else [])
+        assert cli.main(args) == 0
+        runs[mode] = json.loads((run / "history.json").read_text())
+    np.testing.assert_allclose(runs["lazy"]["val_mse"], runs["memory"]["val_mse"], rtol=1e-5)
+    np.testing.assert_allclose(runs["lazy"]["train_loss"], runs["memory"]["train_loss"], rtol=1e-5)
