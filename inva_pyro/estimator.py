@@ -190,6 +190,8 @@ class InVA:
         missing = [n for n in self.info["inputs"] if n not in subset.inputs]
         if missing:
             raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
+        if isinstance(subset, DiskSubset):
+            subset = subset.rows()
         cfg = self.preset.prediction
         levels = sorted(levels or cfg.levels)
         probs = sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})

@@ -139,11 +139,15 @@ curve = coverage_curve  # the former name
 
 def write_figures(prediction, subset: Subset, out_dir: Path, history: dict | None) -> list[Path]:
     y, space = prediction.observed, prediction.space
-    to_grid = (lambda a: space.to_grid(np.asarray(a))) if space is not None else None
+    on_grid = space is not None and getattr(space, "grid_shape", None) is not None
+    to_grid = (lambda a: space.to_grid(np.asarray(a))) if on_grid else None
     paths = []
-    if to_grid is not None:  # maps need the image grid (a prediction without a space has none)
+    if to_grid is not None:  # maps need the image grid (surfaces and region tables have none)
         paths.append(figures.plot_subject_maps(out_dir / "subject_maps.png", y, prediction.mean, prediction.sd,
                                                prediction.subjects, grid_maps=to_grid, true_mean=subset.truth_mean))
+    if space is not None:  # in brain space: slices for volumes, the mesh for surfaces, profiles for regions
+        paths.append(figures.plot_brain_maps(out_dir / "brain_maps.png", space, y, prediction.mean, prediction.sd,
+                                             prediction.subjects))
     paths += [
         figures.plot_calibration_curve(out_dir / "calibration_curve.png", curve_levels(prediction),
                                        coverage_curve(prediction, False), coverage_curve(prediction, True)),

@@ -62,8 +62,9 @@ class Prediction:
         else:
             crps = M.crps_gaussian(self.observed, self.mean, sd)
         grid_shape = mask = None
-        if self.space is not None and len(getattr(self.space, "grid_shape", ())) in (2, 3):
-            grid_shape = self.space.grid_shape
+        space_grid = getattr(self.space, "grid_shape", None) if self.space is not None else None
+        if space_grid is not None and len(space_grid) in (2, 3):  # SSIM on image grids only
+            grid_shape = space_grid
             mask = self.space.mask.reshape(grid_shape)
         return M.evaluation_metrics(self.observed, self.mean, sd, intervals, crps, grid_shape=grid_shape,
                                     mask=mask, truth_mean=truth_mean, truth_sd=truth_sd)
@@ -102,7 +103,8 @@ class Prediction:
             for i, subject in enumerate(self.subjects):
                 for kind, values in self.maps(calibrated).items():
                     name = f"{subject}_{self.outcome_name}_{kind}{self.space.extension}"
-                    self.space.write(values[i], tmp / name)
-                    rows.append({"subject": subject, "map": kind, "path": name})
+                    # a space may write several files (a pair of hemispheres): list each one
+                    for path in self.space.write(values[i], tmp / name) or [tmp / name]:
+                        rows.append({"subject": subject, "map": kind, "path": Path(path).name})
             pd.DataFrame(rows).to_csv(tmp / "predictions.csv", index=False)
         return Path(out_dir)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import TrainingConfig
+from .errors import InputError
 from .losses import kl_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -124,7 +125,12 @@ def save_checkpoint(path: Path, module, optimizer, state: TrainingState) -> None
 
 def load_checkpoint(path: Path, module, optimizer) -> TrainingState:
     # weights_only=True: a checkpoint is data, never code.
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no checkpoint to resume from") from None
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise InputError(f"{path}: not a valid inva checkpoint (refused to load it: {type(exc).__name__})") from None
     module.load_state_dict(ckpt["module"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])

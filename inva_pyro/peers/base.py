@@ -88,7 +88,7 @@ class PeerModel:
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
             on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
-            devices: int = 1):
+            devices: int = 1, input_spaces: dict | None = None):
         """Fit on ``train_set``; ``val`` (or a seeded ``training.val_share`` of ``train_set``) gives the
         predictive intervals. ``device`` is accepted for interface parity: peers run on the CPU, in one
         process (``bart`` spreads its voxels over ``n_jobs`` local worker processes)."""
