@@ -100,7 +100,9 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
     # Keep a block's histogram (block x V x bins, int32) and a chunk of draws near 64 MiB each.
     block_size = block_size or max(1, min(n, (16 << 20) // (n_vox * (len(GRID) + 1))))
     hidden_dim = module.cfg.predictor_hidden
-    chunk_size = chunk_size or max(2, min(num_samples, (16 << 20) // (n_vox * max(block_size, hidden_dim))))
+    # Draws cost (chunk x block x V); only the kept draws also sample W, at (chunk x V x D).
+    chunk_size = chunk_size or max(2, min(num_samples, (16 << 20) // (n_vox * block_size)))
+    kept_chunk = max(1, min(chunk_size, (16 << 20) // (n_vox * hidden_dim)))
     grid = GRID.to(device)
     means, sds, crps_maps, kept = [], [], [], []
     quantiles = {p: [] for p in probs}
@@ -132,7 +134,7 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         while drawn < num_samples:
             s = min(chunk_size, num_samples - drawn)
             if drawn < keep_draws:
-                s = min(s, keep_draws - drawn)   # a chunk is either wholly kept or not
+                s = min(s, keep_draws - drawn, kept_chunk)   # a chunk is either wholly kept or not
             if drawn < keep_draws:  # joint draws of (W, b), shared by every subject, for ArviZ
                 if module.cfg.bayesian_output:
                     weight_q, bias_q = module.output_layer_posterior()
