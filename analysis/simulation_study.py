@@ -21,7 +21,10 @@ Outputs in ``--out``:
                             finish; re-running the same command skips the rows already there
     summary.csv / summary.md  per (design, size, model): mean and sd over replicates of test MSE,
                             MSE / oracle MSE, correlation, coverage at 0.9 (calibrated and raw), CRPS,
-                            fit time and predict time; and InVA's MSE against the best peer
+                            fit time and predict time (median and fastest); and InVA's MSE against the
+                            best peer
+    paired.csv              per (design, size, model): the default InVA's MSE and CRPS relative to the model's,
+                            paired by replicate (in summary.md too)
     simulation_study.png    per design: MSE / oracle, coverage at 0.9 and fit time of every model
     cohorts/                the simulated cohorts (reused by re-runs; delete to save space)
 
@@ -185,6 +188,9 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             values = group[m].astype(float)
             row[f"{m}_mean"] = values.mean()
             row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+        for m in ("fit_seconds", "predict_seconds"):   # timings: robust summaries (a busy machine only slows)
+            row[f"{m}_median"] = group[m].astype(float).median()
+            row[f"{m}_min"] = group[m].astype(float).min()
         rows.append(row)
     summary = pd.DataFrame(rows)
     if len(summary):
@@ -192,6 +198,33 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         summary = summary.sort_values(["design", "size", "model"],
                                       key=lambda c: c.map(order).fillna(99) if c.name == "model" else c)
     return summary.reset_index(drop=True)
+
+
+def paired_against_inva(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (design, size, model): MSE and CRPS of the default InVA relative to the model's, paired by replicate.
+
+    ``mse_change`` = mean over replicates of mse_inva / mse_model - 1 (negative: InVA lower), its sd, and
+    the number of replicates where InVA's MSE is lower.
+    """
+    rows = []
+    for (design, size), group in runs.groupby(["design", "size"], sort=False):
+        inva = group[group["model"] == DEFAULT_INVA].set_index("seed")
+        if inva.empty:
+            continue
+        for model, other in group[group["model"] != DEFAULT_INVA].groupby("model", sort=False):
+            other = other.set_index("seed")
+            seeds = inva.index.intersection(other.index)
+            if not len(seeds):
+                continue
+            mse = inva.loc[seeds, "mse"] / other.loc[seeds, "mse"] - 1
+            crps = inva.loc[seeds, "crps"] / other.loc[seeds, "crps"] - 1
+            rows.append({"design": design, "size": int(size), "model": model, "n_pairs": len(seeds),
+                         "mse_change": mse.mean(), "mse_change_sd": mse.std(ddof=1) if len(seeds) > 1 else float("nan"),
+                         "crps_change": crps.mean(), "inva_lower": int((mse < 0).sum())})
+    order = {m: i for i, m in enumerate(ORDER)}
+    return pd.DataFrame(rows).sort_values(["design", "size", "model"], kind="stable",
+                                          key=lambda c: c.map(order).fillna(99) if c.name == "model" else c) \
+        if rows else pd.DataFrame()
 
 
 def inva_against_peers(summary: pd.DataFrame) -> pd.DataFrame:
@@ -209,7 +242,7 @@ def inva_against_peers(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(summary: pd.DataFrame, skipped: list[str], command: str) -> str:
+def markdown(summary: pd.DataFrame, paired: pd.DataFrame, skipped: list[str], command: str) -> str:
     def f(s, m, d=3):
         sd = s[m + "_sd"]
         return f"{s[m + '_mean']:.{d}f}" + ("" if np.isnan(sd) else f" ± {sd:.{d}f}")
@@ -217,17 +250,27 @@ def markdown(summary: pd.DataFrame, skipped: list[str], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              "Mean ± sd over replicates (each replicate: a new simulated cohort and fit seed). MSE, correlation "
              "and CRPS over all test subjects and features; coverage: share of test values inside the central "
-             "90% interval, calibrated (raw in the next column); times: wall-clock seconds.", ""]
+             "90% interval, calibrated (raw in the next column); times: wall-clock seconds, median (fastest) over "
+             "replicates.", ""]
     for (design, size), group in summary.groupby(["design", "size"], sort=False):
         lines += [f"### {design}, N train = {size} ({int(group['n_features'].iloc[0])} outcome features, "
                   f"replicates: {int(group['n_replicates'].max())})", "",
                   "| model | MSE | MSE / oracle | corr | coverage 0.9 | raw coverage 0.9 | CRPS | fit s | predict s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for _, s in group.iterrows():
+            t = lambda m: f"{s[m + '_median']:.1f} ({s[m + '_min']:.1f})"  # noqa: E731
             lines.append(f"| {s['model']} | {f(s, 'mse', 4)} | {f(s, 'mse_ratio')} | {f(s, 'corr')} | {f(s, 'cov90')} "
-                         f"| {f(s, 'cov90_raw')} | {f(s, 'crps', 4)} | {f(s, 'fit_seconds', 1)} "
-                         f"| {f(s, 'predict_seconds', 1)} |")
+                         f"| {f(s, 'cov90_raw')} | {f(s, 'crps', 4)} | {t('fit_seconds')} | {t('predict_seconds')} |")
         lines.append("")
+        pairs = paired[(paired["design"] == design) & (paired["size"] == size)] if len(paired) else paired
+        if len(pairs):
+            lines += [f"Default InVA against each model, paired by replicate (InVA / model - 1; negative: InVA better):",
+                      "", "| model | MSE change | CRPS change | replicates with lower InVA MSE |", "|---|---|---|---|"]
+            for _, p in pairs.iterrows():
+                sd = "" if np.isnan(p["mse_change_sd"]) else f" ± {100 * p['mse_change_sd']:.1f}"
+                lines.append(f"| {p['model']} | {100 * p['mse_change']:+.1f}%{sd} | {100 * p['crps_change']:+.1f}% "
+                             f"| {p['inva_lower']} of {p['n_pairs']} |")
+            lines.append("")
     versus = inva_against_peers(summary)
     if len(versus):
         lines += ["| design | N train | InVA MSE | best peer | its MSE | InVA vs best peer |", "|---|---|---|---|---|---|"]
@@ -260,7 +303,9 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
             row[0].bar(offset, s["mse_ratio_mean"], width, yerr=err("mse_ratio"), capsize=3, label=f"N = {size}")
             row[1].errorbar(offset, s["cov90_mean"], yerr=err("cov90"), fmt="o", capsize=3, label=f"calibrated, N = {size}")
             row[1].plot(offset, s["cov90_raw_mean"], "x", color="grey", label="raw" if j == 0 else None)
-            row[2].bar(offset, s["fit_seconds_mean"], width, yerr=err("fit_seconds"), capsize=3, label=f"N = {size}")
+            row[2].bar(offset, s["fit_seconds_median"], width, label=f"N = {size} (median)")
+            row[2].plot(offset, s["fit_seconds_min"], "_", color="black", markersize=10,
+                        label="fastest replicate" if j == 0 else None)
         row[0].axhline(1, color="grey", linestyle=":")
         row[0].set_ylabel("test MSE / oracle MSE")
         row[0].set_title(f"{design}: prediction error (1 = oracle)")
@@ -320,7 +365,9 @@ def main(argv=None) -> int:
                                f"{args.max_bart_features}; voxel-wise BART costs O(features))")
     summary = summarise(runs)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(markdown(summary, skipped, command))
+    paired = paired_against_inva(runs) if len(runs) else pd.DataFrame()
+    paired.to_csv(out / "paired.csv", index=False)
+    (out / "summary.md").write_text(markdown(summary, paired, skipped, command))
     if len(summary):
         plot(summary, out / "simulation_study.png")
     print((out / "summary.md").read_text())

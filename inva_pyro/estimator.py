@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from .calibration import Calibrator
 from .cohort import Subset
 from .config import Preset, load_preset
 from .errors import InputError
+from .runs import RUN_FORMAT, holdout, package_versions
 from .io import atomic_write_text
 from .module import InVAModule
 from .prediction import Prediction
@@ -26,7 +25,6 @@ from .spaces import space_from_dict
 from .streaming import DiskBatches, DiskSubset
 from .training import CHECKPOINT, Batchable, train
 
-RUN_FORMAT = "inva-pyro-run/1"
 VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
 
 
@@ -38,14 +36,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
@@ -53,11 +43,6 @@ def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
     InVA(preset).fit(train_set, val, run_dir=run_dir, **kwargs)
 
 
-def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
-    """Seeded split of ``subset`` into (train, held-out share) for early stopping and calibration."""
-    order = np.random.default_rng(seed).permutation(len(subset))
-    n_val = max(1, int(round(share * len(subset))))
-    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
 
 
 class InVA:
@@ -132,7 +117,7 @@ class InVA:
             self.info = {"format": RUN_FORMAT, "family": "inva", "inputs": names,
                          "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
                          "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
-                         "seed": seed, "versions": package_versions(), "complete": False,
+                         "seed": seed, "versions": package_versions(VERSIONED), "complete": False,
                          "space": space.to_dict() if space is not None else None,
                          "input_spaces": {n: sp.to_dict() for n, sp in (input_spaces or {}).items() if n in names},
                          "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}

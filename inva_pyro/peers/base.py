@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,31 +28,17 @@ from ..calibration import Calibrator
 from ..cohort import Subset
 from ..config import FAMILY_CONFIGS, Preset, load_preset
 from ..errors import InputError
+from ..runs import RUN_FORMAT, holdout, package_versions
 from ..io import atomic_write_text
 from ..prediction import Prediction
 from ..preprocessing import Standardizer
 from ..spaces import space_from_dict
 
-RUN_FORMAT = "inva-pyro-run/1"
 VERSIONED = ("inva-pyro", "numpy", "scipy", "scikit-learn", "stochtree", "safetensors")
 
 
-def package_versions() -> dict[str, str]:
-    import platform
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
-def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
-    """Seeded split of ``subset`` into (train, held-out share); the same rule as InVA's."""
-    order = np.random.default_rng(seed).permutation(len(subset))
-    n_val = max(1, int(round(share * len(subset))))
-    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
 
 
 def central_probs(levels: list[float]) -> list[float]:
@@ -105,7 +90,7 @@ class PeerModel:
         self.info = {"format": RUN_FORMAT, "family": self.family, "inputs": names,
                      "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
                      "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
-                     "seed": seed, "versions": package_versions(), "complete": False,
+                     "seed": seed, "versions": package_versions(VERSIONED), "complete": False,
                      "space": space.to_dict() if space is not None else None,
                      "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
         start = time.perf_counter()

@@ -1,0 +1,29 @@
+"""What every model family's run folder shares: the format marker, recorded versions, the hold-out rule."""
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import numpy as np
+
+from .cohort import Subset
+
+RUN_FORMAT = "inva-pyro-run/1"
+
+
+def package_versions(names) -> dict[str, str]:
+    """Installed versions of ``names`` (and Python), for run.json: a run records what made it."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
+    """Seeded split of ``subset`` into (train, held-out share) for early stopping and calibration."""
+    order = np.random.default_rng(seed).permutation(len(subset))
+    n_val = max(1, int(round(share * len(subset))))
+    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
