@@ -29,7 +29,10 @@ Outputs in ``--out``:
     cohorts/                the simulated cohorts (reused by re-runs; delete to save space)
 
 Timings are wall-clock seconds on whatever the machine is doing; ``runs.csv`` records the
-1-minute load average when each fit started, so that timings taken on a busy machine can be told.
+1-minute load average when each fit started and the fit's CPU seconds in this process. On a busy
+machine, torch's intra-op threads spin while they wait for each other (measured: 8 InVA epochs took
+78 CPU-s with 2 threads and 7 CPU-s with 1 thread at load 6 to 8 on 2 cores), so for timings on a shared
+machine use ``--threads 1 --bart-jobs 1`` (one core per model) and compare CPU seconds.
 
 Examples:
     python analysis/simulation_study.py --out study                      # paper design, N = 300, 3 replicates
@@ -91,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip bart on designs with more outcome features than this (default 5000)")
     p.add_argument("--samples", type=int, help="predictive draws (default: each preset's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--bart-jobs", type=int, default=0, help="BART worker processes (default: the preset's)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: one replicate, 24 training subjects, tiny networks, 2 epochs, few BART trees")
     return p.parse_args(argv)
@@ -112,6 +116,9 @@ def settings(args) -> dict:
                seeds=[int(x) for x in _list(args.seeds)] if args.seeds else list(range(args.replicates)))
     if args.quick:
         cfg.update({k: v for k, v in QUICK.items() if k != "seeds" or not args.seeds})
+    if args.bart_jobs:
+        bart = cfg["overrides"].setdefault("bart", {}).setdefault("model", {})
+        bart["n_jobs"] = args.bart_jobs
     return cfg
 
 
@@ -149,15 +156,13 @@ def one_run(cohort, size: int, seed: int, name: str, cfg: dict) -> dict:
     outcome = cohort.outcome_name
     space = cohort.spaces[outcome]
     load = os.getloadavg()[0]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = model_from_preset(make_preset(name, cfg)).fit(train, val, seed=seed, device="cpu", progress=False,
                                                          outcome_name=outcome, space=space)
-    fit_s = time.perf_counter() - start
+    fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     pred = model.predict(test, levels=LEVELS, seed=seed)
     predict_s = time.perf_counter() - start
-    if getattr(pred.space, "grid_shape", ()) is None:
-        pred.space = None   # surfaces/regions: no grid for SSIM (Prediction.metrics expects a tuple there)
     truth = dict(truth_mean=test.truth_mean, truth_sd=test.truth_sd)
     cal, raw = pred.metrics(calibrated=True, **truth), pred.metrics(calibrated=False, **truth)
     details = {k: model.info[k] for k in ("alpha", "rank", "neighbourhood", "local_inputs") if k in model.info}
@@ -166,6 +171,7 @@ def one_run(cohort, size: int, seed: int, name: str, cfg: dict) -> dict:
     row = {"model": name, "family": model.info["family"], "size": size, "seed": seed, "n_train": len(train),
            "n_val": len(val), "n_test": len(test), "n_features": cal["n_features"], "load1": round(load, 2),
            "fit_seconds": round(fit_s, 2), "predict_seconds": round(predict_s, 2),
+           "fit_cpu_seconds": round(fit_cpu, 2),   # this process only: not BART's worker processes
            "mse": cal["mse"], "oracle_mse": cal["oracle_mse"], "corr": cal["corr"], "crps": cal["crps"],
            "oracle_crps": cal["oracle_crps"], "nll": cal["nll"], "crps_raw": raw["crps"],
            "details": json.dumps(details)}
@@ -188,9 +194,9 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             values = group[m].astype(float)
             row[f"{m}_mean"] = values.mean()
             row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else float("nan")
-        for m in ("fit_seconds", "predict_seconds"):   # timings: robust summaries (a busy machine only slows)
-            row[f"{m}_median"] = group[m].astype(float).median()
-            row[f"{m}_min"] = group[m].astype(float).min()
+        for m in ("fit_seconds", "predict_seconds", "fit_cpu_seconds"):  # timings: robust summaries
+            values = group[m].astype(float) if m in group else pd.Series([np.nan])
+            row[f"{m}_median"], row[f"{m}_min"] = values.median(), values.min()
         rows.append(row)
     summary = pd.DataFrame(rows)
     if len(summary):
@@ -251,20 +257,22 @@ def markdown(summary: pd.DataFrame, paired: pd.DataFrame, skipped: list[str], co
              "Mean ± sd over replicates (each replicate: a new simulated cohort and fit seed). MSE, correlation "
              "and CRPS over all test subjects and features; coverage: share of test values inside the central "
              "90% interval, calibrated (raw in the next column); times: wall-clock seconds, median (fastest) over "
-             "replicates.", ""]
+             "replicates; fit CPU s: CPU seconds of the fitting process (BART's worker processes not counted).", ""]
     for (design, size), group in summary.groupby(["design", "size"], sort=False):
         lines += [f"### {design}, N train = {size} ({int(group['n_features'].iloc[0])} outcome features, "
                   f"replicates: {int(group['n_replicates'].max())})", "",
-                  "| model | MSE | MSE / oracle | corr | coverage 0.9 | raw coverage 0.9 | CRPS | fit s | predict s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | MSE | MSE / oracle | corr | coverage 0.9 | raw coverage 0.9 | CRPS | fit s | fit CPU s "
+                  "| predict s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for _, s in group.iterrows():
-            t = lambda m: f"{s[m + '_median']:.1f} ({s[m + '_min']:.1f})"  # noqa: E731
+            t = lambda m: ("n/a" if np.isnan(s[m + "_median"])  # noqa: E731
+                           else f"{s[m + '_median']:.1f} ({s[m + '_min']:.1f})")
             lines.append(f"| {s['model']} | {f(s, 'mse', 4)} | {f(s, 'mse_ratio')} | {f(s, 'corr')} | {f(s, 'cov90')} "
-                         f"| {f(s, 'cov90_raw')} | {f(s, 'crps', 4)} | {t('fit_seconds')} | {t('predict_seconds')} |")
+                         f"| {f(s, 'cov90_raw')} | {f(s, 'crps', 4)} | {t('fit_seconds')} | {t('fit_cpu_seconds')} "
+                         f"| {t('predict_seconds')} |")
         lines.append("")
         pairs = paired[(paired["design"] == design) & (paired["size"] == size)] if len(paired) else paired
         if len(pairs):
-            lines += [f"Default InVA against each model, paired by replicate (InVA / model - 1; negative: InVA better):",
+            lines += ["Default InVA against each model, paired by replicate (InVA / model - 1; negative: InVA better):",
                       "", "| model | MSE change | CRPS change | replicates with lower InVA MSE |", "|---|---|---|---|"]
             for _, p in pairs.iterrows():
                 sd = "" if np.isnan(p["mse_change_sd"]) else f" ± {100 * p['mse_change_sd']:.1f}"

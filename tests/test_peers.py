@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.linear_model import Ridge, RidgeCV
 
@@ -358,3 +360,22 @@ def test_cli_fit_and_evaluate(model, cohort_dir, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["fit", "--resume", str(run)]) == 2
     assert "fit it again" in capsys.readouterr().err
+
+
+# ---- the simulation study's machinery (the full --quick run with the networks is the CI smoke test) ----
+def test_simulation_study_quick_with_the_fast_peers(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "simulation_study.py"
+    spec = importlib.util.spec_from_file_location("simulation_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    assert study.main(["--quick", "--out", str(out), "--models", "ridge,tensor"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| ridge |" in summary and "| tensor |" in summary
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and set(runs["design"]) == {"paper"} and (runs["n_features"] == 1024).all()
+    assert (out / "simulation_study.png").stat().st_size > 10_000
+    assert study.main(["--quick", "--out", str(out), "--models", "ridge,tensor"]) == 0   # resumes: nothing new
+    assert len(pd.read_csv(out / "runs.csv")) == 2

@@ -28,17 +28,13 @@ from ..calibration import Calibrator
 from ..cohort import Subset
 from ..config import FAMILY_CONFIGS, Preset, load_preset
 from ..errors import InputError
-from ..runs import RUN_FORMAT, holdout, package_versions
 from ..io import atomic_write_text
 from ..prediction import Prediction
 from ..preprocessing import Standardizer
+from ..runs import RUN_FORMAT, holdout, package_versions
 from ..spaces import space_from_dict
 
 VERSIONED = ("inva-pyro", "numpy", "scipy", "scikit-learn", "stochtree", "safetensors")
-
-
-
-
 
 
 def central_probs(levels: list[float]) -> list[float]:
