@@ -182,34 +182,13 @@ def load_volume(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     A 4D image whose extra dimensions all have size 1 is squeezed to 3D; a real 4D
     (time series) image is an error. The returned image holds its data in memory as
     float32 (``img.dataobj`` is an ndarray), keeping the file's affine and header.
+    Reading every voxel now reports a truncated or corrupt gzip stream here, with the file
+    name, rather than deep inside training.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: {what} file not found")
-    if path.is_dir():
-        raise InputError(f"{path}: {what} is a folder, not an image file")
-    try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.spatialimages.SpatialImage):
-            raise InputError(f"{path}: {what} is not a volume image ({type(img).__name__})")
-        # nibabel reads lazily: force the read here, so a truncated or corrupt gzip
-        # stream is reported now, with the file name, rather than deep inside training.
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
-    except InputError:
-        raise
-    except nib.filebasedimages.ImageFileError:
-        # nibabel's own text just repeats the path; say what it means instead.
-        raise InputError(f"{path}: cannot read {what} (not a NIfTI file, or the file is damaged)") from None
-    except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
-        raise InputError(f"{path}: cannot read {what} ({_short_reason(exc)})") from None
-    shape = data.shape
-    if len(shape) > 3 and all(size == 1 for size in shape[3:]):
-        data = data.reshape(shape[:3])
-    if data.ndim != 3:
-        raise InputError(f"{path}: {what} must be a 3D volume, got shape {shape}")
+    img = open_volume(path, what)
+    data = read_volume_data(img, path, what)
     header = img.header if isinstance(img.header, nib.Nifti1Header) else None
-    loaded = nib.Nifti1Image(data, img.affine, header)
-    return loaded
+    return nib.Nifti1Image(data, img.affine, header)
 
 
 # ----- GIfTI surface maps --------------------------------------------------------------------
