@@ -18,27 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (MB).
-
-    VmHWM from /proc belongs to the process's own address space; ``ru_maxrss`` would not do for
-    the probe: Linux carries it over from the parent through fork and exec, so a child of a big
-    parent starts with the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+from _memory import peak_rss_mb
 
 
 def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: int) -> dict:
@@ -57,7 +42,7 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
     # What training needs, nothing more: the inputs, the outcome and the mask (no truth maps).
     read = dict(path=Path(cohort_dir) / "manifest.csv", inputs=spec["inputs"], outcome=spec["outcome"],
                 mask=Path(cohort_dir) / spec["mask"])
-    base = _peak_rss_mb()
+    base = peak_rss_mb()
     tracemalloc.start()
     start = time.perf_counter()
     if mode == "eager":
@@ -77,7 +62,7 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
     seconds = time.perf_counter() - start
     _, traced_peak = tracemalloc.get_traced_memory()
     return {"mode": mode, "n_subjects": n, "seconds": round(seconds, 2),
-            "peak_rss_mb": round(_peak_rss_mb() - base, 1), "traced_peak_mb": round(traced_peak / 2**20, 1),
+            "peak_rss_mb": round(peak_rss_mb() - base, 1), "traced_peak_mb": round(traced_peak / 2**20, 1),
             "features": int(np.sum([m.shape[1] for m in cohort.all.inputs.values()]))}
 
 

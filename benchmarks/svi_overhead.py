@@ -6,7 +6,17 @@ scaled by N/B, latents by the KL weight), followed by backward, gradient clippin
 step. The hand-written step computes the encoders once, as a careful PyTorch programmer would.
 Prints a table and a final JSON line {"ratio": median pyro step / median torch step, ...}.
 
-    python benchmarks/svi_overhead.py [--steps 50] [--features 1024] [--batch 32]
+``--trials`` adds the speed-ups issue 7 asks to try, each an extra arm timed against the same
+hand-written step (``trials`` in the JSON: median ms and ratio of each):
+- ``jit``: Pyro's ``JitTrace_ELBO`` (torch.jit.trace of the whole ELBO). It needs every tensor
+  as a positional argument and the networks in Pyro's param store (``pyro.module``), and it
+  traces one graph per minibatch shape; model and guide each run the encoders (no shared pass).
+- ``compile``: the same Pyro step with every network compiled by ``torch.compile`` (the
+  networks are plain torch; Pyro's effect handlers stay outside the compiled graphs).
+- ``autocast``: the same Pyro step with the networks run under ``torch.autocast`` (bfloat16 on
+  CPU, float16 on CUDA); densities are still evaluated in float32.
+
+    python benchmarks/svi_overhead.py [--steps 50] [--features 1024] [--batch 32] [--trials jit,compile,autocast]
 """
 from __future__ import annotations
 
@@ -15,8 +25,9 @@ import json
 import statistics
 import time
 
+import pyro
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from torch.distributions import Normal
 
 from inva_pyro.config import ModelConfig
@@ -70,14 +81,17 @@ def main(argv=None):
     parser.add_argument("--subjects", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trials", default="", help="comma-separated extra arms: jit, compile, autocast")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     names = [f"x{k + 1}" for k in range(args.inputs)]
-    module = InVAModule(names, [args.features] * args.inputs, args.features, ModelConfig())
-    xs = [torch.randn(args.batch, args.features) for _ in names]
-    y = torch.randn(args.batch, args.features)
-    idx = torch.arange(args.batch)
+    module = InVAModule(names, [args.features] * args.inputs, args.features, ModelConfig()).to(device)
+    xs = [torch.randn(args.batch, args.features, device=device) for _ in names]
+    y = torch.randn(args.batch, args.features, device=device)
+    idx = torch.arange(args.batch, device=device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     elbo = Trace_ELBO()
 
@@ -94,18 +108,71 @@ def main(argv=None):
     def torch_step():
         update(torch_elbo_loss(module, xs, y, args.subjects))
 
-    # Interleave the two arms in rounds so that machine load drifts affect both alike.
-    pyro_times, torch_times = [], []
+    arms = {"Pyro SVI (Trace_ELBO)": pyro_step, "hand-written PyTorch": torch_step}
+    trials = [t for t in args.trials.split(",") if t]
+    unknown = set(trials) - {"jit", "compile", "autocast"}
+    if unknown:
+        parser.error(f"unknown trial(s): {', '.join(sorted(unknown))}")
+    if "jit" in trials:
+        arms["JitTrace_ELBO"] = jit_step(module, xs, y, idx, args.subjects, update)
+    if "autocast" in trials:
+        arms["autocast"] = autocast_step(pyro_step, device)
+    if "compile" in trials:  # last: it changes the networks of every arm after it
+        arms["torch.compile"] = compile_step(module, pyro_step)
+
+    # Interleave the arms in rounds so that machine load drifts affect all alike. The compiled
+    # networks would also serve the eager arms, so those are timed first, then the compiled one.
+    eager = {k: v for k, v in arms.items() if k != "torch.compile"}
+    times = {name: [] for name in arms}
     for _ in range(5):
-        pyro_times += time_steps(pyro_step, args.steps // 5, args.warmup // 5)
-        torch_times += time_steps(torch_step, args.steps // 5, args.warmup // 5)
-    pyro_ms, torch_ms = 1e3 * statistics.median(pyro_times), 1e3 * statistics.median(torch_times)
-    print(f"{'step':<22}{'median ms':>10}")
-    print(f"{'Pyro SVI (Trace_ELBO)':<22}{pyro_ms:>10.2f}")
-    print(f"{'hand-written PyTorch':<22}{torch_ms:>10.2f}")
+        for name, step in eager.items():
+            times[name] += time_steps(step, args.steps // 5, args.warmup // 5)
+    if "torch.compile" in arms:
+        times["torch.compile"] = time_steps(arms["torch.compile"], args.steps, args.warmup)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    torch_ms, pyro_ms = ms["hand-written PyTorch"], ms["Pyro SVI (Trace_ELBO)"]
+    print(f"{'step':<24}{'median ms':>10}{'/ PyTorch':>10}")
+    for name, value in ms.items():
+        print(f"{name:<24}{value:>10.2f}{value / torch_ms:>10.2f}")
+    trial_rows = {name: {"ms": round(value, 3), "ratio": round(value / torch_ms, 4)}
+                  for name, value in ms.items() if name not in eager or name in ("JitTrace_ELBO", "autocast")}
     print(json.dumps({"ratio": round(pyro_ms / torch_ms, 4), "pyro_ms": round(pyro_ms, 3),
                       "torch_ms": round(torch_ms, 3), "features": args.features, "inputs": args.inputs,
-                      "batch": args.batch, "steps": len(pyro_times), "threads": args.threads}))
+                      "batch": args.batch, "steps": len(times["Pyro SVI (Trace_ELBO)"]), "threads": args.threads,
+                      "device": str(device), "trials": trial_rows}))
+
+
+def jit_step(module, xs, y, idx, n_subjects, update):
+    """A step with JitTrace_ELBO: tensors positional, networks registered in the param store."""
+    pyro.clear_param_store()
+
+    def model(idx, y, *xs):
+        pyro.module("inva", module)
+        module.model(list(xs), y, subjects=idx, n_subjects=n_subjects)
+
+    def guide(idx, y, *xs):
+        pyro.module("inva", module)
+        module.guide(list(xs), y, subjects=idx, n_subjects=n_subjects)
+
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True)
+    return lambda: update(elbo.differentiable_loss(model, guide, idx, y, *xs))
+
+
+def autocast_step(pyro_step, device):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            pyro_step()
+    return step
+
+
+def compile_step(module, pyro_step):
+    networks = [m for m in module.modules() if isinstance(m, torch.nn.Sequential)]
+    networks += [module.predictor.scale_head] + [m for m in module.modules() if type(m).__name__ == "GaussianNet"]
+    for net in networks:
+        net.compile()
+    return pyro_step
 
 
 if __name__ == "__main__":

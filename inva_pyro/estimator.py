@@ -26,6 +26,10 @@ from .streaming import DiskBatches, DiskSubset
 from .training import CHECKPOINT, Batchable, train
 
 VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
+# Training subjects the end-of-fit collapse check reads: enough for the across-subject variance of
+# the latent means (relative sd sqrt(2 / 127), about 13%), and a bound on what a cohort streamed
+# from disk holds in memory, whatever its size.
+COLLAPSE_CHECK_SUBJECTS = 128
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,7 +141,7 @@ class InVA:
         self._calibrate(val, val_xs, val_y, seed)
         if distributed.rank() == 0:
             from .diagnostics import warn_if_collapsed
-            sample = train_data.take(torch.arange(min(len(train_data), 512), device=self.device))[0]
+            sample = train_data.take(torch.arange(min(len(train_data), COLLAPSE_CHECK_SUBJECTS), device=self.device))[0]
             report = warn_if_collapsed(self.module, sample)  # PosteriorCollapseWarning and a line on stderr
             self.history["collapse"] = {"active_units": report["active_units"]["count"],
                                         "collapsed_modalities": report["collapsed_modalities"],
