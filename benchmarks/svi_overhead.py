@@ -13,8 +13,8 @@ hand-written step (``trials`` in the JSON: median ms and ratio of each):
   traces one graph per minibatch shape; model and guide each run the encoders (no shared pass).
 - ``compile``: the same Pyro step with every network compiled by ``torch.compile`` (the
   networks are plain torch; Pyro's effect handlers stay outside the compiled graphs).
-- ``autocast``: the same Pyro step with the networks run under ``torch.autocast`` (bfloat16 on
-  CPU, float16 on CUDA); densities are still evaluated in float32.
+- ``autocast``: the same Pyro step with the networks run under ``torch.autocast`` in bfloat16
+  (the preset setting ``training.mixed_precision``); densities are still evaluated in float32.
 
     python benchmarks/svi_overhead.py [--steps 50] [--features 1024] [--batch 32] [--trials jit,compile,autocast]
 """
@@ -32,6 +32,7 @@ from torch.distributions import Normal
 
 from inva_pyro.config import ModelConfig
 from inva_pyro.module import InVAModule
+from inva_pyro.training import autocast
 
 
 def torch_elbo_loss(module, xs, y, n_subjects, kl_scale=1.0):
@@ -113,6 +114,8 @@ def main(argv=None):
     unknown = set(trials) - {"jit", "compile", "autocast"}
     if unknown:
         parser.error(f"unknown trial(s): {', '.join(sorted(unknown))}")
+    if {"jit", "compile"} <= set(trials):
+        parser.error("trials jit and compile need separate runs: torch.jit.trace cannot trace torch.compile'd networks")
     if "jit" in trials:
         arms["JitTrace_ELBO"] = jit_step(module, xs, y, idx, args.subjects, update)
     if "autocast" in trials:
@@ -159,10 +162,8 @@ def jit_step(module, xs, y, idx, n_subjects, update):
 
 
 def autocast_step(pyro_step, device):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
     def step():
-        with torch.autocast(device_type=device.type, dtype=dtype):
+        with autocast(device, True):  # as training.mixed_precision = true
             pyro_step()
     return step
 

@@ -140,6 +140,8 @@ class TrainingConfig(_Strict):
     patience: int = Field(30, ge=1, description="epochs without validation improvement before stopping")
     val_share: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the manifest has no split")
     grad_clip: float = Field(10.0, gt=0.0)
+    mixed_precision: bool = Field(False, description="run the networks under torch.autocast during training "
+                                  "in bfloat16 (CPU and CUDA); log-densities stay float32")
     kl_schedule: Literal["constant", "linear", "cyclical"] = Field(
         "linear", description="KL weight over epochs: constant, linear warm-up over kl_anneal_epochs, or "
         "cyclical annealing (Fu et al. 2019) with kl_cycles cycles")
