@@ -55,8 +55,12 @@ MODELS = ["inva", "inva-paper", "vae-concat", "vae-separate", "ridge", "tensor",
 # Ablations, by name in --models: a preset of models/ with some settings changed. The VAE peers with
 # the paper's predictor (latent statistics only, no local voxel pathway) isolate what the shared
 # (integrative) level adds when the prediction must go through the latents, as in inva-paper.
+# The inva-deep* variants change only the shared (deep) level, for the tuning in docs/results.md.
 VARIANTS = {"vae-concat-paper": ("vae-concat", {"model": {"predictor": "paper"}}),
-            "vae-separate-paper": ("vae-separate", {"model": {"predictor": "paper"}})}
+            "vae-separate-paper": ("vae-separate", {"model": {"predictor": "paper"}}),
+            "inva-deep2": ("inva", {"model": {"deep_dim": 2}}),
+            "inva-deep4": ("inva", {"model": {"deep_dim": 4}}),
+            "inva-deep2-kl0.3": ("inva", {"model": {"deep_dim": 2, "deep_kl_weight": 0.3}})}
 ORDER = ["inva", "vae-concat", "vae-separate", "inva-paper", "vae-concat-paper", "vae-separate-paper",
          "bart", "ridge", "tensor"]
 DEFAULT_INVA = "inva"
