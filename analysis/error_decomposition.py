@@ -25,15 +25,14 @@ import simulation_study as study  # noqa: E402
 
 
 def pattern_basis() -> tuple[list[str], np.ndarray]:
-    from inva_pyro.simulate import PAPER_GRID, _bump
+    """The design's spatial patterns as columns: constant, x and y gradients, S1, S2, C1, C2, C3."""
+    from inva_pyro.simulate import paper_patterns
 
-    axes = [np.linspace(-1, 1, g) for g in PAPER_GRID]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    patterns = {"constant": np.ones(PAPER_GRID), "gradient_x": coords[..., 0], "gradient_y": coords[..., 1],
-                "S1": _bump(coords, (-0.4, 0.3), 0.35), "S2": _bump(coords, (0.4, -0.2), 0.4),
-                "C1": _bump(coords, (0.5, 0.55), 0.3), "C2": _bump(coords, (-0.5, -0.5), 0.3),
-                "C3": _bump(coords, (0.0, 0.0), 0.3)}
-    return list(patterns), np.stack([p.ravel() for p in patterns.values()], axis=1)
+    p = paper_patterns()
+    coords = p["coords"]
+    maps = [np.ones(coords.shape[:-1]), coords[..., 0], coords[..., 1], *p["shared"], *p["specific"]]
+    names = ["constant", "gradient_x", "gradient_y", "S1", "S2", "C1", "C2", "C3"]
+    return names, np.stack([m.ravel() for m in maps], axis=1)
 
 
 def main(argv=None) -> None:

@@ -183,8 +183,6 @@ def _fit(y: pd.Series, X: pd.DataFrame, family: str):
 def per_latent(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, columns: list[str],
                family: str, alpha: float) -> pd.DataFrame:
     """One GLM per latent column: the latent's coefficient, SE, z/t, p and BH-corrected p."""
-    from statsmodels.stats.multitest import multipletests
-
     rows = []
     for column in columns:
         fit = _fit(y, _design(nuisance, _standardise(latents[column]).rename("latent").to_frame()), family)
@@ -194,12 +192,20 @@ def per_latent(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, colu
         rows.append({"latent": column, "estimate": float(fit.params["latent"]), "se": float(fit.bse["latent"]),
                      "stat": float(fit.tvalues["latent"]), "p": float(fit.pvalues["latent"])})
     table = pd.DataFrame(rows)
+    with_fdr(table, alpha)
+    table.insert(1, "n", len(y))
+    return table
+
+
+def with_fdr(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Add Benjamini-Hochberg adjusted p-values (``p_fdr``) over the rows with a p-value, and ``significant``."""
+    from statsmodels.stats.multitest import multipletests
+
     table["p_fdr"] = np.nan
     ok = table["p"].notna().to_numpy()
     if ok.any():
         table.loc[ok, "p_fdr"] = multipletests(table.loc[ok, "p"], alpha=alpha, method="fdr_bh")[1]
     table["significant"] = table["p_fdr"] < alpha
-    table.insert(1, "n", len(y))
     return table
 
 
@@ -218,7 +224,6 @@ def joint(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, columns: 
           family: str, alpha: float) -> pd.DataFrame:
     """Likelihood-ratio test of each block of latents (covariate ~ block) against no latents."""
     from scipy import stats
-    from statsmodels.stats.multitest import multipletests
 
     null = _fit(y, _design(nuisance), family)
     rows = []
@@ -239,11 +244,7 @@ def joint(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, columns: 
                 row.update(stat=float(stat), df=df_model, p=float(stats.chi2.sf(stat, df_model)))
         rows.append(row)
     table = pd.DataFrame(rows)
-    table["p_fdr"] = np.nan
-    ok = table["p"].notna().to_numpy()
-    if ok.any():
-        table.loc[ok, "p_fdr"] = multipletests(table.loc[ok, "p"], alpha=alpha, method="fdr_bh")[1]
-    table["significant"] = table["p_fdr"] < alpha
+    with_fdr(table, alpha)
     return table
 
 

@@ -82,17 +82,21 @@ STATISTICS = {
 }
 
 
+def _replicates(idata):
+    """(name, observed y, replicates (draws, *y.shape)) for the raw and the calibrated predictive."""
+    y = idata.observed_data["outcome"].values
+    for var in ("outcome", "outcome_calibrated"):
+        if var in idata.posterior_predictive:
+            yield var, y, idata.posterior_predictive[var].values.reshape(-1, *y.shape)
+
+
 def ppc_pvalues(idata) -> dict:
     """P(T(y_rep) >= T(y)) over draws, for each test statistic and each predictive (raw, calibrated).
 
     Values near 0 or 1 flag a feature of the data the predictive does not reproduce.
     """
-    y = idata.observed_data["outcome"].values
     out = {}
-    for var in ("outcome", "outcome_calibrated"):
-        if var not in idata.posterior_predictive:
-            continue
-        rep = idata.posterior_predictive[var].values.reshape(-1, *y.shape)
+    for var, y, rep in _replicates(idata):
         out[var] = {}
         for name, stat in STATISTICS.items():
             t_obs, t_rep = float(stat(y)), stat(rep)
@@ -105,12 +109,8 @@ def pit_uniformity(idata) -> dict:
     """u = P(y_rep <= y) per observed value; Kolmogorov-Smirnov distance to the uniform."""
     from scipy import stats
 
-    y = idata.observed_data["outcome"].values
     out = {}
-    for var in ("outcome", "outcome_calibrated"):
-        if var not in idata.posterior_predictive:
-            continue
-        rep = idata.posterior_predictive[var].values.reshape(-1, *y.shape)
+    for var, y, rep in _replicates(idata):
         u = (np.mean(rep < y, axis=0) + np.mean(rep <= y, axis=0)) / 2
         ks = stats.kstest(u.ravel(), "uniform")
         out[var] = {"ks_distance": float(ks.statistic), "share_u_below_0.05": float(np.mean(u < 0.05)),

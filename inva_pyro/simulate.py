@@ -51,15 +51,24 @@ def _smooth_field(rng: np.random.Generator, n: int, shape: tuple[int, ...], sigm
     return smooth / smooth.reshape(n, -1).std(axis=1).reshape(n, *([1] * len(shape)))
 
 
+def paper_patterns(grid: tuple[int, int] = PAPER_GRID) -> dict:
+    """The ``paper`` design's fixed maps on ``grid``: coordinates, the shared bumps S_j, the specific
+    bumps C_k, the input means mu_k and the outcome mean mu_y."""
+    axes = [np.linspace(-1, 1, g) for g in grid]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return {"coords": coords,
+            "shared": [_bump(coords, (-0.4, 0.3), 0.35), _bump(coords, (0.4, -0.2), 0.4)],
+            "specific": [_bump(coords, (0.5, 0.55), 0.3), _bump(coords, (-0.5, -0.5), 0.3),
+                         _bump(coords, (0.0, 0.0), 0.3)],
+            "base": [1.0 + 0.3 * coords[..., 0], 0.5 - 0.2 * coords[..., 1], 0.3 * coords[..., 0] * coords[..., 1]],
+            "mu_y": 1.0 + 0.4 * coords[..., 1]}
+
+
 def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER_GRID) -> dict:
     """Arrays of the ``paper`` design: inputs (n, H, W) each, outcome, true mean and sd, covariates."""
     rng = np.random.default_rng(seed)
-    axes = [np.linspace(-1, 1, g) for g in grid]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    shared = [_bump(coords, (-0.4, 0.3), 0.35), _bump(coords, (0.4, -0.2), 0.4)]
-    specific = [_bump(coords, (0.5, 0.55), 0.3), _bump(coords, (-0.5, -0.5), 0.3), _bump(coords, (0.0, 0.0), 0.3)]
-    base = [1.0 + 0.3 * coords[..., 0], 0.5 - 0.2 * coords[..., 1], 0.3 * coords[..., 0] * coords[..., 1]]
-    mu_y = 1.0 + 0.4 * coords[..., 1]
+    patterns = paper_patterns(grid)
+    shared, specific, base, mu_y = (patterns[k] for k in ("shared", "specific", "base", "mu_y"))
 
     age = rng.standard_normal(n_subjects)
     site = rng.integers(0, 2, n_subjects).astype(float)

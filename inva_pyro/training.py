@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -162,6 +164,10 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     if rank > 0:  # independent latent and dropout noise on every rank (weights start identical)
         torch.manual_seed(seed + 7919 * rank + 104729 * state.epoch)
     elbo = Trace_ELBO()
+    # Pyro's validation (site shapes, model/guide match, distribution arguments) checks the program,
+    # which does not change between steps: the first step of a fit runs it, the others skip its
+    # cost (about 7% of a step at the benchmark size). Non-finite values are still caught below.
+    validate, validated = is_validation_enabled(), False
     n = len(train_data)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
@@ -175,8 +181,9 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
             optimizer.zero_grad(set_to_none=True)
             problem = None
             if len(idx):
-                with autocast(device, cfg.mixed_precision):
+                with pyro.validation_enabled(validate and not validated), autocast(device, cfg.mixed_precision):
                     loss = _minibatch_loss(elbo, module, train_data, idx, n, kl_scale, cfg.prediction_weight)
+                validated = True
                 if torch.isfinite(loss):
                     loss.backward()
                     epoch_loss += loss.item() * len(idx) / n

@@ -360,3 +360,22 @@ def test_mixed_precision_runs_the_networks_in_bfloat16_and_learns_as_float32_doe
     first, best = runs[True].history["val_mse"][0], min(runs[True].history["val_mse"])
     assert best < 0.8 * first
     assert best == pytest.approx(min(runs[False].history["val_mse"]), rel=0.10)
+
+
+def test_pyro_validation_checks_the_first_step_of_a_fit_and_is_restored_after(make_preset, small_cohort, monkeypatch):
+    """The program is validated once (its structure does not change between steps); the user's
+    global setting is back in force after the fit."""
+    from pyro.infer.util import is_validation_enabled
+
+    seen, program = [], InVAModule.model
+
+    def model(self, *args, **kwargs):
+        seen.append(is_validation_enabled())
+        return program(self, *args, **kwargs)
+
+    monkeypatch.setattr(InVAModule, "model", model)
+    fit(make_preset(training={"epochs": 2}), small_cohort)
+    steps = 2 * math.ceil(len(small_cohort.train) / 16)
+    assert len(seen) == steps
+    assert seen == [True] + [False] * (steps - 1)
+    assert is_validation_enabled()
