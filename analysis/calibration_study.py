@@ -96,8 +96,8 @@ def make_preset(model: str, cfg: dict):
 
 def simulate_split(seed: int, cfg: dict):
     """The paper design for one seed: (cohort with every subject, train/val/test index arrays)."""
-    from inva_pyro.cohort import Cohort
-    from inva_pyro.simulate import PAPER_GRID, default_split, simulate_paper
+    from inva_pyro.data.cohort import Cohort
+    from inva_pyro.data.simulate import PAPER_GRID, default_split, simulate_paper
 
     n_train = max(cfg["sizes"])
     n_total = n_train + cfg["n_val"] + cfg["n_test"]
@@ -120,8 +120,8 @@ def simulate_split(seed: int, cfg: dict):
 
 def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -> tuple[dict, object]:
     from inva_pyro import InVA
-    from inva_pyro.diagnostics import collapse_report
-    from inva_pyro.evaluation import coverage_curve
+    from inva_pyro.criticism.diagnostics import collapse_report
+    from inva_pyro.criticism.evaluation import coverage_curve
 
     data = cohort.all
     train = data.subset(idx["train"][:size])
@@ -255,7 +255,7 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
 def across_runs(cohort, idx, cfg, args, first_model, out: Path) -> dict:
     """M fits (seeds 0..M-1) on the first data seed at the largest size, as chains."""
     from inva_pyro import InVA
-    from inva_pyro.inference import across_run_diagnostics
+    from inva_pyro.criticism.inference import across_run_diagnostics
 
     size, seed = max(cfg["sizes"]), cfg["seeds"][0]
     models = [first_model]

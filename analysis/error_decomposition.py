@@ -26,7 +26,7 @@ import simulation_study as study  # noqa: E402
 
 def pattern_basis() -> tuple[list[str], np.ndarray]:
     """The design's spatial patterns as columns: constant, x and y gradients, S1, S2, C1, C2, C3."""
-    from inva_pyro.simulate import paper_patterns
+    from inva_pyro.data.simulate import paper_patterns
 
     p = paper_patterns()
     coords = p["coords"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Is a subject covariate encoded in the latent space? GLMs of the covariate on each latent.
 
-For every latent mean column L_j of a latent table (`inva latents`, or inva_pyro.latents.write_latents),
+For every latent mean column L_j of a latent table (`inva latents`, or inva_pyro.criticism.latents.write_latents),
 fits the GLM (statsmodels)
 
     g(E[covariate_i]) = b0 + b_j * Lz_ij [+ nuisance covariates],   Lz_j = (L_j - mean) / sd
@@ -269,7 +269,7 @@ def _markdown(table: pd.DataFrame, title: str, note: str) -> str:
 
 def write_outputs(out: Path, covariate: str, table: pd.DataFrame, joint_table: pd.DataFrame | None,
                   note: str) -> list[Path]:
-    from inva_pyro.io import atomic_write_text
+    from inva_pyro.data.io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", covariate)

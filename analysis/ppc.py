@@ -12,7 +12,7 @@ model and writes into ``--out``:
     ppc_pit.png              az.plot_bpv(kind="u_value") for both, and az.plot_loo_pit
     test_statistics.png      replicated vs observed value of each test statistic
     calibration_curve.png, pit_histogram.png, latent_activity.png
-    inference_data.nc        the ArviZ InferenceData behind the figures (see inva_pyro/inference.py)
+    inference_data.nc        the ArviZ InferenceData behind the figures (see inva_pyro/criticism/inference.py)
 
 Examples:
     inva simulate --out cohort && inva fit --manifest cohort/manifest.csv --inputs x1,x2,x3 --outcome y --out run
@@ -58,7 +58,7 @@ def load_subjects(run: Path, manifest: Path):
     """The run's model and the manifest's subjects to check (test rows when there is a split)."""
     from inva_pyro import Cohort
     from inva_pyro.registry import load_model
-    from inva_pyro.spaces import space_from_dict
+    from inva_pyro.data.spaces import space_from_dict
 
     model = load_model(run)
     space = space_from_dict(model.info["space"], run / "run.json") if model.info.get("space") else None
@@ -259,9 +259,10 @@ def markdown(summary: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from inva_pyro import figures, inference
+    from inva_pyro.criticism import figures
+    from inva_pyro.criticism import inference
     from inva_pyro.errors import InputError
-    from inva_pyro.evaluation import CURVE_LEVELS, _is_inva, _jsonable, coverage_curve, curve_levels, loo_summary
+    from inva_pyro.criticism.evaluation import CURVE_LEVELS, _is_inva, _jsonable, coverage_curve, curve_levels, loo_summary
 
     try:
         model, subset = load_subjects(args.run[0], args.manifest)
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
 
     diagnostics = {}
     if _is_inva(model):
-        from inva_pyro.diagnostics import model_diagnostics
+        from inva_pyro.criticism.diagnostics import model_diagnostics
         diagnostics = model_diagnostics(model, subset, psis_subjects=args.psis_subjects,
                                         psis_particles=args.psis_particles, seed=args.seed)
         idata = inference.build_inference_data(model, subset, pred, num_draws=args.draws, n_features=args.features,

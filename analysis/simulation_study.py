@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Simulation study: InVA against its peers on the same simulated subjects, with the same metrics.
 
-For every design D (``inva_pyro.simulate.DESIGNS``), replicate seed S and training size N, the
+For every design D (``inva_pyro.data.simulate.DESIGNS``), replicate seed S and training size N, the
 script simulates D with ``write_cohort(D, n_subjects, S)`` (n_subjects = max N / 0.6, so that the
 design's own 60/20/20 split has max N training subjects: 500 for N = 300), reads it back with
 ``Cohort.from_dir`` exactly as ``inva fit`` does, and fits every model on the first N training
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output folder (created; re-runs resume)")
     p.add_argument("--designs", default="paper",
                    help="simulation designs, comma-separated, or 'all' (default paper; known: see "
-                        "inva_pyro.simulate.DESIGNS)")
+                        "inva_pyro.data.simulate.DESIGNS)")
     p.add_argument("--sizes", default="300", help="training sizes, comma-separated (default 300)")
     p.add_argument("--replicates", type=int, default=3, help="replicates: seeds 0..R-1 (default 3)")
     p.add_argument("--seeds", help="explicit replicate seeds, comma-separated (overrides --replicates)")
@@ -109,7 +109,7 @@ def _list(text: str) -> list[str]:
 
 
 def settings(args) -> dict:
-    from inva_pyro.simulate import DESIGNS
+    from inva_pyro.data.simulate import DESIGNS
 
     designs = list(DESIGNS) if args.designs == "all" else _list(args.designs)
     unknown = [d for d in designs if d not in DESIGNS]
@@ -141,8 +141,8 @@ def make_preset(name: str, cfg: dict):
 
 def cohort_for(design: str, seed: int, cfg: dict, out: Path):
     """The design's cohort for one replicate (simulated once, then read back from its folder)."""
-    from inva_pyro.cohort import Cohort
-    from inva_pyro.simulate import write_cohort
+    from inva_pyro.data.cohort import Cohort
+    from inva_pyro.data.simulate import write_cohort
 
     n_subjects = int(round(max(cfg["sizes"]) / TRAIN_SHARE))
     folder = out / "cohorts" / f"{design}-n{n_subjects}-s{seed}"

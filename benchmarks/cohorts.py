@@ -33,9 +33,9 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
     import numpy as np
     import torch
 
-    from inva_pyro.cohort import Cohort
-    from inva_pyro.preprocessing import Standardizer
-    from inva_pyro.streaming import DiskBatches
+    from inva_pyro.data.cohort import Cohort
+    from inva_pyro.data.preprocessing import Standardizer
+    from inva_pyro.data.streaming import DiskBatches
 
     torch.set_num_threads(2)
     spec = json.loads((Path(cohort_dir) / "cohort.json").read_text())
@@ -82,7 +82,7 @@ def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, 
 
     from inva_pyro import Cohort, InVA
     from inva_pyro.config import Preset, load_preset
-    from inva_pyro.simulate import write_cohort
+    from inva_pyro.data.simulate import write_cohort
 
     torch.set_num_threads(2)
     times = {}
@@ -166,7 +166,7 @@ def main() -> None:
         print(f"{design}: {json.dumps(row)}", file=sys.stderr)
 
     if "memory" not in skip:
-        from inva_pyro.simulate import write_cohort
+        from inva_pyro.data.simulate import write_cohort
 
         for n in [int(x) for x in args.memory_n.split(",")]:
             folder = args.out / f"memory_{n}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from inva_pyro import Cohort, InVA, load_preset
-from inva_pyro.simulate import write_cohort
+from inva_pyro.data.simulate import write_cohort
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@
 Each arm runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
 The model is an untrained InVA module (weights do not change the cost) with K inputs of V
 features; both arms predict the same n subjects.
-- streamed: ``inva_pyro.predictive.posterior_predictive`` (mean, sd, central-interval quantiles
+- streamed: ``inva_pyro.predict.predictive.posterior_predictive`` (mean, sd, central-interval quantiles
   and CRPS accumulated chunk by chunk);
 - Predictive: ``pyro.infer.Predictive(model, guide=guide, num_samples=S, return_sites=["outcome"])``,
   which keeps all S x n x V draws, then mean, sd and quantiles computed from them.
@@ -26,7 +26,7 @@ import torch
 
 def build(args):
     from inva_pyro.config import ModelConfig
-    from inva_pyro.module import InVAModule
+    from inva_pyro.model.module import InVAModule
     torch.manual_seed(0)
     names = [f"x{k + 1}" for k in range(args.inputs)]
     module = InVAModule(names, [args.features] * args.inputs, args.features, ModelConfig()).eval()
@@ -41,7 +41,7 @@ def run_arm(args) -> dict:
     probs = [0.025, 0.05, 0.1, 0.25, 0.75, 0.9, 0.95, 0.975]
     start = time.perf_counter()
     if args.arm == "streamed":
-        from inva_pyro.predictive import posterior_predictive
+        from inva_pyro.predict.predictive import posterior_predictive
         posterior_predictive(module, xs, num_samples=args.samples, probs=probs, observed=y,
                              generator=torch.Generator().manual_seed(0))
         samples = args.samples

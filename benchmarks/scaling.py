@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.n, args.voxel_mm, args.n_voxel_mm, args.v_n, args.val, args.epochs = "20,40", "12,10", 12, 20, 10, 2
 
-    from inva_pyro.simulate import write_cohort
+    from inva_pyro.data.simulate import write_cohort
 
     sizes = [int(v) for v in args.n.split(",")]
     voxels = [int(v) for v in args.voxel_mm.split(",")]

@@ -32,8 +32,8 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from torch.distributions import Normal
 
 from inva_pyro.config import ModelConfig
-from inva_pyro.module import InVAModule
-from inva_pyro.training import autocast
+from inva_pyro.model.module import InVAModule
+from inva_pyro.train.loop import autocast
 
 
 def torch_elbo_loss(module, xs, y, n_subjects, kl_scale=1.0):

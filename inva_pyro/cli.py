@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .training import TrainingDiverged
+    from .train.loop import TrainingDiverged
     try:
         return COMMANDS[args.command](args) or 0
     except InputError as exc:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args) -> None:
-    from .simulate import write_cohort
+    from .data.simulate import write_cohort
     if args.n_subjects < 10:
         raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
     out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
@@ -154,7 +154,7 @@ def _fit(args) -> None:
 
 def _check_devices(args) -> int:
     """Processes to spawn here: --devices locally; none inside a torchrun job, which made them already."""
-    from .distributed import launched_by_torchrun
+    from .train.distributed import launched_by_torchrun
     if args.devices < 1 or args.num_nodes < 1:
         raise InputError("--devices and --num-nodes must be at least 1")
     if launched_by_torchrun():
@@ -194,7 +194,7 @@ def _load_for_manifest(args, require_outcome: bool):
 
 def _run_spaces(model, run_dir: Path) -> dict | None:
     """The image spaces a run was trained in, by column: new subjects must be in the same spaces."""
-    from .spaces import space_from_dict
+    from .data.spaces import space_from_dict
     info = model.info
     spaces = {n: space_from_dict(d, run_dir / "run.json") for n, d in (info.get("input_spaces") or {}).items()}
     if info.get("space"):
@@ -220,8 +220,8 @@ def _predict(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluation import CURVE_LEVELS, evaluate_prediction
-    from .io import atomic_dir
+    from .criticism.evaluation import CURVE_LEVELS, evaluate_prediction
+    from .data.io import atomic_dir
     model, subset = _load_for_manifest(args, require_outcome=True)
     if subset.outcome is None:
         raise InputError(f"{args.manifest}: evaluate needs the outcome column '{model.info['outcome']}'")
@@ -256,11 +256,11 @@ def print_summary(metrics: dict, ridge_mse: float | None = None) -> None:
 
 def _demo(args) -> None:
     from . import Cohort, InVA
-    from .baselines import ridge_predict
-    from .evaluation import CURVE_LEVELS, evaluate_prediction
-    from .io import atomic_dir
-    from .metrics import mse
-    from .simulate import write_cohort
+    from .criticism.baselines import ridge_predict
+    from .criticism.evaluation import CURVE_LEVELS, evaluate_prediction
+    from .data.io import atomic_dir
+    from .criticism.metrics import mse
+    from .data.simulate import write_cohort
     start = time.perf_counter()
     with atomic_dir(args.out) as out:
         write_cohort(out / "cohort", "paper", args.n_subjects, args.seed)
@@ -286,7 +286,7 @@ def _demo(args) -> None:
 
 def _latents(args) -> None:
     from . import Cohort, InVA
-    from .latents import latent_traversal, write_latents
+    from .criticism.latents import latent_traversal, write_latents
     from .registry import load_model
     model = load_model(args.run)
     if not isinstance(model, InVA):

@@ -10,20 +10,20 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .calibration import Calibrator
-from .cohort import Subset
+from .train import distributed
+from .predict.calibration import Calibrator
+from .data.cohort import Subset
 from .config import Preset, load_preset
 from .errors import InputError
 from .runs import RUN_FORMAT, holdout, package_versions
-from .io import atomic_write_text
-from .module import InVAModule
-from .prediction import Prediction
-from .predictive import posterior_predictive
-from .preprocessing import Standardizer
-from .spaces import space_from_dict
-from .streaming import DiskBatches, DiskSubset
-from .training import CHECKPOINT, Batchable, train
+from .data.io import atomic_write_text
+from .model.module import InVAModule
+from .predict.prediction import Prediction
+from .predict.predictive import posterior_predictive
+from .data.preprocessing import Standardizer
+from .data.spaces import space_from_dict
+from .data.streaming import DiskBatches, DiskSubset
+from .train.loop import CHECKPOINT, Batchable, train
 
 VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
 # Training subjects the end-of-fit collapse check reads: enough for the across-subject variance of
@@ -140,7 +140,7 @@ class InVA:
                             devices=distributed.world_size())
         self._calibrate(val, val_xs, val_y, seed)
         if distributed.rank() == 0:
-            from .diagnostics import warn_if_collapsed
+            from .criticism.diagnostics import warn_if_collapsed
             sample = train_data.take(torch.arange(min(len(train_data), COLLAPSE_CHECK_SUBJECTS), device=self.device))[0]
             report = warn_if_collapsed(self.module, sample)  # PosteriorCollapseWarning and a line on stderr
             self.history["collapse"] = {"active_units": report["active_units"]["count"],

@@ -6,7 +6,7 @@ from importlib import metadata
 
 import numpy as np
 
-from .cohort import Subset
+from .data.cohort import Subset
 
 RUN_FORMAT = "inva-pyro-run/1"
 

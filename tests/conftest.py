@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset
 
 TINY_MODEL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=6,

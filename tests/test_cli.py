@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from inva_pyro import cli
-from inva_pyro.metrics import level_key
+from inva_pyro.criticism.metrics import level_key
 
 TINY = """
 name = "tiny"

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from inva_pyro.cohort import Cohort, Subset
+from inva_pyro.data.cohort import Cohort, Subset
 from inva_pyro.errors import InputError
-from inva_pyro.io import atomic_dir, atomic_write_text, load_volume, save_nifti
-from inva_pyro.preprocessing import Standardizer
-from inva_pyro.spaces import RegionSpace, SurfaceSpace, VolumeSpace, space_from_dict
+from inva_pyro.data.io import atomic_dir, atomic_write_text, load_volume, save_nifti
+from inva_pyro.data.preprocessing import Standardizer
+from inva_pyro.data.spaces import RegionSpace, SurfaceSpace, VolumeSpace, space_from_dict
 
 SHAPE = (6, 5, 4)
 COLUMNS = ("gm", "wm", "pet")
@@ -728,7 +728,7 @@ def test_volume_read_through_the_mask_box_equals_the_full_read(tmp_path):
 
 # ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------
 def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
-    from inva_pyro.streaming import DiskBatches, DiskSubset, LazyMatrix
+    from inva_pyro.data.streaming import DiskBatches, DiskSubset, LazyMatrix
 
     write_cohort(tmp_path, n=10)
     eager = read(tmp_path)

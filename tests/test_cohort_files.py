@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from inva_pyro import InVA, cli
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset
-from inva_pyro.figures import plot_brain_maps
+from inva_pyro.criticism.figures import plot_brain_maps
 
 TINY = """
 name = "tiny"
@@ -490,7 +490,7 @@ def sphere_mesh(n: int, seed: int = 0):
 
 
 def test_brain_figures_for_each_kind_of_space(tmp_path):
-    from inva_pyro.spaces import RegionSpace, SurfaceSpace, VolumeSpace
+    from inva_pyro.data.spaces import RegionSpace, SurfaceSpace, VolumeSpace
 
     rng = np.random.default_rng(0)
     volume = VolumeSpace(shape=SHAPE, affine=affine(), header=None, mask=mask_array())

@@ -1,12 +1,12 @@
-"""Convolutional encoder/decoder (inva_pyro.conv): shapes on non-cubic grids with masks, training."""
+"""Convolutional encoder/decoder (inva_pyro.model.conv): shapes on non-cubic grids with masks, training."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from inva_pyro.conv import ConvDecoder, ConvEncoder, stage_shapes
-from inva_pyro.losses import DSSIM
+from inva_pyro.model.conv import ConvDecoder, ConvEncoder, stage_shapes
+from inva_pyro.model.losses import DSSIM
 
 SHAPE = (9, 11, 7)  # non-cubic, odd sizes
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from inva_pyro import diagnostics as D
-from inva_pyro.module import InVAModule
+from inva_pyro.criticism import diagnostics as D
+from inva_pyro.model.module import InVAModule
 
 
 class ProbeEncoder(nn.Module):

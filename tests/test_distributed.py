@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inva_pyro import InVA
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset
-from inva_pyro.distributed import spawn
+from inva_pyro.train.distributed import spawn
 
 PRESET = {"model": {"shallow_dim": 3, "deep_dim": 2, "hidden": 16, "shared_hidden": 8, "predictor_hidden": 8,
                     "local_hidden": 8},

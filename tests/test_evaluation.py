@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from inva_pyro import InVA, inference
-from inva_pyro.calibration import Calibrator
-from inva_pyro.cohort import Subset
-from inva_pyro.evaluation import CURVE_LEVELS, coverage_curve, evaluate_prediction
-from inva_pyro.prediction import Prediction
-from inva_pyro.spaces import VolumeSpace
+from inva_pyro import InVA
+
+from inva_pyro.criticism import inference
+from inva_pyro.predict.calibration import Calibrator
+from inva_pyro.data.cohort import Subset
+from inva_pyro.criticism.evaluation import CURVE_LEVELS, coverage_curve, evaluate_prediction
+from inva_pyro.predict.prediction import Prediction
+from inva_pyro.data.spaces import VolumeSpace
 
 CONTRACT_KEYS = {"n_subjects", "n_features", "mse", "mae", "corr", "ssim", "coverage", "interval_width",
                  "crps", "nll", "oracle_mse", "oracle_crps"}
@@ -175,7 +177,7 @@ def test_calibration_study_quick(tmp_path):
 
 def test_ppc_report_quick(tmp_path, make_preset):
     from inva_pyro import Cohort
-    from inva_pyro.simulate import write_cohort
+    from inva_pyro.data.simulate import write_cohort
 
     write_cohort(tmp_path / "cohort", "paper", 30, 0)
     cohort = Cohort.from_dir(tmp_path / "cohort")

@@ -13,8 +13,10 @@ import pytest
 import torch
 from scipy import stats
 
-from inva_pyro import InVA, inference
-from inva_pyro.predictive import posterior_predictive
+from inva_pyro import InVA
+
+from inva_pyro.criticism import inference
+from inva_pyro.predict.predictive import posterior_predictive
 
 GROUPS = {"posterior", "posterior_predictive", "observed_data", "log_likelihood", "constant_data"}
 

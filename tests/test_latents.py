@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset
 from inva_pyro.estimator import InVA
-from inva_pyro.latents import latent_columns, latent_table, latent_traversal, traversal_images, write_latents
-from inva_pyro.simulate import simulate_paper
-from inva_pyro.spaces import VolumeSpace
+from inva_pyro.criticism.latents import latent_columns, latent_table, latent_traversal, traversal_images, write_latents
+from inva_pyro.data.simulate import simulate_paper
+from inva_pyro.data.spaces import VolumeSpace
 
 N, GRID, SEED = 160, (16, 16), 0
 PRESET = {"model": dict(shallow_dim=4, deep_dim=2, hidden=32, shared_hidden=16, predictor="paper",

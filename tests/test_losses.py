@@ -1,4 +1,4 @@
-"""DSSIM, MMD and KL-weight schedules (inva_pyro.losses): values, shapes, gradients, errors."""
+"""DSSIM, MMD and KL-weight schedules (inva_pyro.model.losses): values, shapes, gradients, errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from inva_pyro.config import TrainingConfig
-from inva_pyro.losses import DSSIM, dssim, kl_schedule, mask_indices, mmd
-from inva_pyro.training import kl_scale_at
+from inva_pyro.model.losses import DSSIM, dssim, kl_schedule, mask_indices, mmd
+from inva_pyro.train.loop import kl_scale_at
 
 GRIDS = [(16, 20), (9, 11, 7), (12, 8, 10)]  # 2-D, non-cubic 3-D volumes
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from scipy import stats
 
-from inva_pyro import figures, metrics
+from inva_pyro.criticism import figures
+
+from inva_pyro.criticism import metrics
 
 
 @pytest.fixture

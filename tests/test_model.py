@@ -18,9 +18,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from scipy import stats
 
-from inva_pyro.calibration import Calibrator
-from inva_pyro.module import InVAModule
-from inva_pyro.predictive import GRID, histogram_quantiles, posterior_predictive
+from inva_pyro.predict.calibration import Calibrator
+from inva_pyro.model.module import InVAModule
+from inva_pyro.predict.predictive import GRID, histogram_quantiles, posterior_predictive
 
 N_OUTCOME = 40
 NAMES = ["gm", "wm", "ct"]

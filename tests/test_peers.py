@@ -19,14 +19,14 @@ import pytest
 from sklearn.linear_model import Ridge, RidgeCV
 
 from inva_pyro import cli
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset, load_preset, parse_preset
 from inva_pyro.errors import InputError
 from inva_pyro.peers import RidgeRegression, TensorRegression, VoxelBART
 from inva_pyro.peers.bart import FORESTS_FILE, neighbour_index
 from inva_pyro.peers.residual import residual_scale, split_validation
 from inva_pyro.registry import load_model, model_from_preset
-from inva_pyro.spaces import VolumeSpace
+from inva_pyro.data.spaces import VolumeSpace
 
 LEVELS = [0.5, 0.8, 0.9, 0.95]
 GRID = (4, 4, 1)

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from inva_pyro import cli
-from inva_pyro.cohort import Cohort
+from inva_pyro.data.cohort import Cohort
 from inva_pyro.errors import InputError
-from inva_pyro.simulate import (RegionDesign, SurfaceDesign, VolumeDesign, simulate_paper, sphere_parcels,
+from inva_pyro.data.simulate import (RegionDesign, SurfaceDesign, VolumeDesign, simulate_paper, sphere_parcels,
                                 write_cohort)
-from inva_pyro.spaces import RegionSpace, SurfaceSpace, VolumeSpace
+from inva_pyro.data.spaces import RegionSpace, SurfaceSpace, VolumeSpace
 
 
 @pytest.fixture(scope="module")

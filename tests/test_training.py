@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 from inva_pyro.errors import InputError
 from inva_pyro.estimator import InVA
-from inva_pyro.module import InVAModule
-from inva_pyro.training import CHECKPOINT, Batchable, TrainingDiverged, _param_groups, train
+from inva_pyro.model.module import InVAModule
+from inva_pyro.train.loop import CHECKPOINT, Batchable, TrainingDiverged, _param_groups, train
 
 
 def standardised(cohort):
     """Train / val Batchables standardised with the training statistics."""
-    from inva_pyro.preprocessing import Standardizer
+    from inva_pyro.data.preprocessing import Standardizer
 
     st = Standardizer.fit(cohort.train)
 
@@ -346,7 +346,7 @@ def test_mixed_precision_runs_the_networks_in_bfloat16_and_learns_as_float32_doe
     mantissa (relative rounding 2^-9 ~ 0.2%), far below the validation MSE's own sampling noise
     (relative sd sqrt(2 / (n_val x V)) ~ 2% here), so a 10% tolerance cannot be met by chance
     alone; a fit that did not learn (or diverged) misses it by far."""
-    from inva_pyro.training import autocast
+    from inva_pyro.train.loop import autocast
 
     runs = {}
     for mixed in (False, True):

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import Calibrator
-from ..cohort import Subset
+from ..predict.calibration import Calibrator
+from ..data.cohort import Subset
 from ..errors import InputError
 from .base import PeerModel, central_probs
 

@@ -1,7 +1,7 @@
 """What every peer model shares: the InVA interface, run.json, saving and loading.
 
 A peer is fitted on the same ``Subset`` objects as :class:`inva_pyro.estimator.InVA` and returns
-the same :class:`inva_pyro.prediction.Prediction`, so ``inva evaluate``, the figures and the
+the same :class:`inva_pyro.predict.prediction.Prediction`, so ``inva evaluate``, the figures and the
 simulation study treat every family alike. A subclass implements four hooks:
 
 - ``_fit_model(train, val, seed, space, progress)``: fit, then set ``self.calibrator``;
@@ -24,15 +24,15 @@ from typing import ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..calibration import Calibrator
-from ..cohort import Subset
+from ..predict.calibration import Calibrator
+from ..data.cohort import Subset
 from ..config import FAMILY_CONFIGS, Preset, load_preset
 from ..errors import InputError
-from ..io import atomic_write_text
-from ..prediction import Prediction
-from ..preprocessing import Standardizer
+from ..data.io import atomic_write_text
+from ..predict.prediction import Prediction
+from ..data.preprocessing import Standardizer
 from ..runs import RUN_FORMAT, holdout, package_versions
-from ..spaces import space_from_dict
+from ..data.spaces import space_from_dict
 
 VERSIONED = ("inva-pyro", "numpy", "scipy", "scikit-learn", "stochtree", "safetensors")
 

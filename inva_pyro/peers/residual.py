@@ -27,8 +27,8 @@ import numpy as np
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-from ..calibration import Calibrator
-from ..cohort import Subset
+from ..predict.calibration import Calibrator
+from ..data.cohort import Subset
 from .base import PeerModel
 
 

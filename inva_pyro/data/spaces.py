@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 from nilearn import masking
 
-from .errors import InputError
+from ..errors import InputError
 from .io import (load_gifti_map, load_region_table, load_volume, open_volume, read_volume_data,
                  save_gifti_map, save_nifti, save_region_table)
 

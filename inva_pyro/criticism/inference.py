@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .io import _umask
+from ..data.io import _umask
 
 DEFAULT_DRAWS = 100
 DEFAULT_FEATURES = 64
@@ -101,7 +101,7 @@ def latent_draws(module, xs: list[torch.Tensor], num_draws: int, seed: int = 0) 
 
 
 def _kept_draws(model, subset, num_draws: int, features: np.ndarray, seed: int):
-    from .predictive import posterior_predictive
+    from ..predict.predictive import posterior_predictive
 
     xs, y = model._tensors(subset)
     gen = torch.Generator(device=model.device).manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import RidgeCV
 
-from .cohort import Subset
+from ..data.cohort import Subset
 
 
 def ridge_predict(train: Subset, test: Subset, input_names: list[str]) -> np.ndarray:

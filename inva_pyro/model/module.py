@@ -32,7 +32,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .conv import ConvDecoder, ConvEncoder
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor

@@ -23,9 +23,9 @@ from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import TrainingConfig
-from .errors import InputError
-from .losses import kl_schedule
+from ..config import TrainingConfig
+from ..errors import InputError
+from ..model.losses import kl_schedule
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from . import figures
 from . import metrics as M
-from .cohort import Subset
-from .io import atomic_write_text
+from ..data.cohort import Subset
+from ..data.io import atomic_write_text
 
 # Levels of the calibration curve (observed vs nominal coverage).
 CURVE_LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics as M
+from ..criticism import metrics as M
 from .calibration import Calibrator
 
 
@@ -77,7 +77,7 @@ class Prediction:
 
     def to_inference_data(self, model=None, subset=None, **kwargs):
         """ArviZ InferenceData (inference.py): full with the fitted model and its subjects, else reduced."""
-        from .inference import build_inference_data, inference_data_from_prediction
+        from ..criticism.inference import build_inference_data, inference_data_from_prediction
         if model is not None and subset is not None:
             return build_inference_data(model, subset, self, **kwargs)
         return inference_data_from_prediction(self, **kwargs)
@@ -94,7 +94,7 @@ class Prediction:
 
     def to_files(self, out_dir: str | Path, calibrated: bool = True) -> Path:
         """Write every map in the outcome's space, and ``predictions.csv`` listing them (atomically)."""
-        from .io import atomic_dir
+        from ..data.io import atomic_dir
 
         if self.space is None:
             raise ValueError("this prediction has no space to write into")

@@ -370,7 +370,7 @@ def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm
     from .io import atomic_dir
 
     if design not in DESIGNS:
-        from .errors import InputError
+        from ..errors import InputError
         raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
     writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
                "regions": _write_regions}

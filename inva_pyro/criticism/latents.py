@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import InputError
-from .io import atomic_write_bytes, atomic_write_text
+from ..errors import InputError
+from ..data.io import atomic_write_bytes, atomic_write_text
 
 SUBJECT_COLUMN = "subject"
 _CHUNK = 256  # subjects encoded at once
@@ -113,7 +113,7 @@ def _modality_decoder(module, model, modality: str):
 def _space_for(model, modality: str, n_features: int):
     """The modality's space if the run knows it (``info['input_spaces']``, or the outcome's space
     when the sizes agree), else None (then the figure shows feature profiles)."""
-    from .spaces import space_from_dict
+    from ..data.spaces import space_from_dict
 
     saved = (model.info.get("input_spaces") or {}).get(modality)
     if saved is None and model.info.get("space") and n_features == int(model.info["n_outcome"]):

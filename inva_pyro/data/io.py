@@ -19,7 +19,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 # nibabel's own default; prediction writes many maps per subject, so speed beats the
 # few percent of disk a higher level would save.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The same window as the SSIM metric (inva_pyro.metrics): 7 voxels, Gaussian sigma 1.5.
+# The same window as the SSIM metric (inva_pyro.criticism.metrics): 7 voxels, Gaussian sigma 1.5.
 SSIM_WINDOW = 7
 SSIM_SIGMA = 1.5
 

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from .cohort import Subset
-from .errors import InputError
+from ..errors import InputError
 
 # A feature that is (nearly) constant across training subjects, e.g. a voxel at the edge
 # of the mask that is zero in everyone, has scale ~0: dividing by it would blow rounding
