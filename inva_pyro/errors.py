@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 class InputError(Exception):
     """A user mistake: bad file, bad column, mismatched space, ...
 

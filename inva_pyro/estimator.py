@@ -40,13 +40,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-
-
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
     """One rank of a multi-process fit (started by distributed.spawn)."""
     InVA(preset).fit(train_set, val, run_dir=run_dir, **kwargs)
-
-
 
 
 class InVA:

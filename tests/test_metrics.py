@@ -15,6 +15,7 @@ from scipy import stats
 from inva_pyro.criticism import figures
 
 from inva_pyro.criticism import metrics
+from inva_pyro.predict import summaries
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ def test_pit_is_uniform_under_the_true_model(rng):
 
 def test_streaming_crps_matches_closed_form(rng):
     y, mean, sd = gaussian_problem(rng, n=4, v=250)
-    streaming = metrics.StreamingCRPS(torch.tensor(y))
+    streaming = summaries.StreamingCRPS(torch.tensor(y))
     n_samples = 0
     # odd chunk sizes exercise the pairing across chunks; mixed torch / numpy input
     for i, chunk in enumerate([7, 64, 1, 128, 99, 101]):
@@ -154,7 +155,7 @@ def test_streaming_crps_matches_closed_form(rng):
 
 
 def test_streaming_crps_needs_a_pair():
-    streaming = metrics.StreamingCRPS(np.zeros((1, 3)))
+    streaming = summaries.StreamingCRPS(np.zeros((1, 3)))
     streaming.update(np.ones((1, 1, 3)))
     with pytest.raises(ValueError):
         streaming.value()
@@ -165,7 +166,7 @@ def test_streaming_crps_needs_a_pair():
 
 def test_streaming_moments_equal_numpy(rng):
     chunks = [rng.normal(1e4, 3.0, size=(k, 5, 7)) for k in (1, 13, 2, 40)]
-    moments = metrics.StreamingMoments()
+    moments = summaries.StreamingMoments()
     for chunk in chunks:
         moments.update(torch.tensor(chunk, dtype=torch.float64))
     whole = np.concatenate(chunks)

@@ -18,62 +18,19 @@ Image formats (the manifest cell's extension decides; docs/cohorts.md):
 
 from __future__ import annotations
 
-import csv as _csv
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .io import load_gifti_map, load_region_table, open_volume
-from .spaces import HEMISPHERES, RegionSpace, Space, SurfaceSpace, VolumeSpace, load_mask
-
-SPLITS = ("train", "val", "test")
-SUBJECT_COLUMN = "subject"
-SPLIT_COLUMN = "split"
-DEFAULT_VAL_FRACTION = 0.2
-# Enough of the file to tell text from binary without reading a large file.
-_SNIFF_BYTES = 8192
-
-
-@dataclass
-class Subset:
-    """Some subjects' data as matrices, one row per subject (in ``subjects`` order).
-
-    ``inputs``: name -> (n, V_k) float32; ``outcome``: (n, V_y) float32 or None (at
-    predict time); ``truth_mean``/``truth_sd``: the known true outcome mean and sd
-    (simulated cohorts) or None; ``covariates``: numeric columns indexed by subject, or None.
-    """
-
-    subjects: list[str]
-    inputs: dict[str, np.ndarray]
-    outcome: np.ndarray | None = None
-    truth_mean: np.ndarray | None = None
-    truth_sd: np.ndarray | None = None
-    covariates: pd.DataFrame | None = None
-
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "Subset":
-        """A new Subset with the rows at ``indices`` (positions, or a boolean mask)."""
-        idx = np.asarray(indices)
-        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
-
-        def rows(array: np.ndarray | None) -> np.ndarray | None:
-            return None if array is None else array[idx]
-
-        return Subset(
-            subjects=[self.subjects[i] for i in idx],
-            inputs={name: array[idx] for name, array in self.inputs.items()},
-            outcome=rows(self.outcome),
-            truth_mean=rows(self.truth_mean),
-            truth_sd=rows(self.truth_sd),
-            covariates=None if self.covariates is None else self.covariates.iloc[idx],
-        )
+from .spaces import Space, VolumeSpace
+from .manifest import (DEFAULT_VAL_FRACTION, SPLIT_COLUMN, SPLITS, SUBJECT_COLUMN, ImageReader, check_input_names,
+                       covariate_columns, has_image, image_columns, read_cohort_json, read_manifest, split_labels,
+                       subject_ids)
+from .streaming import DiskSubset, RowCache
+from .subset import Subset
 
 
 class Cohort:
@@ -126,20 +83,20 @@ class Cohort:
         csv_path = Path(path)
         if space is not None and mask is not None:
             raise ValueError("give either a mask or a space, not both")
-        table = _read_manifest(csv_path)
-        inputs = _check_input_names(inputs, outcome, csv_path)
-        subjects = _subject_ids(table, csv_path)
-        split = _split_labels(table[SPLIT_COLUMN], subjects, csv_path) if SPLIT_COLUMN in table else None
+        table = read_manifest(csv_path)
+        inputs = check_input_names(inputs, outcome, csv_path)
+        subjects = subject_ids(table, csv_path)
+        split = split_labels(table[SPLIT_COLUMN], subjects, csv_path) if SPLIT_COLUMN in table else None
 
-        if outcome is not None and not require_outcome and not _has_image(table, outcome):
+        if outcome is not None and not require_outcome and not has_image(table, outcome):
             outcome = None
         truth = {"truth_mean": truth_mean, "truth_sd": truth_sd}
         roles = {**{name: "input" for name in inputs},
                  **({outcome: "outcome"} if outcome is not None else {}),
                  **{col: role.replace("_", " ") for role, col in truth.items() if col is not None}}
-        columns = {name: _image_columns(table, name, role, csv_path) for name, role in roles.items()}
+        columns = {name: image_columns(table, name, role, csv_path) for name, role in roles.items()}
 
-        reader = _ImageReader(base=csv_path.parent, csv_path=csv_path, mask=mask, given=space,
+        reader = ImageReader(base=csv_path.parent, csv_path=csv_path, mask=mask, given=space,
                               outcome=outcome, lazy=lazy)
         sources = {name: reader.sources(table, cols, name, subjects) for name, cols in columns.items()}
         kinds = {name: reader.column_kind(name, column_sources) for name, column_sources in sources.items()}
@@ -156,17 +113,15 @@ class Cohort:
             matrices[name], spaces[name] = reader.read_column(name, sources[name], kinds[name],
                                                               subjects, space_name)
 
-        image_columns = {column for cols in columns.values() for column in cols}
-        covariate_columns = _covariate_columns(table, covariates, image_columns, csv_path)
+        used_columns = {column for cols in columns.values() for column in cols}
+        covariate_names = covariate_columns(table, covariates, used_columns, csv_path)
         covariate_frame = None
-        if covariate_columns:
-            covariate_frame = table[covariate_columns].apply(pd.to_numeric).astype(np.float64)
+        if covariate_names:
+            covariate_frame = table[covariate_names].apply(pd.to_numeric).astype(np.float64)
             covariate_frame.index = pd.Index(subjects, name=SUBJECT_COLUMN)
 
         names = inputs + ([outcome] if outcome is not None else [])
         if lazy:
-            from .streaming import DiskSubset, RowCache
-
             data = DiskSubset.from_sources(
                 subjects, sources, spaces, inputs, outcome, truth_mean=truth_mean, truth_sd=truth_sd,
                 covariates=covariate_frame, cache=RowCache(cache_subjects * len(roles)))
@@ -193,7 +148,7 @@ class Cohort:
         (optional)}``; its paths are absolute or relative to the folder.
         """
         directory = Path(directory)
-        spec = _read_cohort_json(directory / "cohort.json")
+        spec = read_cohort_json(directory / "cohort.json")
         mask = spec.get("mask")
         if mask is not None:
             mask = Path(mask) if Path(mask).is_absolute() else directory / mask
@@ -240,7 +195,7 @@ class Cohort:
                       truth_sd=checked("truth_sd", truth_sd), covariates=covariates)
         if len(set(subjects)) != len(subjects):
             raise ValueError("subjects must be unique")
-        split = None if split is None else _split_labels(pd.Series(list(split)), subjects, "split")
+        split = None if split is None else split_labels(pd.Series(list(split)), subjects, "split")
 
         matrices = {**inputs, **({outcome_name: outcome} if outcome is not None else {})}
         spaces = {name: space if space is not None else _flat_space(array.shape[1])
@@ -299,275 +254,6 @@ class Cohort:
         sizes = ", ".join(f"{name}={len(self._indices[name])}" for name in SPLITS)
         return (f"Cohort(n={len(self._data)}, inputs={self._input_names}, "
                 f"outcome={self._outcome_name!r}, {sizes})")
-
-
-# ----- manifest parsing -----------------------------------------------------------------
-def _read_manifest(csv_path: Path) -> pd.DataFrame:
-    if not csv_path.exists():
-        raise InputError(f"{csv_path}: manifest file not found")
-    if csv_path.is_dir():
-        raise InputError(f"{csv_path}: manifest is a folder, not a CSV file")
-    with csv_path.open("rb") as handle:
-        head = handle.read(_SNIFF_BYTES)
-    if not head.strip():
-        raise InputError(f"{csv_path}: manifest is empty")
-    if b"\x00" in head:
-        raise InputError(f"{csv_path}: not a CSV file (binary content)")
-    try:
-        # Everything as text: subject ids like "007" must not become 7; covariates are
-        # converted to numbers later. utf-8-sig drops the byte-order mark Excel writes.
-        table = pd.read_csv(csv_path, dtype=str, encoding="utf-8-sig", skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{csv_path}: manifest is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, _csv.Error) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise InputError(f"{csv_path}: not a readable CSV file ({reason})") from None
-    table.columns = [str(column).strip() for column in table.columns]
-    if SUBJECT_COLUMN not in table:
-        raise InputError(f"{csv_path}: no '{SUBJECT_COLUMN}' column "
-                         f"(columns: {', '.join(table.columns)})")
-    if len(table) == 0:
-        raise InputError(f"{csv_path}: manifest has no subjects (header only)")
-    return table
-
-
-def _check_input_names(inputs: Sequence[str], outcome: str | None, csv_path: Path) -> list[str]:
-    if isinstance(inputs, str):  # a bare "gm" would otherwise be read as ["g", "m"]
-        inputs = [inputs]
-    inputs = [str(name) for name in inputs]
-    if not inputs:
-        raise InputError(f"{csv_path}: no input columns given")
-    duplicates = sorted({name for name in inputs if inputs.count(name) > 1})
-    if duplicates:
-        raise InputError(f"{csv_path}: input column '{duplicates[0]}' given twice")
-    if outcome is not None and outcome in inputs:
-        raise InputError(f"{csv_path}: column '{outcome}' is both an input and the outcome")
-    return inputs
-
-
-def _require_column(table: pd.DataFrame, column: str, role: str, csv_path: Path) -> None:
-    if column not in table:
-        raise InputError(f"{csv_path}: no column '{column}' for the {role} "
-                         f"(available: {', '.join(table.columns)})")
-
-
-def _subject_ids(table: pd.DataFrame, csv_path: Path) -> list[str]:
-    subjects: list[str] = []
-    seen: set[str] = set()
-    for row, value in enumerate(table[SUBJECT_COLUMN]):
-        subject = "" if pd.isna(value) else str(value).strip()
-        if not subject:
-            # +2: one for the header line, one because people count lines from 1.
-            raise InputError(f"{csv_path}: line {row + 2} has an empty subject id")
-        if subject in seen:
-            raise InputError(f"{csv_path}: duplicate subject id '{subject}'")
-        seen.add(subject)
-        subjects.append(subject)
-    return subjects
-
-
-def _split_labels(values: pd.Series, subjects: list[str], source: str | Path) -> list[str]:
-    labels = []
-    for subject, value in zip(subjects, values):
-        label = "" if pd.isna(value) else str(value).strip().lower()
-        if label not in SPLITS:
-            raise InputError(f"{source}: subject '{subject}' has split {value!r}; "
-                             f"expected one of {', '.join(SPLITS)}")
-        labels.append(label)
-    if len(labels) != len(subjects):
-        raise InputError(f"{source}: {len(labels)} split labels for {len(subjects)} subjects")
-    return labels
-
-
-def _covariate_columns(table: pd.DataFrame, requested: Sequence[str] | None,
-                       image_columns: set[str], csv_path: Path) -> list[str]:
-    if requested is not None:
-        for column in requested:
-            _require_column(table, column, "covariate", csv_path)
-            if not _is_numeric(table[column]):
-                raise InputError(f"{csv_path}: covariate column '{column}' is not numeric")
-        return list(requested)
-    # Other numeric columns; text columns (unused image paths, notes) are ignored.
-    reserved = {SUBJECT_COLUMN, SPLIT_COLUMN} | image_columns
-    return [column for column in table.columns
-            if column not in reserved and _is_numeric(table[column])]
-
-
-def _is_numeric(values: pd.Series) -> bool:
-    present = values.dropna()
-    if present.empty:
-        return False
-    try:
-        pd.to_numeric(present)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-def _read_cohort_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(spec, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    inputs = spec.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
-        raise InputError(f"{path}: 'inputs' must be a non-empty list of column names")
-    if spec.get("outcome") is not None and not isinstance(spec["outcome"], str):
-        raise InputError(f"{path}: 'outcome' must be a column name or null")
-    if spec.get("mask") is not None and not isinstance(spec["mask"], str):
-        raise InputError(f"{path}: 'mask' must be a path or null")
-    truth = spec.get("truth")
-    if truth is not None and not (isinstance(truth, dict) and set(truth) <= {"mean", "sd"}):
-        raise InputError(f"{path}: 'truth' must be {{\"mean\": COLUMN, \"sd\": COLUMN}}")
-    return spec
-
-
-# ----- images -----------------------------------------------------------------------------
-_KIND_NOUN = {"volume": "image", "surface": "surface map", "regions": "region table"}
-
-
-def _image_kind(path: Path) -> str:
-    """The kind of space an image file belongs to, from its extension (the one dispatch point)."""
-    name = path.name.lower()
-    if name.endswith(".nii") or name.endswith(".nii.gz"):
-        return "volume"
-    if name.endswith(".gii"):
-        return "surface"
-    if name.endswith((".csv", ".tsv", ".txt")):
-        return "regions"
-    raise InputError(f"{path}: unsupported image format (expected NIfTI .nii/.nii.gz, GIfTI .gii, "
-                     "or a region table .csv/.tsv/.txt)")
-
-
-def _has_image(table: pd.DataFrame, name: str) -> bool:
-    """Whether the manifest has image ``name`` (a column or an _lh/_rh pair) with any path in it."""
-    columns = [name] if name in table else [f"{name}_{h}" for h in HEMISPHERES]
-    return all(c in table for c in columns) and not table[columns].isna().all().all()
-
-
-def _image_columns(table: pd.DataFrame, name: str, role: str, csv_path: Path) -> tuple[str, ...]:
-    """The manifest column(s) of image ``name``: ``(name,)``, or ``(name_lh, name_rh)``."""
-    if name in table:
-        return (name,)
-    pair = tuple(f"{name}_{h}" for h in HEMISPHERES)
-    present = [c for c in pair if c in table]
-    if len(present) == 1:
-        other = pair[1 - pair.index(present[0])]
-        raise InputError(f"{csv_path}: column '{present[0]}' for the {role} '{name}' has no partner "
-                         f"column '{other}' (a hemisphere pair needs both)")
-    if not present:
-        _require_column(table, name, role, csv_path)
-    return pair
-
-
-@dataclass
-class _ImageReader:
-    """Reads image columns into matrices (or, lazily, checks them), building the spaces.
-
-    Volume columns share one VolumeSpace (the first volume's grid and the mask) and surface
-    columns one SurfaceSpace (the first map's vertex counts); each region column gets its own
-    RegionSpace (the first table's regions). ``given`` (a trained run's space, or a dict of
-    them by name) replaces building: images are checked against it.
-    """
-
-    base: Path
-    csv_path: Path
-    mask: str | Path | None = None
-    given: Space | dict[str, Space] | None = None
-    outcome: str | None = None
-    lazy: bool = False
-
-    def __post_init__(self) -> None:
-        self.shared: dict[str, Space] = {}
-        self.by_name: dict[str, Space] = {}
-        given = self.given
-        if isinstance(given, dict):
-            self.by_name = dict(given)
-        elif isinstance(given, RegionSpace):
-            if self.outcome is not None:
-                self.by_name[self.outcome] = given
-        elif given is not None:
-            self.shared[given.kind] = given
-        for space in self.by_name.values():
-            if space.kind in ("volume", "surface"):
-                self.shared.setdefault(space.kind, space)
-
-    def resolve(self, value: str) -> Path:
-        path = Path(value.strip()).expanduser()
-        return path if path.is_absolute() else self.base / path
-
-    def sources(self, table: pd.DataFrame, columns: tuple[str, ...], name: str,
-                subjects: list[str]) -> list[Path | tuple[Path, ...]]:
-        """Per subject: the image's path, or its (left, right) paths for a column pair."""
-        out = []
-        for row, subject in enumerate(subjects):
-            paths = []
-            for column in columns:
-                value = table[column].iloc[row]
-                if pd.isna(value) or not str(value).strip():
-                    raise InputError(f"{self.csv_path}: subject '{subject}' has no '{column}' image path")
-                paths.append(self.resolve(str(value)))
-            out.append(paths[0] if len(paths) == 1 else tuple(paths))
-        return out
-
-    def column_kind(self, name: str, sources: list) -> str:
-        """The one kind of every file of a column (checked by extension, no file is opened)."""
-        first = _files(sources[0])[0]
-        kind = _image_kind(first)
-        for source in sources:
-            for path in _files(source):
-                if _image_kind(path) != kind:
-                    raise InputError(f"{path}: a {_image_kind(path)} file in column '{name}', whose first "
-                                     f"file ({first.name}) is a {kind}")
-        if isinstance(sources[0], tuple) and kind != "surface":
-            raise InputError(f"{first}: a {name}_lh/{name}_rh column pair must hold GIfTI hemisphere "
-                             f"maps, not {kind} files")
-        return kind
-
-    def read_column(self, name: str, sources: list, kind: str, subjects: list[str],
-                    space_name: str) -> tuple[np.ndarray | None, Space]:
-        """(matrix (n, V) float32, or None when lazy; the column's space)."""
-        what = f"{name} {_KIND_NOUN[kind]}"
-        space = self._space_for(space_name, kind, sources[0], subjects[0], what)
-        if self.lazy:
-            for subject, source in zip(subjects, sources):
-                space.check_file(source, what, subject=subject)
-            return None, space
-        matrix = np.empty((len(subjects), space.n_features), dtype=np.float32)
-        for row, (subject, source) in enumerate(zip(subjects, sources)):
-            matrix[row] = space.read(source, what, subject=subject)
-        return matrix, space
-
-    def _space_for(self, space_name: str, kind: str, first, subject: str, what: str) -> Space:
-        space = self.by_name.get(space_name) or (self.shared.get(kind) if kind != "regions" else None)
-        if space is not None:
-            if space.kind != kind:
-                raise InputError(f"{_files(first)[0]}: {space_name} must be a {space.kind} like the "
-                                 f"model's, got a {kind} file")
-            return space
-        if kind == "volume":
-            img = open_volume(first, what)  # header only: the grid, not the voxels
-            mask = load_mask(self.mask, shape=img.shape, affine=img.affine) if self.mask is not None else None
-            space = VolumeSpace.from_image(img, mask)
-        elif kind == "surface":
-            files = _files(first)
-            maps = [load_gifti_map(path, what) for path in files]
-            space = SurfaceSpace.from_maps(maps, tuple(HEMISPHERES) if len(files) == 2 else None)
-        else:
-            table = load_region_table(first, what)
-            space = RegionSpace(regions=table.regions, id_column=table.id_column)
-        if kind != "regions":
-            self.shared[kind] = space
-        self.by_name[space_name] = space
-        return space
-
-
-def _files(source) -> tuple[Path, ...]:
-    return tuple(source) if isinstance(source, tuple) else (source,)
 
 
 def _split_indices(split: list[str] | None, n: int, seed: int,

@@ -27,7 +27,8 @@ from typing import Hashable, Sequence
 import numpy as np
 import pandas as pd
 
-from .cohort import Subset, _KIND_NOUN
+from .manifest import KIND_NOUN
+from .subset import Subset
 
 Source = Path | tuple[Path, ...]
 
@@ -85,7 +86,7 @@ class LazyMatrix:
         self.subjects = list(subjects)
         self.space = space
         self.cache = cache
-        self._what = f"{name} {_KIND_NOUN[space.kind]}"
+        self._what = f"{name} {KIND_NOUN[space.kind]}"
 
     @property
     def shape(self) -> tuple[int, int]:

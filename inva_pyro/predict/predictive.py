@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..criticism.metrics import StreamingCRPS, StreamingMoments
+from .summaries import StreamingCRPS, StreamingMoments
 
 # Standardised histogram grid: fine enough that interpolation error (<= 1/2 bin) is well under
 # the Monte-Carlo error of a 0.025/0.975 sample quantile at a few hundred draws.

@@ -1,0 +1,128 @@
+"""Writing a simulated design as a cohort folder (CONTRACT.md): images, manifest with splits, truth, cohort.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ...errors import InputError
+from ..io import atomic_dir, save_gifti_map, save_nifti
+from ..spaces import HEMISPHERES
+from .common import default_split
+from .paper import simulate_paper
+from .surface import RegionDesign, SurfaceDesign
+from .volume import VolumeDesign
+
+
+DESIGNS = ("paper", "volume", "surface", "regions")
+VOLUME_VOXEL_MM = 4
+_CHUNK = 50  # subjects generated at once by the surface and region designs
+_TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
+
+
+def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None) -> Path:
+    """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth.
+
+    ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4).
+    """
+    if design not in DESIGNS:
+        raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
+    writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
+               "regions": _write_regions}
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / "images").mkdir()
+        split = default_split(n_subjects, seed)
+        subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects)]
+        options = {"voxel_mm": voxel_mm or VOLUME_VOXEL_MM} if design == "volume" else {}
+        rows, spec, covariates = writers[design](tmp, subjects, seed, **options)
+        for row, subject, label in zip(rows, subjects, split):
+            row.update({"subject": subject, "split": label})
+        manifest = pd.DataFrame(rows)
+        front = ["subject", "split"]
+        manifest = manifest[front + [c for c in manifest.columns if c not in front]]
+        manifest = pd.concat([manifest, covariates.reset_index(drop=True)], axis=1)
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+        cohort = {"design": design, **spec, "covariates": list(covariates.columns), "seed": seed,
+                  "n_subjects": n_subjects, **options}
+        (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2))
+    return Path(out)
+
+
+def _write_paper(tmp: Path, subjects: list[str], seed: int):
+
+    sim = simulate_paper(len(subjects), seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm pixels; the grid is one slice thick
+    arrays = {**sim["inputs"], "y": sim["outcome"], "y_true_mean": sim["true_mean"], "y_true_sd": sim["true_sd"]}
+    rows = []
+    for i, subject in enumerate(subjects):
+        row = {}
+        for col, values in arrays.items():
+            rel = f"images/{subject}_{col}.nii.gz"
+            nib.save(nib.Nifti1Image(values[i][..., None].astype(np.float32), affine), tmp / rel)
+            row[col] = rel
+        rows.append(row)
+    spec = {"inputs": list(sim["inputs"]), "outcome": "y", "mask": None,
+            "truth": {"mean": "y_true_mean", "sd": "y_true_sd"}}
+    return rows, spec, sim["covariates"]
+
+
+def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int):
+
+    design = VolumeDesign(len(subjects), seed, voxel_mm)
+    header = design.header.copy()
+    header.set_xyzt_units("mm")
+    # fsync=False: the files are inside a fresh atomic_dir, which appears only when complete.
+    save_nifti(design.mask.astype(np.float32), design.affine, header, tmp / "mask.nii.gz", fsync=False)
+    rows = []
+    for i, subject in enumerate(subjects):
+        row = {}
+        for col, values in design.subject(i).items():
+            rel = f"images/{subject}_{col}.nii.gz"
+            save_nifti(values, design.affine, header, tmp / rel, fsync=False)
+            row[col] = rel
+        rows.append(row)
+    spec = {"inputs": ["gm", "wm", "t1"], "outcome": "pet", "mask": "mask.nii.gz", "truth": _TRUTH}
+    return rows, spec, design.covariates
+
+
+def _write_surface(tmp: Path, subjects: list[str], seed: int):
+
+    design = SurfaceDesign(len(subjects), seed)
+    rows = [{} for _ in subjects]
+    for start in range(0, len(subjects), _CHUNK):
+        chunk = design.chunk(start, min(start + _CHUNK, len(subjects)))
+        for hemi, maps in chunk.items():
+            for name, values in maps.items():
+                for k, vector in enumerate(values):
+                    subject = subjects[start + k]
+                    rel = f"images/{subject}_{name}_{hemi}.gii"
+                    save_gifti_map(vector, tmp / rel, HEMISPHERES[hemi], fsync=False)
+                    rows[start + k][f"{name}_{hemi}"] = rel
+    spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH,
+            "mesh": "fsaverage5"}
+    return rows, spec, design.covariates
+
+
+def _write_regions(tmp: Path, subjects: list[str], seed: int):
+    design = RegionDesign(len(subjects), seed)
+    tables: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(subjects), _CHUNK):
+        for name, values in design.chunk(start, min(start + _CHUNK, len(subjects))).items():
+            tables.setdefault(name, []).append(values)
+    (tmp / "tables").mkdir()
+    rows = [{} for _ in subjects]
+    for name, parts in tables.items():
+        # One table per measure, rows = subjects, as aparcstats2table writes; every subject's
+        # manifest cell points at it.
+        frame = pd.DataFrame(np.concatenate(parts).astype(np.float32), columns=design.regions)
+        frame.insert(0, "subject", subjects)
+        rel = f"tables/{name}.csv"
+        frame.to_csv(tmp / rel, index=False, float_format="%.9g")
+        for row in rows:
+            row[name] = rel
+    spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH}
+    return rows, spec, design.covariates

@@ -1,0 +1,248 @@
+"""NIfTI volumes: the voxels inside a brain mask of a 3-D grid, read through nibabel proxies and nilearn masking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import nibabel as nib
+import numpy as np
+from nilearn import masking
+
+from ...errors import InputError
+from ..io import load_volume, open_volume, read_volume_data, save_nifti
+
+
+# Tolerance for "same affine": voxel sizes and origins are stored as float32 in NIfTI,
+# so images written by different tools differ in the last digits.
+AFFINE_ATOL = 1e-4
+
+
+@dataclass(eq=False)
+class VolumeSpace:
+    """Voxels inside a boolean mask of a 3D grid with a fixed affine.
+
+    Features are the mask's True voxels in C (row-major) order, the order nilearn's
+    ``apply_mask`` uses and ``np.flatnonzero(mask)`` lists.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    mask: np.ndarray
+
+    kind: ClassVar[str] = "volume"
+    extension: ClassVar[str] = ".nii.gz"  # of the files ``write`` makes
+    _mask_img: nib.Nifti1Image | None = field(default=None, init=False, repr=False)
+    _box: tuple[slice, slice, slice] | None = field(default=None, init=False, repr=False)
+    _box_mask_img: nib.Nifti1Image | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if len(self.shape) != 3:
+            raise ValueError(f"VolumeSpace needs a 3D shape, got {self.shape}")
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"VolumeSpace needs a 4x4 affine, got {self.affine.shape}")
+        if self.mask.shape != self.shape:
+            raise ValueError(f"mask shape {self.mask.shape} differs from shape {self.shape}")
+        if not self.mask.any():
+            raise ValueError("VolumeSpace mask is empty")
+
+    # ----- construction -------------------------------------------------------------
+    @classmethod
+    def from_image(cls, img: nib.Nifti1Image, mask: np.ndarray | None = None) -> "VolumeSpace":
+        """The space of a loaded reference image; ``mask`` None means every voxel."""
+        shape = tuple(img.shape[:3])
+        if mask is None:
+            mask = np.ones(shape, dtype=bool)
+        return cls(shape=shape, affine=img.affine, header=img.header.copy(), mask=mask)
+
+    @classmethod
+    def from_files(cls, reference: str | Path, mask: str | Path | None = None) -> "VolumeSpace":
+        """The space of the image at ``reference``, restricted to the mask file if given."""
+        ref_img = load_volume(reference, "image")
+        mask_array = load_mask(mask, shape=ref_img.shape, affine=ref_img.affine) if mask else None
+        return cls.from_image(ref_img, mask_array)
+
+    # ----- features <-> arrays ------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """``shape`` without singleton dims, e.g. (32, 32, 1) -> (32, 32): the grid SSIM sees."""
+        kept = tuple(s for s in self.shape if s != 1)
+        return kept if kept else (1,)
+
+    def _mask_image(self) -> nib.Nifti1Image:
+        if self._mask_img is None:
+            self._mask_img = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
+        return self._mask_img
+
+    def to_vector(self, array3d: np.ndarray) -> np.ndarray:
+        """The (V,) float32 feature vector of a 3D array on this grid. Non-finite values are kept."""
+        array3d = np.asarray(array3d, dtype=np.float32)
+        if array3d.shape != self.shape:
+            raise ValueError(f"array shape {array3d.shape} differs from space shape {self.shape}")
+        img = nib.Nifti1Image(array3d, self.affine)
+        # ensure_finite=False: nilearn would silently zero NaN/Inf, but the cohort must see
+        # them to report the offending file.
+        return masking.apply_mask(img, self._mask_image(), dtype=np.float32, ensure_finite=False)
+
+    def to_volume(self, vector: np.ndarray) -> np.ndarray:
+        """The 3D float32 array of a (V,) vector, zero outside the mask."""
+        vector = self._check_vector(vector)
+        img = masking.unmask(vector, self._mask_image())
+        return np.asarray(img.dataobj, dtype=np.float32)
+
+    def to_grid(self, matrix: np.ndarray) -> np.ndarray:
+        """(n, V) -> (n, *grid_shape), zeros outside the mask (for SSIM and figures)."""
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.ndim != 2 or matrix.shape[1] != self.n_features:
+            raise ValueError(f"expected shape (n, {self.n_features}), got {matrix.shape}")
+        # Plain indexing: nilearn's unmask would return a 4D image with subjects last,
+        # needing an image round trip and a transpose for the same result.
+        grid = np.zeros((matrix.shape[0], *self.shape), dtype=np.float32)
+        grid[:, self.mask] = matrix
+        return grid.reshape(matrix.shape[0], *self.grid_shape)
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.n_features,):
+            raise ValueError(f"expected a vector of {self.n_features} features, got shape {vector.shape}")
+        return vector
+
+    # ----- files --------------------------------------------------------------------
+    def check_image(self, img: nib.Nifti1Image, path: str | Path, what: str = "image") -> None:
+        """Raise InputError naming ``path`` if ``img`` is not on this space's grid."""
+        if tuple(img.shape[:3]) != self.shape or len(img.shape) < 3:
+            raise InputError(f"{path}: {what} shape {tuple(img.shape)} differs from the cohort's {self.shape}")
+        if not np.allclose(img.affine, self.affine, atol=AFFINE_ATOL):
+            worst = float(np.abs(img.affine - self.affine).max())
+            raise InputError(f"{path}: {what} affine differs from the cohort's "
+                             f"(largest difference {worst:.4g}; images must share one space)")
+
+    def vector_from_image(self, img: nib.Nifti1Image, path: str | Path, what: str = "image") -> np.ndarray:
+        """The checked feature vector of a loaded image: same grid, finite inside the mask."""
+        self.check_image(img, path, what)
+        vector = self.to_vector(np.asanyarray(img.dataobj))
+        bad = ~np.isfinite(vector)
+        if bad.any():
+            raise InputError(f"{path}: {what} has {int(bad.sum())} NaN/Inf voxel(s) inside the mask")
+        return vector
+
+    def _mask_box(self) -> tuple[tuple[slice, slice, slice], nib.Nifti1Image]:
+        """The mask's bounding box, and the mask cropped to it as an image on the box's grid."""
+        if self._box is None:
+            nonzero = np.nonzero(self.mask)
+            self._box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in nonzero)
+            corner = np.array([b.start for b in self._box] + [1.0])
+            box_affine = self.affine.copy()
+            box_affine[:, 3] = self.affine @ corner  # the box's first voxel is its origin
+            self._box_mask_img = nib.Nifti1Image(self.mask[self._box].astype(np.uint8), box_affine)
+        return self._box, self._box_mask_img
+
+    def read(self, path: str | Path, what: str = "image", subject: str | None = None) -> np.ndarray:
+        """The (V,) float32 feature vector of the NIfTI file at ``path`` (``subject`` is unused).
+
+        Lazy: the header is checked first, then only the mask's bounding box is read through
+        nibabel's array proxy and masked with nilearn, so memory holds one box, not the file.
+        """
+        img = open_volume(path, what)
+        self.check_image(img, path, what)
+        box, box_mask = self._mask_box()
+        data = read_volume_data(img, path, what, box)
+        # ensure_finite=False: nilearn would silently zero NaN/Inf; they must be reported.
+        vector = masking.apply_mask(nib.Nifti1Image(data, box_mask.affine), box_mask,
+                                    dtype=np.float32, ensure_finite=False)
+        bad = ~np.isfinite(vector)
+        if bad.any():
+            raise InputError(f"{path}: {what} has {int(bad.sum())} NaN/Inf voxel(s) inside the mask")
+        return vector
+
+    def check_file(self, path: str | Path, what: str = "image", subject: str | None = None) -> None:
+        """Cheap check that a file is on this grid: header only, no voxel data is read."""
+        self.check_image(open_volume(path, what), path, what)
+
+    def write(self, vector: np.ndarray, path: str | Path) -> list[Path]:
+        """Write a (V,) vector as a float32 NIfTI with this space's affine and header."""
+        save_nifti(self.to_volume(vector), self.affine, self.header, path)
+        return [Path(path)]
+
+    # ----- persistence --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description; the mask is stored as the flat (C order) indices of its voxels."""
+        return {
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "affine": self.affine.tolist(),
+            "header": _header_to_dict(self.header) if self.header is not None else None,
+            "mask_indices": np.flatnonzero(self.mask).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VolumeSpace":
+        shape = tuple(int(s) for s in d["shape"])
+        mask = np.zeros(int(np.prod(shape)), dtype=bool)
+        mask[np.asarray(d["mask_indices"], dtype=np.int64)] = True
+        header = _header_from_dict(d["header"], shape) if d.get("header") is not None else None
+        return cls(shape=shape, affine=np.asarray(d["affine"], dtype=np.float64),
+                   header=header, mask=mask.reshape(shape))
+
+
+def _header_to_dict(header: nib.Nifti1Header) -> dict[str, Any]:
+    # Only what outputs need to look like the inputs in a viewer: voxel sizes, both
+    # orientation matrices with their codes, and units. Intensity scaling, data type and
+    # description are per file, and save_nifti sets them.
+    qform, qform_code = header.get_qform(coded=True)
+    sform, sform_code = header.get_sform(coded=True)
+    return {
+        "zooms": [float(z) for z in header.get_zooms()[:3]],
+        "qform": None if qform is None else qform.tolist(),
+        "qform_code": int(qform_code),
+        "sform": None if sform is None else sform.tolist(),
+        "sform_code": int(sform_code),
+        "xyzt_units": int(header["xyzt_units"]),
+    }
+
+
+def _header_from_dict(d: dict[str, Any], shape: tuple[int, ...]) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    if d["qform"] is not None:
+        header.set_qform(np.asarray(d["qform"]), int(d["qform_code"]))
+    if d["sform"] is not None:
+        header.set_sform(np.asarray(d["sform"]), int(d["sform_code"]))
+    # After the forms: set_qform recomputes zooms from the matrix, the stored ones win.
+    header.set_zooms(tuple(d["zooms"]))
+    header["xyzt_units"] = int(d["xyzt_units"])
+    return header
+
+
+def load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """Load a binary mask file that must lie on the given grid; returns a bool array.
+
+    Nonzero voxels are in. A mask with several distinct nonzero values (e.g. a
+    probability map) is refused rather than guessed at: threshold it first.
+    """
+    img = load_volume(path, "mask")
+    data = np.asanyarray(img.dataobj)
+    if tuple(img.shape) != tuple(shape[:3]):
+        raise InputError(f"{path}: mask shape {tuple(img.shape)} differs from the images' {tuple(shape[:3])}")
+    if not np.allclose(img.affine, affine, atol=AFFINE_ATOL):
+        raise InputError(f"{path}: mask affine differs from the images' (the mask must be in the same space)")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: mask has NaN/Inf voxels")
+    nonzero_values = np.unique(data[data != 0])
+    if nonzero_values.size > 1:
+        raise InputError(f"{path}: mask is not binary ({nonzero_values.size} distinct nonzero values); "
+                         "threshold it first")
+    mask = data != 0
+    if not mask.any():
+        raise InputError(f"{path}: mask is empty (no nonzero voxels)")
+    return mask
