@@ -19,7 +19,7 @@ from .runs import RUN_FORMAT, holdout, package_versions
 from .data.io import atomic_write_text
 from .model.module import InVAModule
 from .predict.prediction import Prediction
-from .predict.predictive import posterior_predictive
+from .predict.predictive import posterior_predictive, seeded_generator
 from .data.preprocessing import Standardizer
 from .data.spaces import space_from_dict
 from .data.streaming import DiskBatches, DiskSubset
@@ -164,7 +164,7 @@ class InVA:
         self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
 
     def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return seeded_generator(self.device, seed)
 
     # ---- prediction --------------------------------------------------------------------------------
     def predict(self, subset: Subset, num_samples: int | None = None, levels: list[float] | None = None,
