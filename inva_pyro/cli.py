@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a simulated cohort with known truth")
     p.add_argument("--design", default="paper", help="simulation design (default: paper)")
+    p.add_argument("--voxel-mm", type=int, help="voxel size in mm of the volume design (integer; default 4; "
+                   "2 is whole-brain PET resolution, about 230,000 voxels in the brain mask)")
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="CSV file to write (one row per subject)")
     p.add_argument("--traversal", type=Path, metavar="DIR", help="also write latent-traversal figures here")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
@@ -99,7 +102,12 @@ def _simulate(args) -> None:
     from .data.simulate import write_cohort
     if args.n_subjects < 10:
         raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
-    out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
+    if args.voxel_mm is not None:
+        if args.design != "volume":
+            raise InputError(f"--voxel-mm: only the volume design has a voxel size (not '{args.design}')")
+        if not 1 <= args.voxel_mm <= 12:
+            raise InputError(f"--voxel-mm {args.voxel_mm}: must be an integer from 1 to 12")
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm)
     print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
 
 
@@ -288,7 +296,7 @@ def _latents(args) -> None:
     from . import Cohort, InVA
     from .criticism.latents import latent_traversal, write_latents
     from .registry import load_model
-    model = load_model(args.run)
+    model = load_model(args.run, device=args.device)
     if not isinstance(model, InVA):
         raise InputError(f"{args.run}: a '{model.info.get('family')}' run has no latent variables")
     info = model.info

@@ -763,6 +763,17 @@ def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
     np.testing.assert_allclose(y.numpy(), direct.transform_outcome(eager.train.outcome[[3, 0]]), rtol=1e-4, atol=1e-5)
     assert batches.to("cpu").device.type == "cpu" and xs[0].dtype == torch.float32
 
+    # Several reading threads and a prefetched minibatch give the same rows, in the asked order.
+    single = DiskBatches(lazy.train, streamed, ["wm", "gm"], workers=1)
+    threaded = DiskBatches(lazy.train, streamed, ["wm", "gm"], workers=4)
+    for order in ([5, 2, 0, 4], [1, 3]):
+        threaded.prefetch(np.array(order))
+        expected, got = single.take(torch.tensor(order)), threaded.take(torch.tensor(order))
+        for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]]):
+            assert torch.equal(a, b)
+    threaded.prefetch(np.array([0, 1]))  # a prefetch of other rows is dropped, not returned
+    assert torch.equal(threaded.take(torch.tensor([2]))[1], single.take(torch.tensor([2]))[1])
+
 
 def test_lazy_cohort_checks_headers_up_front_and_data_on_read(tmp_path):
     write_cohort(tmp_path)

@@ -151,6 +151,11 @@ def _diverged(what: str, state: TrainingState, ckpt_path: Path | None) -> Traini
     return TrainingDiverged(f"training stopped: {what} in epoch {state.epoch + 1} (try a lower learning_rate){where}")
 
 
+def finite_check_steps(device: torch.device) -> int:
+    """Steps between two looks at the losses: every step on the CPU, where a look is free."""
+    return 1 if device.type == "cpu" else FINITE_CHECK_STEPS
+
+
 def _check_finite(pending: list, state: TrainingState, ckpt_path: Path | None) -> None:
     """Raise TrainingDiverged at the first (loss, gradient norm) pair that is not finite; one
     host synchronisation for all of ``pending``, which is emptied. It runs before the optimiser
@@ -203,23 +208,32 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     # Non-finite losses and gradient norms are looked at every ``check_every`` steps (one host
     # synchronisation), and always before a checkpoint is written, so a checkpoint is never written
     # after a bad step. On the CPU checking costs nothing, so it is done every step.
-    check_every = 1 if device.type == "cpu" else FINITE_CHECK_STEPS
+    check_every = finite_check_steps(device)
+    prefetch = getattr(train_data, "prefetch", None)  # streaming.DiskBatches
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
         module.train()
         kl_scale = kl_scale_at(state.epoch, cfg)
         # The visiting order depends on (seed, epoch) only: identical on every rank and after a resume.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch)).to(device)
+        host_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
+        order = host_order.to(device)  # one copy per epoch; minibatch indices are slices of it
+        starts = range(0, n, cfg.batch_size)
         epoch_loss = torch.zeros((), dtype=torch.float64, device=device)  # accumulated on the device
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (loss, gradient norm) not yet checked
-        for step, start in enumerate(range(0, n, cfg.batch_size)):
+        for start in starts:
             idx = distributed.shard(order[start:start + cfg.batch_size])
+            # Data read from disk is indexed on the host (no device round trip), and the next
+            # minibatch is read while this one trains (after this one was taken, below).
+            rows = distributed.shard(host_order[start:start + cfg.batch_size]) if prefetch else idx
             optimizer.zero_grad(set_to_none=True)
             loss = None
             if len(idx):
                 with pyro.validation_enabled(validate and not validated), autocast(device, cfg.mixed_precision):
-                    loss = _minibatch_loss(elbo, module, train_data, idx, n, kl_scale, cfg.prediction_weight)
+                    loss = _minibatch_loss(elbo, module, train_data, idx, rows, n, kl_scale,
+                                          cfg.prediction_weight)
                 validated = True
+                if prefetch and start + cfg.batch_size < n:
+                    prefetch(distributed.shard(host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]))
                 if loss.requires_grad:
                     loss.backward()
                     # a non-finite loss poisons every gradient, so that every rank sees it after the all-reduce
@@ -268,8 +282,8 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _minibatch_loss(elbo, module, data: Batchable, idx, n, kl_scale, prediction_scale) -> torch.Tensor:
-    xs, y = data.take(idx)
+def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale) -> torch.Tensor:
+    xs, y = data.take(rows)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
                                         encoded=module.encode(xs), kl_scale=kl_scale,
