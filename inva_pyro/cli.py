@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the preset's minibatch size (subjects per SVI step; "
+                   "the ELBO is scaled to the training size whatever it is): larger batches fill a GPU")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -139,6 +141,10 @@ def _fit(args) -> None:
         preset = load_preset(args.model)
         if args.epochs:
             preset.training.epochs = args.epochs
+        if args.batch_size is not None:
+            if args.batch_size < 1:
+                raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+            preset.training.batch_size = args.batch_size
         cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed,
                                       lazy=args.lazy, cache_subjects=args.cache_subjects)
         fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,

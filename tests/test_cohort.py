@@ -716,14 +716,22 @@ def test_nan_in_the_mask_file_is_refused(tmp_path):
         read(tmp_path)
 
 
-def test_volume_read_through_the_mask_box_equals_the_full_read(tmp_path):
+def test_volume_read_equals_nibabel_and_nilearn(tmp_path):
     data = write_cohort(tmp_path)
     space = read(tmp_path).spaces["gm"]
-    # Uncompressed .nii too, where the proxy reads only the box from disk.
+    # Uncompressed .nii too; the one-call decompression of .nii.gz; and scaled integers, which
+    # take nibabel's own path.
     plain = write_nifti(tmp_path / "plain.nii", data["gm"][2])
     np.testing.assert_array_equal(space.read(plain), data["gm"][2][make_mask()])
     np.testing.assert_array_equal(space.read(tmp_path / "images/sub-002_gm.nii.gz"),
                                   space.to_vector(data["gm"][2]))
+    img = nib.load(tmp_path / "images/sub-002_gm.nii.gz")
+    scaled = nib.Nifti1Image(np.round(data["gm"][2] * 100).astype(np.int16), img.affine)
+    scaled.header.set_slope_inter(0.01, 2.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    expected = np.asarray(nib.load(tmp_path / "scaled.nii.gz").dataobj, dtype=np.float32)[make_mask()]
+    np.testing.assert_allclose(space.read(tmp_path / "scaled.nii.gz"), expected, rtol=1e-6)
+    np.testing.assert_allclose(expected, data["gm"][2][make_mask()] + 2.0, atol=0.006)
 
 
 # ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------

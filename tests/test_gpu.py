@@ -103,11 +103,10 @@ def test_latents_on_cuda_match_the_cpu(cohort_dir, preset, tmp_path):
     assert (tmp_path / "latents.csv").stat().st_size > 0
 
 
-def test_nan_on_cuda_stops_training_with_the_last_good_checkpoint(cohort_dir, tmp_path):
+def test_nan_on_cuda_stops_training_with_the_last_good_checkpoint(cohort_dir, tmp_path, make_preset):
     """On a GPU the losses are looked at every 32 steps and before every checkpoint (loop.py)."""
-    from conftest import tiny_preset
     cohort = Cohort.from_dir(cohort_dir)
-    model = InVA(tiny_preset(training={"epochs": 6, "batch_size": 4}))
+    model = InVA(make_preset(training={"epochs": 6, "batch_size": 4}))
 
     def after_epoch(state):
         if state.epoch == 2:
