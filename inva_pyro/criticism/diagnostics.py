@@ -48,6 +48,7 @@ from ..predict.predictive import seeded_generator
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_RATIO = 0.05
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
+PSIS_CHUNK_VALUES = 1 << 25
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -262,6 +263,9 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
     model = _UnitScale()(poutine.block(poutine.condition(model_fn, data=data), hide=hidden))
     guide = _UnitScale()(poutine.block(poutine.condition(module.guide, data=data), hide=hidden))
     khats = []
+    # Particles drawn in chunks of about 2^25 input values (whole-brain images: ~50 particles at
+    # 2 mm), so memory does not grow with num_particles x voxels; small images take one chunk.
+    chunk = max(1, min(num_particles, PSIS_CHUNK_VALUES // max(1, sum(x.shape[-1] for x in xs))))
     rng_state = torch.get_rng_state()
     try:
         pyro.set_rng_seed(seed)
@@ -271,7 +275,7 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 k = _psis_diagnostic(model, guide, xi, None, subjects=subjects, n_subjects=1,
-                                     num_particles=num_particles)
+                                     num_particles=num_particles, chunk=chunk)
             khats.append(float(k))
     finally:
         torch.set_rng_state(rng_state)
@@ -284,16 +288,21 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
             "share_above_0.5": float(np.mean([k > KHAT_GOOD for k in khats])) if khats else float("nan")}
 
 
-def _psis_diagnostic(model, guide, *args, num_particles: int, **kwargs) -> float:
-    """Pyro's ``psis_diagnostic`` with the importance weights drawn on the data's device and the
-    Pareto fit on a CPU copy of them (Pyro's ``fit_generalized_pareto`` builds its grid on the CPU
-    and fails against CUDA weights). Same steps and cut-off as Pyro 1.9's."""
+def _psis_diagnostic(model, guide, *args, num_particles: int, chunk: int | None = None, **kwargs) -> float:
+    """Pyro's ``psis_diagnostic`` with the importance weights drawn on the data's device, ``chunk``
+    particles at a time (its ``max_simultaneous_particles``), and the Pareto fit on a CPU copy of
+    them (Pyro's ``fit_generalized_pareto`` builds its grid on the CPU and fails against CUDA
+    weights). Same steps and cut-off as Pyro 1.9's."""
     from pyro.infer.importance import vectorized_importance_weights
     from pyro.ops.stats import fit_generalized_pareto
 
-    log_weights = vectorized_importance_weights(model, guide, *args, num_samples=num_particles,
-                                                max_plate_nesting=1, **kwargs)[0]
-    log_weights = log_weights.detach().cpu()
+    chunk, parts, drawn = chunk or num_particles, [], 0
+    while drawn < num_particles:
+        s = min(chunk, num_particles - drawn)
+        parts.append(vectorized_importance_weights(model, guide, *args, num_samples=s, max_plate_nesting=1,
+                                                   **kwargs)[0].detach().cpu())
+        drawn += s
+    log_weights = torch.cat(parts)
     log_weights = torch.sort(log_weights - log_weights.max())[0]
     cutoff_index = -int(math.ceil(min(0.2 * num_particles, 3.0 * math.sqrt(num_particles)))) - 1
     lw_cutoff = max(math.log(1.0e-15), float(log_weights[cutoff_index]))
