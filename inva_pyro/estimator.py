@@ -40,6 +40,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> bool:
+    """Whether a cohort of ``nbytes`` should live on ``device``: CUDA devices only (the CPU path
+    of ``--lazy`` keeps host memory bounded by the batch), and only within ``share`` of the
+    memory free there, so the networks and their activations keep room."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
+
+
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
     """One rank of a multi-process fit (started by distributed.spawn)."""
     InVA(preset).fit(train_set, val, run_dir=run_dir, **kwargs)
@@ -127,6 +137,8 @@ class InVA:
             self._write_config(Path(run_dir))
         if on_disk:
             train_data = DiskBatches(train_set, self.standardizer, self.info["inputs"], self.device)
+            if fits_on_device(train_data.nbytes(), self.device):  # read once, then train from device memory
+                train_data = Batchable(*train_data.read_all())
         else:
             train_data = Batchable(*self._tensors(train_set))
         val_xs, val_y = self._tensors(val)

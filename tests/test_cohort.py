@@ -737,6 +737,7 @@ def test_volume_read_equals_nibabel_and_nilearn(tmp_path):
 # ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------
 def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
     from inva_pyro.data.streaming import DiskBatches, DiskSubset, LazyMatrix
+    from inva_pyro.estimator import fits_on_device
 
     write_cohort(tmp_path, n=10)
     eager = read(tmp_path)
@@ -780,6 +781,13 @@ def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
         for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]]):
             assert torch.equal(a, b)
     threaded.prefetch(np.array([0, 1]))  # a prefetch of other rows is dropped, not returned
+    assert torch.equal(threaded.take(torch.tensor([2]))[1], single.take(torch.tensor([2]))[1])
+    # the whole subset read into tensors, chunk by chunk (the --lazy fit on a GPU it fits on)
+    all_x, all_y = threaded.read_all(chunk=3)
+    every = single.take(torch.arange(len(single)))
+    assert all(torch.equal(a, b) for a, b in zip(all_x + [all_y], every[0] + [every[1]]))
+    assert threaded.nbytes() == 4 * len(single) * 3 * int(make_mask().sum())  # wm, gm and the outcome
+    assert not fits_on_device(1, torch.device("cpu"))
     assert torch.equal(threaded.take(torch.tensor([2]))[1], single.take(torch.tensor([2]))[1])
 
 

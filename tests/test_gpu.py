@@ -126,3 +126,29 @@ def test_demo_on_cuda(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert math.isfinite(metrics["mse"]) and metrics["mse"] < 10 * metrics["oracle_mse"]
     assert "inva demo" in capsys.readouterr().out
+
+
+def test_streamed_minibatches_on_cuda(cohort_dir, make_preset):
+    """--lazy reading to the GPU (pinned memory, non-blocking copies, prefetch) gives the CPU's rows,
+    and the loop trains from it (the path of cohorts too large to live on the device)."""
+    from inva_pyro.data.preprocessing import Standardizer
+    from inva_pyro.data.streaming import DiskBatches
+    from inva_pyro.model.module import InVAModule
+    from inva_pyro.train.loop import Batchable, train
+
+    cohort = Cohort.from_dir(cohort_dir, lazy=True, cache_subjects=0)
+    names = cohort.input_names
+    standardizer = Standardizer.fit_streaming(cohort.train)
+    on_gpu, on_cpu = (DiskBatches(cohort.train, standardizer, names, device=d) for d in ("cuda", "cpu"))
+    idx = torch.tensor([4, 0, 2])
+    on_gpu.prefetch(idx)
+    (xs, y), (xs_cpu, y_cpu) = on_gpu.take(idx), on_cpu.take(idx)
+    assert xs[0].is_cuda and y.is_cuda
+    for a, b in zip(xs + [y], xs_cpu + [y_cpu]):
+        assert torch.equal(a.cpu(), b)
+    preset = make_preset(training={"epochs": 2, "batch_size": 8})
+    sizes = [cohort.train.inputs[n].shape[1] for n in names]
+    module = InVAModule(names, sizes, sizes[0], preset.model).cuda()
+    val_x, val_y = on_gpu.take(torch.arange(4))
+    state = train(module, on_gpu, Batchable(val_x, val_y), preset.training, progress=False)
+    assert state.epoch == 2 and all(math.isfinite(v) for v in state.history["train_loss"])

@@ -297,6 +297,32 @@ class DiskBatches:
     def to(self, device) -> "DiskBatches":
         return DiskBatches(self.subset, self.standardizer, self.input_names, device, self.workers)
 
+    def nbytes(self) -> int:
+        """Bytes of every standardised row of the inputs and the outcome (float32)."""
+        sizes = [self.subset.inputs[name].shape[1] for name in self.input_names]
+        if self.subset.outcome is not None:
+            sizes.append(self.subset.outcome.shape[1])
+        return 4 * len(self) * sum(sizes)
+
+    def read_all(self, chunk: int = 64):
+        """Every row read once, ``chunk`` subjects at a time (the next chunk read while the last
+        is copied), into tensors on ``device``: ``([x_k (n, V_k)], y (n, V_y) or None)``. Host
+        memory holds two chunks; the device holds the cohort (``training.Batchable(*...)``)."""
+        import torch
+
+        n = len(self)
+        xs = [torch.empty(n, self.subset.inputs[name].shape[1], device=self.device) for name in self.input_names]
+        y = None if self.subset.outcome is None else torch.empty(n, self.subset.outcome.shape[1], device=self.device)
+        for start in range(0, n, chunk):
+            part_x, part_y = self.take(np.arange(start, min(start + chunk, n)))
+            if start + chunk < n:
+                self.prefetch(np.arange(start + chunk, min(start + 2 * chunk, n)))
+            for target, part in zip(xs, part_x):
+                target[start:start + len(part)].copy_(part)
+            if y is not None:
+                y[start:start + len(part_y)].copy_(part_y)
+        return xs, y
+
     def __del__(self):
         for pool in (self._readers, self._prefetcher):
             if pool is not None:
