@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,7 +144,7 @@ def _timed(step, device, steps: int, warmup: int, deadline: float) -> float:
     return 1e3 * (time.perf_counter() - start) / done
 
 
-def step_arms(module, xs, y, idx, n_subjects, device, graph: bool) -> dict:
+def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
     """Closures, each one SVI step of ``module`` on the batch (xs, y)."""
     import pyro
     from pyro.infer import Trace_ELBO
@@ -187,8 +187,6 @@ def step_arms(module, xs, y, idx, n_subjects, device, graph: bool) -> dict:
 
     arms = {"inva step (this loop)": inva_step, "Pyro Trace_ELBO step (before)": pyro_step,
             "hand-written PyTorch": torch_step}
-    if graph and device.type == "cuda":
-        arms["CUDA graph of the inva step"] = _graph_step(module, xs, y, kwargs, cfg)
     with pyro.validation_enabled(False):
         inva_step()
     return arms
@@ -241,7 +239,7 @@ def svi_step(args, device, deadline) -> dict:
     sizes = [256, 1024] if args.quick else [1024, 8192, 65536, 230_000]
     steps, warmup = (4, 1) if args.quick else (args.steps, 5)
     rows, batch, n_subjects = {}, 32, 1000
-    per_size = max(1.0, (deadline - time.perf_counter()) * 0.8 / len(sizes))
+    per_size = max(1.0, (deadline - time.perf_counter()) * 0.55 / len(sizes))
     for features in sizes:
         if time.perf_counter() > deadline:
             rows[str(features)] = {"skipped": "section budget spent"}
@@ -251,7 +249,7 @@ def svi_step(args, device, deadline) -> dict:
         xs = [torch.randn(batch, features, device=device) for _ in names]
         y = torch.randn(batch, features, device=device)
         idx = torch.arange(batch, device=device)
-        arms = step_arms(module, xs, y, idx, n_subjects, device, graph=not args.no_graph)
+        arms = step_arms(module, xs, y, idx, n_subjects, device)
         row, until = {}, time.perf_counter() + per_size
         with pyro.validation_enabled(False):
             for name, step in arms.items():
@@ -264,6 +262,20 @@ def svi_step(args, device, deadline) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out = {"batch": batch, "inputs": 3, "steps": steps, "ms_per_step": rows}
+    if device.type == "cuda" and not args.no_graph:
+        # In a child process: a failed capture must not leave this process's CUDA context in doubt.
+        graph_sizes = [f for f in sizes if f >= 65536] or sizes[-1:]
+        left = deadline - time.perf_counter()
+        if left > 20:
+            try:
+                child = subprocess.run([sys.executable, __file__, "--graph-probe", ",".join(map(str, graph_sizes)),
+                                        "--steps", str(steps)], capture_output=True, text=True, timeout=left * 0.6)
+                probe = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else {
+                    str(f): f"error: probe exit {child.returncode}: {child.stderr.strip()[-300:]}" for f in graph_sizes}
+            except Exception as exc:
+                probe = {str(f): f"error: {type(exc).__name__}: {exc}"[:300] for f in graph_sizes}
+            for f, value in probe.items():
+                rows.setdefault(f, {})["CUDA graph of the inva step"] = value
     # larger minibatches at 65,536 features (quick: 1,024): subjects per second
     features = 1024 if args.quick else 65536
     batches = [32, 64] if args.quick else [32, 128, 256]
@@ -275,7 +287,7 @@ def svi_step(args, device, deadline) -> dict:
             module, names = _module(features, device)
             xs = [torch.randn(b, features, device=device) for _ in names]
             y = torch.randn(b, features, device=device)
-            arms = step_arms(module, xs, y, torch.arange(b, device=device), n_subjects, device, graph=False)
+            arms = step_arms(module, xs, y, torch.arange(b, device=device), n_subjects, device)
             with pyro.validation_enabled(False):
                 ms = _timed(arms["inva step (this loop)"], device, steps, warmup, deadline)
             sweep[str(b)] = {"ms_per_step": round(ms, 3), "subjects_per_s": round(1e3 * b / ms, 1)}
@@ -391,8 +403,31 @@ def predictive(args, device, deadline) -> dict:
     return out
 
 
+def graph_probe(sizes: list[int], steps: int) -> None:
+    """(child process) ms per replay of the captured inva step at each size, one JSON line."""
+    import pyro
+
+    device, out = torch.device("cuda"), {}
+    for features in sizes:
+        try:
+            torch.manual_seed(0)
+            module, names = _module(features, device)
+            xs = [torch.randn(32, features, device=device) for _ in names]
+            y = torch.randn(32, features, device=device)
+            kwargs = dict(subjects=torch.arange(32, device=device), n_subjects=1000)
+            from inva_pyro.config import TrainingConfig
+            replay = _graph_step(module, xs, y, kwargs, TrainingConfig())
+            with pyro.validation_enabled(False):
+                out[str(features)] = round(_timed(replay, device, steps, 3, time.perf_counter() + 60), 3)
+            del module, xs, y, replay
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            out[str(features)] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    print(json.dumps(out))
+
+
 SECTIONS = {"demo_fit": demo_fit, "svi_step": svi_step, "stream_epoch": stream_epoch, "predictive": predictive}
-BUDGETS = {"demo_fit": 150, "svi_step": 110, "stream_epoch": 130, "predictive": 60}
+BUDGETS = {"demo_fit": 140, "svi_step": 140, "stream_epoch": 120, "predictive": 60}
 
 
 def summary_rows(results: dict) -> list[tuple[str, str, str]]:
@@ -439,7 +474,10 @@ def main(argv=None) -> None:
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph arm")
     parser.add_argument("--tmp", default=None, help="folder for the temporary cohorts (default: the system's)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--graph-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.graph_probe:
+        return graph_probe([int(f) for f in args.graph_probe.split(",")], args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
