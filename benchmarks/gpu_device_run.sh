@@ -12,6 +12,8 @@
 # <= 340 s (its sections stop themselves at ~320 s).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# The checkout's own code, not the inva_pyro wheel (which may predate the checkout): presets come from models/.
+rm -rf /tmp/site/inva_pyro /tmp/site/inva_pyro-*.dist-info
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--lazy", action="store_true", help="read training images from disk minibatch by minibatch "
-                   "(memory bounded by the batch and a cache, not by the number of subjects)")
+                   "(memory bounded by the batch and a cache, not by the number of subjects); with --device cuda "
+                   "the cohort is read once into GPU memory when it takes at most half of what is free")
     p.add_argument("--cache-subjects", type=int, default=64, help="subjects kept in the --lazy read cache")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
