@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a simulated cohort with known truth")
     p.add_argument("--design", default="paper", help="simulation design (default: paper)")
+    p.add_argument("--voxel-mm", type=int, help="voxel size in mm of the volume design (integer; default 4; "
+                   "2 is whole-brain PET resolution, about 230,000 voxels in the brain mask)")
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
@@ -46,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the preset's minibatch size (subjects per SVI step; "
+                   "the ELBO is scaled to the training size whatever it is): larger batches fill a GPU")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--lazy", action="store_true", help="read training images from disk minibatch by minibatch "
-                   "(memory bounded by the batch and a cache, not by the number of subjects)")
+                   "(memory bounded by the batch and a cache, not by the number of subjects); with --device cuda "
+                   "the cohort is read once into GPU memory when it takes at most half of what is free")
     p.add_argument("--cache-subjects", type=int, default=64, help="subjects kept in the --lazy read cache")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="CSV file to write (one row per subject)")
     p.add_argument("--traversal", type=Path, metavar="DIR", help="also write latent-traversal figures here")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
@@ -99,7 +105,12 @@ def _simulate(args) -> None:
     from .data.simulate import write_cohort
     if args.n_subjects < 10:
         raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
-    out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
+    if args.voxel_mm is not None:
+        if args.design != "volume":
+            raise InputError(f"--voxel-mm: only the volume design has a voxel size (not '{args.design}')")
+        if not 1 <= args.voxel_mm <= 12:
+            raise InputError(f"--voxel-mm {args.voxel_mm}: must be an integer from 1 to 12")
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm)
     print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
 
 
@@ -131,6 +142,10 @@ def _fit(args) -> None:
         preset = load_preset(args.model)
         if args.epochs:
             preset.training.epochs = args.epochs
+        if args.batch_size is not None:
+            if args.batch_size < 1:
+                raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
+            preset.training.batch_size = args.batch_size
         cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed,
                                       lazy=args.lazy, cache_subjects=args.cache_subjects)
         fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,
@@ -288,7 +303,7 @@ def _latents(args) -> None:
     from . import Cohort, InVA
     from .criticism.latents import latent_traversal, write_latents
     from .registry import load_model
-    model = load_model(args.run)
+    model = load_model(args.run, device=args.device)
     if not isinstance(model, InVA):
         raise InputError(f"{args.run}: a '{model.info.get('family')}' run has no latent variables")
     info = model.info

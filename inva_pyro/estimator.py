@@ -19,7 +19,7 @@ from .runs import RUN_FORMAT, holdout, package_versions
 from .data.io import atomic_write_text
 from .model.module import InVAModule
 from .predict.prediction import Prediction
-from .predict.predictive import posterior_predictive
+from .predict.predictive import posterior_predictive, seeded_generator
 from .data.preprocessing import Standardizer
 from .data.spaces import space_from_dict
 from .data.streaming import DiskBatches, DiskSubset
@@ -38,6 +38,16 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
     return torch.device(device)
+
+
+def fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> bool:
+    """Whether a cohort of ``nbytes`` should live on ``device``: CUDA devices only (the CPU path
+    of ``--lazy`` keeps host memory bounded by the batch), and only within ``share`` of the
+    memory free there, so the networks and their activations keep room."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
 
 
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
@@ -127,6 +137,8 @@ class InVA:
             self._write_config(Path(run_dir))
         if on_disk:
             train_data = DiskBatches(train_set, self.standardizer, self.info["inputs"], self.device)
+            if fits_on_device(train_data.nbytes(), self.device):  # read once, then train from device memory
+                train_data = Batchable(*train_data.read_all())
         else:
             train_data = Batchable(*self._tensors(train_set))
         val_xs, val_y = self._tensors(val)
@@ -164,7 +176,7 @@ class InVA:
         self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
 
     def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return seeded_generator(self.device, seed)
 
     # ---- prediction --------------------------------------------------------------------------------
     def predict(self, subset: Subset, num_samples: int | None = None, levels: list[float] | None = None,

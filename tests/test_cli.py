@@ -153,3 +153,13 @@ def test_lazy_fit_from_disk_matches_in_memory_fit(cohort_dir, tmp_path):
         runs[mode] = json.loads((run / "history.json").read_text())
     np.testing.assert_allclose(runs["lazy"]["val_mse"], runs["memory"]["val_mse"], rtol=1e-5)
     np.testing.assert_allclose(runs["lazy"]["train_loss"], runs["memory"]["train_loss"], rtol=1e-5)
+
+
+def test_fit_batch_size_overrides_the_preset(cohort_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path, epochs=1), run) + ["--batch-size", "5"]) == 0
+    assert json.loads((run / "config.json").read_text())["training"]["batch_size"] == 5
+    capsys.readouterr()
+    assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path), tmp_path / "bad") + ["--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "inva: error: --batch-size 0: must be at least 1"
+    assert not (tmp_path / "bad").exists()

@@ -716,19 +716,28 @@ def test_nan_in_the_mask_file_is_refused(tmp_path):
         read(tmp_path)
 
 
-def test_volume_read_through_the_mask_box_equals_the_full_read(tmp_path):
+def test_volume_read_equals_nibabel_and_nilearn(tmp_path):
     data = write_cohort(tmp_path)
     space = read(tmp_path).spaces["gm"]
-    # Uncompressed .nii too, where the proxy reads only the box from disk.
+    # Uncompressed .nii too; the one-call decompression of .nii.gz; and scaled integers, which
+    # take nibabel's own path.
     plain = write_nifti(tmp_path / "plain.nii", data["gm"][2])
     np.testing.assert_array_equal(space.read(plain), data["gm"][2][make_mask()])
     np.testing.assert_array_equal(space.read(tmp_path / "images/sub-002_gm.nii.gz"),
                                   space.to_vector(data["gm"][2]))
+    img = nib.load(tmp_path / "images/sub-002_gm.nii.gz")
+    scaled = nib.Nifti1Image(np.round(data["gm"][2] * 100).astype(np.int16), img.affine)
+    scaled.header.set_slope_inter(0.01, 2.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    expected = np.asarray(nib.load(tmp_path / "scaled.nii.gz").dataobj, dtype=np.float32)[make_mask()]
+    np.testing.assert_allclose(space.read(tmp_path / "scaled.nii.gz"), expected, rtol=1e-6)
+    np.testing.assert_allclose(expected, data["gm"][2][make_mask()] + 2.0, atol=0.006)
 
 
 # ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------
 def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
     from inva_pyro.data.streaming import DiskBatches, DiskSubset, LazyMatrix
+    from inva_pyro.estimator import fits_on_device
 
     write_cohort(tmp_path, n=10)
     eager = read(tmp_path)
@@ -762,6 +771,24 @@ def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
     np.testing.assert_allclose(xs[1].numpy(), z["gm"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(y.numpy(), direct.transform_outcome(eager.train.outcome[[3, 0]]), rtol=1e-4, atol=1e-5)
     assert batches.to("cpu").device.type == "cpu" and xs[0].dtype == torch.float32
+
+    # Several reading threads and a prefetched minibatch give the same rows, in the asked order.
+    single = DiskBatches(lazy.train, streamed, ["wm", "gm"], workers=1)
+    threaded = DiskBatches(lazy.train, streamed, ["wm", "gm"], workers=4)
+    for order in ([5, 2, 0, 4], [1, 3]):
+        threaded.prefetch(np.array(order))
+        expected, got = single.take(torch.tensor(order)), threaded.take(torch.tensor(order))
+        for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]]):
+            assert torch.equal(a, b)
+    threaded.prefetch(np.array([0, 1]))  # a prefetch of other rows is dropped, not returned
+    assert torch.equal(threaded.take(torch.tensor([2]))[1], single.take(torch.tensor([2]))[1])
+    # the whole subset read into tensors, chunk by chunk (the --lazy fit on a GPU it fits on)
+    all_x, all_y = threaded.read_all(chunk=3)
+    every = single.take(torch.arange(len(single)))
+    assert all(torch.equal(a, b) for a, b in zip(all_x + [all_y], every[0] + [every[1]]))
+    assert threaded.nbytes() == 4 * len(single) * 3 * int(make_mask().sum())  # wm, gm and the outcome
+    assert not fits_on_device(1, torch.device("cpu"))
+    assert torch.equal(threaded.take(torch.tensor([2]))[1], single.take(torch.tensor([2]))[1])
 
 
 def test_lazy_cohort_checks_headers_up_front_and_data_on_read(tmp_path):

@@ -186,7 +186,11 @@ def test_psis_khat_per_subject_is_reproducible_and_leaves_the_rng_alone(make_pre
     assert all(math.isfinite(k) for k in first["khat"])
 
 
-def test_psis_khat_is_small_when_the_guide_is_the_exact_posterior(make_preset):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_psis_khat_is_small_when_the_guide_is_the_exact_posterior(make_preset, monkeypatch, chunk):
+    """Also with the particles drawn 64 at a time (as whole-brain images are)."""
+    if chunk:
+        monkeypatch.setattr(D, "PSIS_CHUNK_VALUES", 6 * chunk)  # 6 input values per particle here
     # separate structure, p(h) = N(0, I), x = h A + noise (sd sigma): the exact posterior of h is
     # Gaussian, N(S A x / sigma^2, S) with S = (I + A A' / sigma^2)^-1. With that as the guide the
     # importance weights are constant, so their tail is not heavy: k-hat <= 0.5 (Yao et al. 2018).

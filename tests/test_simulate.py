@@ -121,3 +121,17 @@ def test_cli_simulates_the_new_designs_and_refuses_unknown_ones(tmp_path, capsys
     assert not (tmp_path / "m").exists()
     with pytest.raises(InputError):
         write_cohort(tmp_path / "x", "nope", 10, 0)
+
+
+def test_cli_sets_the_voxel_size_of_the_volume_design(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert cli.main(["simulate", "--design", "volume", "--voxel-mm", "12", "--n-subjects", "10", "--out", str(out)]) == 0
+    assert json.loads((out / "cohort.json").read_text())["voxel_mm"] == 12
+    assert nib.load(out / "mask.nii.gz").shape == (18, 21, 17)  # MNI152 at 12 mm
+    capsys.readouterr()
+    for args, problem in ((["--design", "paper", "--voxel-mm", "2"], "--voxel-mm: only the volume design has a "
+                           "voxel size (not 'paper')"),
+                          (["--design", "volume", "--voxel-mm", "0"], "--voxel-mm 0: must be an integer from 1 to 12")):
+        assert cli.main(["simulate", *args, "--n-subjects", "10", "--out", str(tmp_path / "bad")]) == 2
+        assert capsys.readouterr().err.strip() == f"inva: error: {problem}"
+        assert not (tmp_path / "bad").exists()

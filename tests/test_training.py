@@ -289,6 +289,19 @@ def test_nan_parameter_stops_training_and_keeps_the_last_good_checkpoint(make_pr
     _check_last_good_checkpoint(model, run)
 
 
+def test_nan_stops_training_when_losses_are_checked_every_few_steps(make_preset, small_cohort, tmp_path,
+                                                                    monkeypatch):
+    """The GPU path: losses looked at every 4 steps (not every step) and before each checkpoint."""
+    from inva_pyro.train import loop
+    monkeypatch.setattr(loop, "finite_check_steps", lambda device: 4)
+    run = tmp_path / "run"
+    model, message = _diverging_fit(make_preset, small_cohort, run,
+                                    lambda m: m.predictor.scale_head.bias.fill_(float("nan")))
+    assert "the loss became nan in epoch 3" in message
+    assert str(run / CHECKPOINT) in message
+    _check_last_good_checkpoint(model, run)
+
+
 def test_infinite_loss_stops_training_and_keeps_the_last_good_checkpoint(make_preset, small_cohort, tmp_path):
     run = tmp_path / "run"
     model, message = _diverging_fit(make_preset, small_cohort, run,

@@ -43,9 +43,12 @@ import numpy as np
 import torch
 from pyro.poutine.messenger import Messenger
 
+from ..predict.predictive import seeded_generator
+
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_RATIO = 0.05
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
+PSIS_CHUNK_VALUES = 1 << 25
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -98,7 +101,7 @@ def kl_per_dimension(module, xs: list[torch.Tensor], num_samples: int = 16, seed
     """Mean KL (nats per subject) per latent dimension: {name: {"shallow": (p,), "deep": (q,)}}."""
     was_training = module.training
     module.eval()
-    gen = torch.Generator(device=xs[0].device).manual_seed(seed)
+    gen = seeded_generator(xs[0].device, seed)
     vae_xs = module.vae_inputs(xs)
     out = {}
     for k, name in enumerate(module.vae_names):
@@ -243,7 +246,6 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
     """
     import pyro
     from pyro import poutine
-    from pyro.infer.importance import psis_diagnostic
 
     was_training = module.training
     module.eval()
@@ -261,6 +263,9 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
     model = _UnitScale()(poutine.block(poutine.condition(model_fn, data=data), hide=hidden))
     guide = _UnitScale()(poutine.block(poutine.condition(module.guide, data=data), hide=hidden))
     khats = []
+    # Particles drawn in chunks of about 2^25 input values (whole-brain images: ~50 particles at
+    # 2 mm), so memory does not grow with num_particles x voxels; small images take one chunk.
+    chunk = max(1, min(num_particles, PSIS_CHUNK_VALUES // max(1, sum(x.shape[-1] for x in xs))))
     rng_state = torch.get_rng_state()
     try:
         pyro.set_rng_seed(seed)
@@ -269,8 +274,8 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
             subjects = torch.zeros(1, dtype=torch.long, device=xs[0].device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                k = psis_diagnostic(model, guide, xi, None, subjects=subjects, n_subjects=1,
-                                    num_particles=num_particles, max_plate_nesting=1)
+                k = _psis_diagnostic(model, guide, xi, None, subjects=subjects, n_subjects=1,
+                                     num_particles=num_particles, chunk=chunk)
             khats.append(float(k))
     finally:
         torch.set_rng_state(rng_state)
@@ -281,6 +286,31 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
             "max": float(np.max(finite)) if finite else float("nan"),
             "share_above_0.7": float(np.mean([k > KHAT_BAD for k in khats])) if khats else float("nan"),
             "share_above_0.5": float(np.mean([k > KHAT_GOOD for k in khats])) if khats else float("nan")}
+
+
+def _psis_diagnostic(model, guide, *args, num_particles: int, chunk: int | None = None, **kwargs) -> float:
+    """Pyro's ``psis_diagnostic`` with the importance weights drawn on the data's device, ``chunk``
+    particles at a time (its ``max_simultaneous_particles``), and the Pareto fit on a CPU copy of
+    them (Pyro's ``fit_generalized_pareto`` builds its grid on the CPU and fails against CUDA
+    weights). Same steps and cut-off as Pyro 1.9's."""
+    from pyro.infer.importance import vectorized_importance_weights
+    from pyro.ops.stats import fit_generalized_pareto
+
+    chunk, parts, drawn = chunk or num_particles, [], 0
+    while drawn < num_particles:
+        s = min(chunk, num_particles - drawn)
+        parts.append(vectorized_importance_weights(model, guide, *args, num_samples=s, max_plate_nesting=1,
+                                                   **kwargs)[0].detach().cpu())
+        drawn += s
+    log_weights = torch.cat(parts)
+    log_weights = torch.sort(log_weights - log_weights.max())[0]
+    cutoff_index = -int(math.ceil(min(0.2 * num_particles, 3.0 * math.sqrt(num_particles)))) - 1
+    lw_cutoff = max(math.log(1.0e-15), float(log_weights[cutoff_index]))
+    lw_tail = log_weights[log_weights > lw_cutoff]
+    if len(lw_tail) < 10:
+        return float("inf")
+    k, _ = fit_generalized_pareto(lw_tail.exp() - math.exp(lw_cutoff))
+    return float(k)
 
 
 def model_diagnostics(model, subset, *, psis_subjects: int = 16, psis_particles: int = 1000, seed: int = 0) -> dict:

@@ -51,6 +51,7 @@ import torch
 from scipy import stats
 
 from ..data.io import _umask
+from ..predict.predictive import seeded_generator
 
 DEFAULT_DRAWS = 100
 DEFAULT_FEATURES = 64
@@ -86,7 +87,7 @@ def latent_draws(module, xs: list[torch.Tensor], num_draws: int, seed: int = 0) 
     """Draws (K, n, dim) of h ~ q(h|x) and z ~ q(z|h) per modality, named like the Pyro sites."""
     was_training = module.training
     module.eval()
-    gen = torch.Generator(device=xs[0].device).manual_seed(seed)
+    gen = seeded_generator(xs[0].device, seed)
     out = {}
     for k, (name, x) in enumerate(zip(module.vae_names, module.vae_inputs(xs))):
         h_loc, h_scale = module.shallow_encoders[k](x)
@@ -104,7 +105,7 @@ def _kept_draws(model, subset, num_draws: int, features: np.ndarray, seed: int):
     from ..predict.predictive import posterior_predictive
 
     xs, y = model._tensors(subset)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    gen = seeded_generator(model.device, seed)
     summary = posterior_predictive(model.module, xs, num_samples=max(2, num_draws), probs=[], observed=y,
                                    keep_draws=num_draws, keep_features=features, generator=gen)
     return xs, summary

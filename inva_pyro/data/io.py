@@ -166,13 +166,37 @@ def read_volume_data(img: nib.spatialimages.SpatialImage, path: str | Path, what
     Reading goes through the proxy, so only the box is held in memory; a truncated or
     corrupt gzip stream is reported here as an InputError naming the file.
     """
-    box = box or (slice(None),) * 3
     try:
+        if box is None:  # the whole file in one read: gzip streams are read front to back anyway
+            data = _read_whole_nifti(img, path)
+            if data is None:
+                data = np.asarray(img.dataobj, dtype=np.float32)
+            return data.reshape(data.shape[:3])  # singleton 4th/5th dims dropped
         index = box + (0,) * (len(img.shape) - 3)  # singleton 4th/5th dims: take their one entry
         data = np.asarray(img.dataobj[index], dtype=np.float32)
     except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
         raise InputError(f"{path}: cannot read {what} ({_short_reason(exc)})") from None
     return data
+
+
+def _read_whole_nifti(img, path) -> np.ndarray | None:
+    """The voxels of an unscaled image file as float32, decompressed in one call (which releases
+    the GIL, so several reading threads run at once; nibabel's gzip reader loops in Python, 8 KiB
+    at a time). Layout (offset, dtype, order, shape) from nibabel's array proxy. None where this
+    fast path does not apply or fails: nibabel then reads the file and reports any problem."""
+    proxy = img.dataobj
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or (float(proxy.slope), float(proxy.inter)) != (1.0, 0.0):
+        return None
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        shape = tuple(int(n) for n in proxy.shape)
+        array = np.frombuffer(raw, dtype=proxy.dtype, count=int(np.prod(shape)), offset=int(proxy.offset))
+        return array.reshape(shape, order=proxy.order).astype(np.float32)
+    except Exception:
+        return None
 
 
 def load_volume(path: str | Path, what: str = "image") -> nib.Nifti1Image:

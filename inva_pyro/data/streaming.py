@@ -19,7 +19,10 @@ subsets runs unchanged on a DiskSubset, only without the memory bound.
 """
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Sequence
@@ -44,23 +47,26 @@ class RowCache:
         self.capacity = max(0, int(capacity))
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # DiskBatches reads rows from several threads
 
     def get(self, key: Hashable) -> np.ndarray | None:
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return value
 
     def put(self, key: Hashable, value: np.ndarray) -> None:
         if self.capacity == 0:
             return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -211,10 +217,17 @@ class DiskBatches:
 
     ``take(idx)`` reads the subjects at ``idx`` (a tensor or array of row positions), applies
     ``standardizer`` and returns ``([x_k (B, V_k) for k in input_names], y (B, V_y))`` on
-    ``device``; ``y`` is None when the subset has no outcome. Memory: one batch plus the cache.
+    ``device``; ``y`` is None when the subset has no outcome. Memory: two batches plus the cache.
+
+    Files are read by ``workers`` threads at once (decompression and nibabel's reads release the
+    GIL), and ``prefetch(idx)`` starts reading the next minibatch in the background while the
+    current one trains; ``take`` of the same rows then waits for it. On CUDA the host batch is put
+    in pinned (page-locked) memory by the reading thread and copied with ``non_blocking=True``, so
+    the copy overlaps the step instead of stopping the host.
     """
 
-    def __init__(self, subset: DiskSubset, standardizer, input_names: Sequence[str], device="cpu"):
+    def __init__(self, subset: DiskSubset, standardizer, input_names: Sequence[str], device="cpu",
+                 workers: int | None = None):
         import torch
 
         missing = [name for name in input_names if name not in subset.inputs]
@@ -224,21 +237,93 @@ class DiskBatches:
         self.standardizer = standardizer
         self.input_names = list(input_names)
         self.device = torch.device(device)
+        self.workers = max(1, int(workers if workers is not None else min(8, os.cpu_count() or 1)))
+        self._readers: ThreadPoolExecutor | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._pending = None  # (row positions, future) of the prefetched minibatch
 
     def __len__(self) -> int:
         return len(self.subset)
 
-    def take(self, idx):
+    @staticmethod
+    def _positions(idx) -> np.ndarray:
         import torch
 
-        positions = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
-        rows = self.subset.rows(positions)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.detach().cpu().numpy()  # the training loop passes host indices: no device sync
+        return np.asarray(idx, dtype=np.int64).reshape(-1)
+
+    def _rows(self, matrix: LazyMatrix, positions: np.ndarray) -> np.ndarray:
+        if self.workers == 1 or len(positions) < 2:
+            return matrix[positions]
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(self.workers, thread_name_prefix="inva-read")
+        return np.stack(list(self._readers.map(matrix.row, positions.tolist())))
+
+    def _read(self, positions: np.ndarray):
+        """Host tensors of the standardised rows (pinned when the device is CUDA)."""
+        import torch
+
+        subset = self.subset
+        rows = Subset(subjects=[subset.subjects[i] for i in positions],
+                      inputs={name: self._rows(subset.inputs[name], positions) for name in self.input_names},
+                      outcome=None if subset.outcome is None else self._rows(subset.outcome, positions))
         inputs = self.standardizer.transform_inputs(rows)
-        xs = [torch.from_numpy(inputs[name]).to(self.device) for name in self.input_names]
-        y = None
-        if rows.outcome is not None:
-            y = torch.from_numpy(self.standardizer.transform_outcome(rows.outcome)).to(self.device)
-        return xs, y
+        tensors = [torch.from_numpy(inputs[name]) for name in self.input_names]
+        y = None if rows.outcome is None else torch.from_numpy(self.standardizer.transform_outcome(rows.outcome))
+        if self.device.type == "cuda":
+            tensors = [t.pin_memory() for t in tensors]
+            y = None if y is None else y.pin_memory()
+        return tensors, y
+
+    def prefetch(self, idx) -> None:
+        """Start reading the rows at ``idx`` in the background (the next ``take``)."""
+        positions = self._positions(idx)
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="inva-prefetch")
+        self._pending = (positions, self._prefetcher.submit(self._read, positions))
+
+    def take(self, idx):
+        positions = self._positions(idx)
+        pending, self._pending = self._pending, None
+        if pending is not None and np.array_equal(pending[0], positions):
+            xs, y = pending[1].result()
+        else:
+            xs, y = self._read(positions)
+        non_blocking = self.device.type == "cuda"
+        xs = [x.to(self.device, non_blocking=non_blocking) for x in xs]
+        return xs, None if y is None else y.to(self.device, non_blocking=non_blocking)
 
     def to(self, device) -> "DiskBatches":
-        return DiskBatches(self.subset, self.standardizer, self.input_names, device)
+        return DiskBatches(self.subset, self.standardizer, self.input_names, device, self.workers)
+
+    def nbytes(self) -> int:
+        """Bytes of every standardised row of the inputs and the outcome (float32)."""
+        sizes = [self.subset.inputs[name].shape[1] for name in self.input_names]
+        if self.subset.outcome is not None:
+            sizes.append(self.subset.outcome.shape[1])
+        return 4 * len(self) * sum(sizes)
+
+    def read_all(self, chunk: int = 64):
+        """Every row read once, ``chunk`` subjects at a time (the next chunk read while the last
+        is copied), into tensors on ``device``: ``([x_k (n, V_k)], y (n, V_y) or None)``. Host
+        memory holds two chunks; the device holds the cohort (``training.Batchable(*...)``)."""
+        import torch
+
+        n = len(self)
+        xs = [torch.empty(n, self.subset.inputs[name].shape[1], device=self.device) for name in self.input_names]
+        y = None if self.subset.outcome is None else torch.empty(n, self.subset.outcome.shape[1], device=self.device)
+        for start in range(0, n, chunk):
+            part_x, part_y = self.take(np.arange(start, min(start + chunk, n)))
+            if start + chunk < n:
+                self.prefetch(np.arange(start + chunk, min(start + 2 * chunk, n)))
+            for target, part in zip(xs, part_x):
+                target[start:start + len(part)].copy_(part)
+            if y is not None:
+                y[start:start + len(part_y)].copy_(part_y)
+        return xs, y
+
+    def __del__(self):
+        for pool in (self._readers, self._prefetcher):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

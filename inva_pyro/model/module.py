@@ -120,6 +120,12 @@ class InVAModule(nn.Module):
         return (dist.Normal(self.output_weight_q.loc, self.output_weight_q.scale).to_event(2),
                 dist.Normal(self.output_bias_q.loc, self.output_bias_q.scale).to_event(1))
 
+    def output_prior(self, like: torch.Tensor) -> dist.Normal:
+        """Normal(0, tau^2) over a tensor shaped like ``like``, on its device and dtype (a prior built
+        from Python floats would live on the CPU and fail against CUDA draws)."""
+        zero = like.new_zeros(())
+        return dist.Normal(zero, zero + self.cfg.output_prior_scale).expand(like.shape)
+
     def output_layer_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.bayesian_output:
             return self.output_weight_q.loc, self.output_bias_q.loc
@@ -131,9 +137,8 @@ class InVAModule(nn.Module):
     def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
               extra_terms=True):
         if self.cfg.bayesian_output:
-            tau = self.cfg.output_prior_scale
-            weight = pyro.sample("output_weight", dist.Normal(0.0, tau).expand(self.output_weight_q.loc.shape).to_event(2))
-            bias = pyro.sample("output_bias", dist.Normal(0.0, tau).expand(self.output_bias_q.loc.shape).to_event(1))
+            weight = pyro.sample("output_weight", self.output_prior(self.output_weight_q.loc).to_event(2))
+            bias = pyro.sample("output_bias", self.output_prior(self.output_bias_q.loc).to_event(1))
         else:
             weight, bias = self.output_weight, self.output_bias
         hidden, local_mean, sd = self.outcome_parts(xs, encoded)

@@ -42,6 +42,13 @@ GRID = torch.linspace(-8.0, 8.0, 321)
 GRID_LOW, GRID_STEP = -8.0, 16.0 / 320
 
 
+def seeded_generator(device, seed: int) -> torch.Generator:
+    """A generator for draws made on ``device``, seeded. Meta tensors (tests/test_device.py), which
+    have no generator of their own, draw with a CPU one."""
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(int(seed))
+
+
 @dataclass
 class PredictiveSummary:
     """Posterior predictive summaries in the module's (standardised) units, arrays (n, V)."""
@@ -129,7 +136,7 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         block_kept, drawn = [], 0
         if keep_draws:
             # the same (W, b) draws for the kept draws of every block
-            kept_gen = torch.Generator(device=device).manual_seed(kept_seed)
+            kept_gen = seeded_generator(device, kept_seed)
             block_draws = {"mean": [], "outcome": [], "loglik": [], "w": [], "b": []}
         while drawn < num_samples:
             s = min(chunk_size, num_samples - drawn)

@@ -8,6 +8,7 @@ state and history), and stops with a clear error when the loss is not finite.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -18,7 +19,6 @@ from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
@@ -26,8 +26,11 @@ from . import distributed
 from ..config import TrainingConfig
 from ..errors import InputError
 from ..model.losses import kl_schedule
+from .elbo import DeviceTrace_ELBO
 
 CHECKPOINT = "checkpoint.pt"
+# Steps between two looks at the losses on a GPU (each look waits for the device).
+FINITE_CHECK_STEPS = 32
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,15 +91,15 @@ def validation_mse(module, data: Batchable, batch_size: int = 256) -> float:
     """MSE of the predictive mean (output layer at its posterior mean), standardised units."""
     module.eval()
     weight, bias = module.output_layer_mean()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=weight.device), 0
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         xs, y = data.take(idx)
         hidden, local_mean, _ = module.outcome_parts(xs)
         mean = hidden @ weight.T + bias + local_mean
-        total += float(((mean - y) ** 2).sum())
+        total += ((mean - y) ** 2).sum().double()  # on the device: one synchronisation at the end
         count += y.numel()
-    return total / count
+    return float(total) / count
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -148,6 +151,37 @@ def _diverged(what: str, state: TrainingState, ckpt_path: Path | None) -> Traini
     return TrainingDiverged(f"training stopped: {what} in epoch {state.epoch + 1} (try a lower learning_rate){where}")
 
 
+def finite_check_steps(device: torch.device) -> int:
+    """Steps between two looks at the losses: every step on the CPU, where a look is free."""
+    return 1 if device.type == "cpu" else FINITE_CHECK_STEPS
+
+
+def _check_finite(pending: list, state: TrainingState, ckpt_path: Path | None) -> None:
+    """Raise TrainingDiverged at the first (loss, gradient norm) pair that is not finite; one
+    host synchronisation for all of ``pending``, which is emptied. It runs before the optimiser
+    step of the last pair, so a non-finite gradient is never stepped with on the CPU (on a GPU the
+    steps between two checks may be taken; the run stops at the check, before any checkpoint)."""
+    if not pending:
+        return
+    losses, norms = (torch.stack(v) for v in zip(*pending))
+    pending.clear()
+    ok = torch.isfinite(losses) & torch.isfinite(norms)
+    if bool(ok.all()):
+        return
+    first = int((~ok).nonzero()[0, 0])
+    loss, norm = losses[first].item(), norms[first].item()
+    what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient became {norm}"
+    raise _diverged(what, state, ckpt_path)
+
+
+def make_optimizer(module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on network weights; on CUDA the fused kernel (a few
+    launches for every parameter at once instead of several per parameter; the same update up to
+    rounding), elsewhere torch's default."""
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, fused=fused)
+
+
 def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *, seed: int = 0,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
           on_epoch_end: Callable[[TrainingState], None] | None = None) -> TrainingState:
@@ -158,44 +192,63 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     """
     device = train_data.device
     rank = distributed.rank()
-    optimizer = torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate)
+    optimizer = make_optimizer(module, cfg, device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = load_checkpoint(ckpt_path, module, optimizer) if resume else TrainingState()
     if rank > 0:  # independent latent and dropout noise on every rank (weights start identical)
         torch.manual_seed(seed + 7919 * rank + 104729 * state.epoch)
-    elbo = Trace_ELBO()
+    # Trace_ELBO's value and gradient, without its per-site host synchronisations (elbo.py).
+    elbo = DeviceTrace_ELBO()
     # Pyro's validation (site shapes, model/guide match, distribution arguments) checks the program,
     # which does not change between steps: the first step of a fit runs it, the others skip its
     # cost (about 7% of a step at the benchmark size). Non-finite values are still caught below.
     validate, validated = is_validation_enabled(), False
     n = len(train_data)
+    params = [p for p in module.parameters() if p.requires_grad]
+    # Non-finite losses and gradient norms are looked at every ``check_every`` steps (one host
+    # synchronisation), and always before a checkpoint is written, so a checkpoint is never written
+    # after a bad step. On the CPU checking costs nothing, so it is done every step.
+    check_every = finite_check_steps(device)
+    prefetch = getattr(train_data, "prefetch", None)  # streaming.DiskBatches
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
         module.train()
         kl_scale = kl_scale_at(state.epoch, cfg)
         # The visiting order depends on (seed, epoch) only: identical on every rank and after a resume.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch)).to(device)
-        epoch_loss = 0.0
-        for start in range(0, n, cfg.batch_size):
+        host_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
+        order = host_order.to(device)  # one copy per epoch; minibatch indices are slices of it
+        starts = range(0, n, cfg.batch_size)
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)  # accumulated on the device
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (loss, gradient norm) not yet checked
+        for start in starts:
             idx = distributed.shard(order[start:start + cfg.batch_size])
+            # Data read from disk is indexed on the host (no device round trip), and the next
+            # minibatch is read while this one trains (after this one was taken, below).
+            rows = distributed.shard(host_order[start:start + cfg.batch_size]) if prefetch else idx
             optimizer.zero_grad(set_to_none=True)
-            problem = None
+            loss = None
             if len(idx):
                 with pyro.validation_enabled(validate and not validated), autocast(device, cfg.mixed_precision):
-                    loss = _minibatch_loss(elbo, module, train_data, idx, n, kl_scale, cfg.prediction_weight)
+                    loss = _minibatch_loss(elbo, module, train_data, idx, rows, n, kl_scale,
+                                          cfg.prediction_weight)
                 validated = True
-                if torch.isfinite(loss):
+                if prefetch and start + cfg.batch_size < n:
+                    prefetch(distributed.shard(host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]))
+                if loss.requires_grad:
                     loss.backward()
-                    epoch_loss += loss.item() * len(idx) / n
-                else:
-                    problem = f"the loss became {loss.item()}"
-                    _poison_gradients(module)  # so that every rank sees the failure after the all-reduce
+                    # a non-finite loss poisons every gradient, so that every rank sees it after the all-reduce
+                    _poison_gradients_if(params, ~torch.isfinite(loss))
+                else:  # Pyro refused the parameters (non-finite weights): no graph to differentiate
+                    _poison_gradients(module)
+                epoch_loss += loss.detach().double() * (len(idx) / n)
             distributed.average_gradients(module)
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
-                raise _diverged(problem or f"the gradient became {grad_norm.item()}", state, ckpt_path)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True if device.type == "cuda" else None)
+            pending.append((loss.detach().float() if loss is not None else grad_norm.new_zeros(()), grad_norm))
+            if len(pending) >= check_every:
+                _check_finite(pending, state, ckpt_path)
             optimizer.step()
-        epoch_loss = distributed.sum_across_ranks(epoch_loss)
+        _check_finite(pending, state, ckpt_path)
+        epoch_loss = distributed.sum_across_ranks(float(epoch_loss))
         val = validation_mse(module, val_data)  # identical on every rank: same weights, eval mode
         state.epoch += 1
         for key, value in (("epoch", state.epoch), ("train_loss", epoch_loss / n), ("val_mse", val),
@@ -224,11 +277,13 @@ def autocast(device: torch.device, enabled: bool):
 
     bfloat16 on CPU and CUDA alike: it has float32's range, so gradients need no loss scaling
     (float16 would underflow without a GradScaler)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _minibatch_loss(elbo, module, data: Batchable, idx, n, kl_scale, prediction_scale) -> torch.Tensor:
-    xs, y = data.take(idx)
+def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale) -> torch.Tensor:
+    xs, y = data.take(rows)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
                                         encoded=module.encode(xs), kl_scale=kl_scale,
@@ -237,9 +292,16 @@ def _minibatch_loss(elbo, module, data: Batchable, idx, n, kl_scale, prediction_
         # Pyro validates distribution parameters, so non-finite weights surface here first.
         if all(torch.isfinite(p).all() for p in module.parameters()):
             raise
-        return torch.tensor(float("nan"))
+        return torch.full((), float("nan"), device=data.device)
 
 
 def _poison_gradients(module) -> None:
     for p in module.parameters():
         p.grad = torch.full_like(p, float("nan"))
+
+
+def _poison_gradients_if(params: list[torch.Tensor], bad: torch.Tensor) -> None:
+    """Gradients times NaN where ``bad`` (a device boolean), times 1 elsewhere: no synchronisation."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, torch.where(bad, float("nan"), 1.0).to(grads[0].dtype))

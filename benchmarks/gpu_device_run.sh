@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 13's checks on a lent GPU box, in one file (about 9 minutes at most). Run from the repo root:
+#
+#   bash benchmarks/gpu_device_run.sh
+#
+# That box has torch + CUDA, pytest, numpy, scipy, pandas, matplotlib, scikit-learn, statsmodels, tqdm,
+# safetensors, xarray, h5py, but not pyro, arviz, nibabel, nilearn, monai or pydantic. Before the run, here:
+#   ../shared/tools/device-wheels.sh        # wheels into .whl/ (the default list is enough: no extra names)
+# and carry `.whl` with the run. Logs and the benchmark JSON go under $OUT (the device tool's folder that
+# comes back; /tmp/gpu_out when unset): env.txt, tests.log, bench.log, gpu.json.
+# Budget: install ~10 s, tests <= 180 s (148 s on the loaded 2-core CPU machine with cuda -> cpu), benchmark
+# <= 340 s (its sections stop themselves at ~320 s).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# The checkout's own code, not the inva_pyro wheel (which may predate the checkout): presets come from models/.
+rm -rf /tmp/site/inva_pyro /tmp/site/inva_pyro-*.dist-info
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi -L
+  python3 -c "import sys, torch, pyro; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available(), '| pyro', pyro.__version__)"
+  python3 -c "import inva_pyro, os; print('inva_pyro from', os.path.dirname(inva_pyro.__file__))"
+} 2>&1 | tee "$OUT/env.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log"
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
+timeout 340 python3 benchmarks/gpu.py --device cuda --budget-scale 0.7 --tmp /tmp --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+echo "benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
