@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--design", default="paper", help="simulation design (default: paper)")
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", default="independent", choices=["independent", "smooth"],
+                   help="outcome noise: independent per voxel, or smooth (a scanner's point-spread function)")
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
@@ -102,7 +104,7 @@ def _simulate(args) -> None:
     from .data.simulate import write_cohort
     if args.n_subjects < 10:
         raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
-    out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, noise=args.noise)
     print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
 
 
