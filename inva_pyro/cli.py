@@ -234,7 +234,7 @@ def _predict(args) -> None:
     model, subset = _load_for_manifest(args, require_outcome=False)
     regions = _region_labels(args, model)
     pred = model.predict(subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
-    tables = {"regions.csv": pred.regions(*regions)} if regions is not None else None
+    tables = {"regions.csv": pred.regions(regions[0], names=regions[1])} if regions is not None else None
     pred.to_files(args.out, calibrated=not args.raw, tables=tables)
     print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them"
           + (", regions.csv the region means)" if tables else ")"))

@@ -44,7 +44,9 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     posterior and pointwise log-likelihood groups; without it, a reduced InferenceData is written.
     ``num_draws``/``n_features``: draws and seeded feature subset of the InferenceData.
     ``regions``: (labels, names) from ``regions.read_labels``: adds ``regions`` (region means: coverage,
-    width, CRPS per level, joint and independent-voxel) and ``region_calibration.png`` (regions.py).
+    width, CRPS per level, joint and independent-voxel; ArviZ PPC of region means) and the figures
+    ``region_calibration.png``, ``ppc_regions.png`` (regions.py). A prediction with a joint predictive also
+    gets ``multivariate``: energy and variogram scores, joint and independent-voxel (scores.py).
     """
     from . import inference
 
@@ -82,6 +84,9 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
         loo = loo_summary(idata)
         if loo:
             diagnostics["loo"] = loo
+    if getattr(prediction, "joint", None) is not None:  # energy and variogram scores, joint vs independent
+        from .scores import multivariate_scores
+        result["multivariate"] = multivariate_scores(prediction, seed=seed)
     if regions is not None:
         from .regions import evaluate_regions
         result["regions"] = _jsonable(evaluate_regions(prediction, regions[0], levels, out_dir, seed=seed))

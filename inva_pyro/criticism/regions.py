@@ -212,4 +212,38 @@ def evaluate_regions(prediction, labels, levels, out_dir: Path, seed: int = 0) -
                                           labels=("independent voxels", "joint (calibrated)"),
                                           title="Region means: interval calibration")
     result["figure"] = path.name
+    result["ppc"] = region_ppc(prediction, labels, out_dir, seed=seed)
+    return result
+
+
+def region_ppc(prediction, labels, out_dir: Path, draws: int = 200, seed: int = 0) -> dict:
+    """Posterior predictive check of region means with ArviZ: u = P(y_rep <= y) of every observed region
+    mean (labels and whole mask) under joint draws and under independent-voxel draws of the same voxel
+    variances; ``ppc_regions.png`` (``az.plot_bpv(kind="u_value")``, flat = calibrated) and the
+    Kolmogorov-Smirnov distance of the u values from uniform."""
+    from scipy import stats
+
+    from ..predict.joint import joint_draws
+    from .inference import _az
+    from .plotting import new_figure, save_png
+    az = _az()
+    _, _, _, observed, weights = region_summary(prediction, labels)
+    pp, result = {}, {"draws": int(draws)}
+    for name, independent in (("joint", False), ("independent", True)):
+        chunks = [np.asarray(weights @ c.reshape(-1, c.shape[-1]).T).T.reshape(c.shape[0], c.shape[1], -1)
+                  for c in joint_draws(prediction.mean, prediction.raw_sd, prediction.joint, draws, seed=seed,
+                                       independent=independent)]
+        pp[name] = np.concatenate(chunks)[None]                                  # (chain, draw, subject, region)
+        u = (pp[name][0] <= observed[None]).mean(0).ravel()
+        result[f"pit_ks_{name}"] = float(stats.kstest(u, "uniform").statistic)
+    idata = az.from_dict(posterior_predictive={"region_mean": pp["joint"], "region_mean_independent": pp["independent"]},
+                         observed_data={"region_mean": observed})
+    fig = new_figure(9.2, 4.0)
+    for ax, (var, title) in zip(fig.subplots(1, 2), (("region_mean", "joint"),
+                                                     ("region_mean_independent", "independent voxels"))):
+        az.plot_bpv(idata, kind="u_value", var_names=["region_mean"], data_pairs={"region_mean": var}, ax=ax)
+        ax.set_title(f"PIT of region means, {title}")
+        ax.set_xlabel("u = P(y_rep ≤ y)")
+        ax.set_ylabel("density (flat = calibrated)")
+    result["figure"] = save_png(fig, Path(out_dir) / "ppc_regions.png").name
     return result
