@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chains", type=int, default=None,
                    help="also fit this many seeds on the first seed's data at the largest size and "
                         "report R-hat / ESS of the predictions across fits (default 0: skip; 2 with --quick)")
+    p.add_argument("--design", choices=["paper", "volume"], default="paper",
+                   help="paper (built-in, in memory) or volume (MNI152 design written to OUT/cohort_seedS)")
+    p.add_argument("--voxel-mm", type=int, default=6, help="voxel size of the volume design (default 6)")
     p.add_argument("--noise", choices=["independent", "smooth"], default="independent",
                    help="outcome noise of the design: independent per pixel, or smooth (Gaussian PSF)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -77,16 +80,23 @@ def _ints(text: str) -> list[int]:
 
 def settings(args) -> dict:
     if args.quick:
-        return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains, noise=args.noise)
+        return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains, noise=args.noise,
+                    design="paper", out=args.out)
     return dict(sizes=_ints(args.sizes), seeds=_ints(args.seeds), n_val=args.n_val, n_test=args.n_test,
                 epochs=args.epochs, samples=args.samples, chains=args.chains or 0, preset_overrides={},
-                grid=None, noise=args.noise)
+                grid=None, noise=args.noise, design=args.design, voxel_mm=args.voxel_mm, out=args.out)
 
 
-def study_regions(grid) -> dict[str, np.ndarray]:
-    """Label vectors (C order) of the regions scored: 8 blocks (4 x 2) and 50 Voronoi cells of seeded
-    points (neither is one of the random partitions the calibration fits on)."""
+def study_regions(space) -> dict[str, np.ndarray]:
+    """Label vectors (C order) of the regions scored: 8 blocks (4 x 2; volume design: 8 Voronoi cells of
+    seeded mask voxels) and 50 Voronoi cells of seeded points (none is one of the random partitions the
+    calibration fits on)."""
     from inva_pyro.predict.joint import voronoi_labels
+    grid = space.grid_shape
+    if len(grid) == 3:
+        coords = np.argwhere(space.mask).astype(float)
+        return {"r8": voronoi_labels(coords, 8, np.random.default_rng(2026)),
+                "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
     h, w = grid
     i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     blocks = (i * 4 // h) * 2 + (j * 2 // w) + 1
@@ -94,13 +104,13 @@ def study_regions(grid) -> dict[str, np.ndarray]:
     return {"r8": blocks.ravel(), "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
 
 
-def region_columns(pred, grid, fit_seed: int) -> dict:
+def region_columns(pred, space, fit_seed: int) -> dict:
     """Region coverage (joint and independent voxels) for 8 and 50 regions and the whole mask, energy
     and variogram scores (joint and independent), and the time of the region summaries."""
     from inva_pyro.criticism.regions import region_metrics
     from inva_pyro.criticism.scores import multivariate_scores
     row = {}
-    for name, labels in study_regions(grid).items():
+    for name, labels in study_regions(space).items():
         start = time.perf_counter()
         pred.regions(labels)
         row[f"regions_seconds_{name}"] = time.perf_counter() - start
@@ -137,6 +147,14 @@ def simulate_split(seed: int, cfg: dict):
 
     n_train = max(cfg["sizes"])
     n_total = n_train + cfg["n_val"] + cfg["n_test"]
+    if cfg.get("design") == "volume":
+        from inva_pyro.data.simulate import write_cohort
+        folder = Path(cfg["out"]) / f"cohort_seed{seed}"
+        if not folder.exists():
+            write_cohort(folder, "volume", n_total, seed, voxel_mm=cfg["voxel_mm"], noise=cfg["noise"])
+        cohort = Cohort.from_dir(folder, seed=seed)
+        split = pd.read_csv(folder / "manifest.csv")["split"].to_numpy()
+        return cohort, {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
     sim = simulate_paper(n_total, seed, grid=cfg["grid"] or PAPER_GRID, noise=cfg.get("noise", "independent"))
     flat = lambda a: np.asarray(a).reshape(n_total, -1)  # noqa: E731
     if n_total == 500 and cfg["n_val"] == cfg["n_test"] == 100:
@@ -171,8 +189,12 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
     grid = tuple(cfg["grid"] or (32, 32))
     space = VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
                         mask=np.ones((*grid, 1), dtype=bool))       # pixel coordinates for the joint calibration
+    outcome = "y"
+    if cfg.get("design") == "volume":
+        outcome = cohort.outcome_name
+        space = cohort.spaces[outcome]
     start = time.perf_counter()
-    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name="y",
+    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name=outcome,
                                                    space=space)
     if calib is not None:  # refit the calibrator on subjects never seen by early stopping
         xs, y = model._tensors(calib)
@@ -196,7 +218,7 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"cov{key}_raw"] = raw["coverage"][key]
         row[f"width{key}"] = cal["interval_width"][key]
         row[f"width{key}_raw"] = raw["interval_width"][key]
-    row.update(region_columns(pred, grid, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
+    row.update(region_columns(pred, space, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
     row["regions_time_ratio"] = (predict_s + row["regions_seconds_r8"] + row["regions_seconds_r50"]) / predict_s
     row["crps_ratio"] = row["crps"] / row["oracle_crps"]
     row["crps_raw_ratio"] = row["crps_raw"] / row["oracle_crps"]
