@@ -219,6 +219,9 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"width{key}"] = cal["interval_width"][key]
         row[f"width{key}_raw"] = raw["interval_width"][key]
     row.update(region_columns(pred, space, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
+    ratios = model.joint.info["mean_square_ratio"] if model.joint is not None else {}
+    row.update(joint_alpha=model.joint.alpha if model.joint else None, joint_beta=model.joint.beta if model.joint else None,
+               joint_ratio_all=ratios.get("all"), joint_ratio_voxel=ratios.get("voxel"))
     row["regions_time_ratio"] = (predict_s + row["regions_seconds_r8"] + row["regions_seconds_r50"]) / predict_s
     row["crps_ratio"] = row["crps"] / row["oracle_crps"]
     row["crps_raw_ratio"] = row["crps_raw"] / row["oracle_crps"]

@@ -143,17 +143,24 @@ def region_summary(prediction, labels) -> tuple[list, np.ndarray, np.ndarray, np
     return regions, mean, sd, observed, weights
 
 
+def region_interval(joint, mean, sd, weights, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Central ``level`` intervals (n, L) of region means, with each region's size-matched quantiles."""
+    fractions = weights.getnnz(axis=1) / weights.shape[1]
+    return (mean + sd * joint.z_regions((1 - level) / 2, fractions),
+            mean + sd * joint.z_regions((1 + level) / 2, fractions))
+
+
 def region_table(prediction, labels, levels, names: dict | None = None) -> pd.DataFrame:
     level_tag = lambda lv: format(round(lv * 100, 6), "g")  # noqa: E731  (prediction.level_tag)
-    regions, mean, sd, _, _ = region_summary(prediction, labels)
+    regions, mean, sd, _, weights = region_summary(prediction, labels)
     names = names or {}
     n, n_regions = mean.shape
     frame = {"subject": np.repeat(np.asarray(prediction.subjects, dtype=object), n_regions),
              "region": np.tile(np.asarray([names.get(r, str(r)) for r in regions], dtype=object), n),
              "mean": mean.ravel(), "sd": sd.ravel()}
     for lv in sorted(levels):
-        frame[f"lo{level_tag(lv)}"] = (mean + sd * prediction.joint.z((1 - lv) / 2)).ravel()
-        frame[f"hi{level_tag(lv)}"] = (mean + sd * prediction.joint.z((1 + lv) / 2)).ravel()
+        lo, hi = region_interval(prediction.joint, mean, sd, weights, lv)
+        frame[f"lo{level_tag(lv)}"], frame[f"hi{level_tag(lv)}"] = lo.ravel(), hi.ravel()
     return pd.DataFrame(frame)
 
 
@@ -169,17 +176,20 @@ def region_metrics(prediction, labels, levels) -> dict:
     sd_ind = independent_region_sd(prediction.raw_sd, weights)
     joint = prediction.joint
 
+    fractions = weights.getnnz(axis=1) / weights.shape[1]
+
     def block(cols):
         y, m, s, si = observed[:, cols], mean[:, cols], sd[:, cols], sd_ind[:, cols]
-        out = {"n_regions": int(len(np.atleast_1d(cols))) if not isinstance(cols, slice) else int(y.shape[1]),
-               "coverage": {}, "interval_width": {}, "independent_coverage": {}}
+        out = {"n_regions": int(y.shape[1]), "coverage": {}, "interval_width": {}, "independent_coverage": {}}
         for lv in levels:
-            lo, hi = m + s * joint.z((1 - lv) / 2), m + s * joint.z((1 + lv) / 2)
+            lo, hi = region_interval(joint, m, s, weights[cols], lv)
             z = stats.norm.ppf((1 + lv) / 2)
             out["coverage"][M.level_key(lv)] = M.coverage(y, lo, hi)
             out["interval_width"][M.level_key(lv)] = M.interval_width(lo, hi)
             out["independent_coverage"][M.level_key(lv)] = M.coverage(y, m - z * si, m + z * si)
-        out["crps"] = M.crps_quantile_distribution(y, m, s, joint.z_quantiles)
+        out["crps"] = float(np.mean([M.crps_quantile_distribution_map(y[:, j], m[:, j], s[:, j],
+                                                                     joint.atoms(fractions[cols][j]))
+                                     for j in range(y.shape[1])]))
         out["independent_crps"] = M.crps_gaussian(y, m, si)
         return out
 
@@ -194,7 +204,7 @@ def region_curves(prediction, labels, levels) -> tuple[list[float], list[float]]
     sd_ind = independent_region_sd(prediction.raw_sd, weights)
     joint, indep = [], []
     for lv in levels:
-        lo, hi = mean + sd * prediction.joint.z((1 - lv) / 2), mean + sd * prediction.joint.z((1 + lv) / 2)
+        lo, hi = region_interval(prediction.joint, mean, sd, weights, lv)
         joint.append(float(np.mean((observed >= lo) & (observed <= hi))))
         half = stats.norm.ppf((1 + lv) / 2) * sd_ind
         indep.append(float(np.mean(np.abs(observed - mean) <= half)))

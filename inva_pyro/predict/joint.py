@@ -15,9 +15,10 @@ without draws. Fitting (``fit_joint``) on the validation subjects, cross-fitted 
 2. on the fold itself, alpha, beta make the mean squared standardised error 1 for every family of
    regions (single voxels, random Voronoi partitions of the mask into 2 ... 128 cells in voxel
    coordinates, the whole mask): least squares on the log ratios.
-   Then the quantile function of the standardised region errors e / sd_R, averaged over the region
-   families (Vincentised), gives the region intervals mean_R + sd_R Q(p): a split-conformal score for
-   region means, for regions the calibration never saw.
+   Then the quantile function Q_k of the standardised region errors e / sd_R of each family k gives
+   the region intervals mean_R + sd_R Q(p), Q interpolated in log(region size) between the families
+   (Mondrian split-conformal by region size): regions the calibration never saw get the quantiles of
+   random regions of their size, so a misfit of alpha, beta for some sizes is corrected too.
 
 Single voxels keep the voxel calibrator (``calibration.py``); the joint model describes their
 variance too (the voxel family), so joint draws have calibrated marginal variances.
@@ -43,16 +44,34 @@ class JointCalibration:
     diag: np.ndarray            # (V,) remaining variance of the standardised error
     alpha: float                # scale of the low-rank part
     beta: float                 # scale of the diagonal part
-    z_quantiles: np.ndarray     # (N_QUANTILES,) standardised region errors, Q((j + 0.5) / M)
+    z_quantiles: np.ndarray     # (N_QUANTILES,) standardised region errors, Q((j + 0.5) / M), all families
     info: dict = field(default_factory=dict)
+    family_fraction: np.ndarray | None = None     # (K,) mean share of the mask of a region of family k, sorted
+    family_quantiles: np.ndarray | None = None    # (K, N_QUANTILES) Q of family k
 
     @property
     def rank(self) -> int:
         return int(self.factor.shape[1])
 
-    def z(self, prob: float) -> float:
+    def atoms(self, fraction: float | None = None) -> np.ndarray:
+        """Quantile function of the standardised error of a region covering ``fraction`` of the mask:
+        interpolated in log(fraction) between the families' (Mondrian conformal by region size);
+        without ``fraction`` (or families), that of all families together."""
+        if fraction is None or self.family_fraction is None:
+            return self.z_quantiles
+        x = np.log(np.clip(fraction, self.family_fraction[0], self.family_fraction[-1]))
+        logs = np.log(self.family_fraction)
+        k = int(np.clip(np.searchsorted(logs, x), 1, len(logs) - 1))
+        t = 0.0 if logs[k] == logs[k - 1] else (x - logs[k - 1]) / (logs[k] - logs[k - 1])
+        return (1 - t) * self.family_quantiles[k - 1] + t * self.family_quantiles[k]
+
+    def z(self, prob: float, fraction: float | None = None) -> float:
         probs = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
-        return float(np.interp(prob, probs, self.z_quantiles))
+        return float(np.interp(prob, probs, self.atoms(fraction)))
+
+    def z_regions(self, prob: float, fractions) -> np.ndarray:
+        """z(prob) for regions covering ``fractions`` (L,) of the mask."""
+        return np.array([self.z(prob, f) for f in np.atleast_1d(fractions)])
 
     def region_moments(self, mean: np.ndarray, sd: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, L) means and sds of the regions with averaging weights (L, V)."""
@@ -60,14 +79,20 @@ class JointCalibration:
 
     def to_dict(self) -> dict:
         """Everything but the arrays F and d (``covariance.safetensors`` keeps those)."""
-        return {"alpha": self.alpha, "beta": self.beta, "rank": self.rank,
-                "z_quantiles": self.z_quantiles.tolist(), "info": self.info}
+        out = {"alpha": self.alpha, "beta": self.beta, "rank": self.rank,
+               "z_quantiles": self.z_quantiles.tolist(), "info": self.info}
+        if self.family_fraction is not None:
+            out.update(family_fraction=self.family_fraction.tolist(),
+                       family_quantiles=np.round(self.family_quantiles, 6).tolist())
+        return out
 
     @classmethod
     def from_parts(cls, d: dict, factor: np.ndarray, diag: np.ndarray) -> "JointCalibration":
         return cls(factor=np.asarray(factor, dtype=np.float64), diag=np.asarray(diag, dtype=np.float64),
                    alpha=float(d["alpha"]), beta=float(d["beta"]),
-                   z_quantiles=np.asarray(d["z_quantiles"], dtype=np.float64), info=dict(d.get("info") or {}))
+                   z_quantiles=np.asarray(d["z_quantiles"], dtype=np.float64), info=dict(d.get("info") or {}),
+                   family_fraction=np.asarray(d["family_fraction"]) if "family_fraction" in d else None,
+                   family_quantiles=np.asarray(d["family_quantiles"]) if "family_quantiles" in d else None)
 
 
 def label_weights(labels: np.ndarray) -> tuple[list[int], sparse.csr_matrix]:
@@ -191,8 +216,9 @@ def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coor
     joined = {name: tuple(np.concatenate([p[j] for p in pieces]) for j in range(3)) for name, pieces in parts.items()}
     alpha, beta, ratios = fit_scales(joined)
     probs = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
-    quantiles = []
+    quantiles, fractions = [], []
     for name in families:
+        fractions.append(float(np.mean(families[name].getnnz(axis=1))) / n_vox)
         e2, var_low, var_diag = joined[name]
         sign = np.concatenate([np.sign(np.asarray(families[name] @ e_all[fold_of == k].T).T).ravel()
                                for k in range(folds)])
@@ -201,8 +227,11 @@ def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coor
     factor_t, diag_t = fit_factor(residuals, rank)
     info = {"n_subjects": int(n), "folds": int(folds), "rank": int(factor_t.shape[1]),
             "mean_square_ratio": {k: round(v, 4) for k, v in ratios.items()}}
+    order = np.argsort(fractions)
     calibration = JointCalibration(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha,
-                                   beta=beta, z_quantiles=np.mean(quantiles, axis=0), info=info)
+                                   beta=beta, z_quantiles=np.mean(quantiles, axis=0), info=info,
+                                   family_fraction=np.asarray(fractions)[order],
+                                   family_quantiles=np.asarray(quantiles)[order])
     return factor_t.float(), diag_t.float(), calibration
 
 
