@@ -13,7 +13,8 @@ On ``--n-test`` new subjects it reports, for 8 blocks (4 x 2), 50 Voronoi region
 predicted / true variance of region means (true: w' S C S w) and the coverage of the region intervals
 at 50/80/90/95%.
 
-    python analysis/joint_choice.py            # seconds
+    python analysis/joint_choice.py            # a minute on one core
+    python analysis/joint_choice.py --quick    # seconds
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--sigma", type=float, default=1.5)
     p.add_argument("--ranks", default="16,48", help="PCA ranks to compare with the sample factor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="40 validation and 50 test subjects, rank 16 only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n_val, args.n_test, args.ranks = 40, 50, "16"
     from inva_pyro.data.simulate.common import smooth_noise, smooth_noise_covariance
     from inva_pyro.criticism.regions import region_interval
     from inva_pyro.predict.joint import fit_joint, label_weights, voronoi_labels
