@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chains", type=int, default=None,
                    help="also fit this many seeds on the first seed's data at the largest size and "
                         "report R-hat / ESS of the predictions across fits (default 0: skip; 2 with --quick)")
+    p.add_argument("--design", choices=["paper", "volume"], default="paper",
+                   help="paper (built-in, in memory) or volume (MNI152 design written to OUT/cohort_seedS)")
+    p.add_argument("--voxel-mm", type=int, default=6, help="voxel size of the volume design (default 6)")
+    p.add_argument("--noise", choices=["independent", "smooth"], default="independent",
+                   help="outcome noise of the design: independent per pixel, or smooth (Gaussian PSF)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test settings (seconds)")
     return p.parse_args(argv)
@@ -75,10 +80,51 @@ def _ints(text: str) -> list[int]:
 
 def settings(args) -> dict:
     if args.quick:
-        return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains)
+        return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains, noise=args.noise,
+                    design="paper", out=args.out)
     return dict(sizes=_ints(args.sizes), seeds=_ints(args.seeds), n_val=args.n_val, n_test=args.n_test,
                 epochs=args.epochs, samples=args.samples, chains=args.chains or 0, preset_overrides={},
-                grid=None)
+                grid=None, noise=args.noise, design=args.design, voxel_mm=args.voxel_mm, out=args.out)
+
+
+def study_regions(space) -> dict[str, np.ndarray]:
+    """Label vectors (C order) of the regions scored: 8 blocks (4 x 2; volume design: 8 Voronoi cells of
+    seeded mask voxels) and 50 Voronoi cells of seeded points (none is one of the random partitions the
+    calibration fits on)."""
+    from inva_pyro.predict.joint import voronoi_labels
+    grid = space.grid_shape
+    if len(grid) == 3:
+        coords = np.argwhere(space.mask).astype(float)
+        return {"r8": voronoi_labels(coords, 8, np.random.default_rng(2026)),
+                "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
+    h, w = grid
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    blocks = (i * 4 // h) * 2 + (j * 2 // w) + 1
+    coords = np.argwhere(np.ones(grid)).astype(float)
+    return {"r8": blocks.ravel(), "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
+
+
+def region_columns(pred, space, fit_seed: int) -> dict:
+    """Region coverage (joint and independent voxels) for 8 and 50 regions and the whole mask, energy
+    and variogram scores (joint and independent), and the time of the region summaries."""
+    from inva_pyro.criticism.regions import region_metrics
+    from inva_pyro.criticism.scores import multivariate_scores
+    row = {}
+    for name, labels in study_regions(space).items():
+        start = time.perf_counter()
+        pred.regions(labels)
+        row[f"regions_seconds_{name}"] = time.perf_counter() - start
+        m = region_metrics(pred, labels, LEVELS)
+        for tag, block in ((name, m["labels"]), ("all", m["all"])):
+            for lv in LEVELS:
+                k = format(lv, "g")
+                row[f"{tag}_cov{k}"] = block["coverage"][k]
+                row[f"{tag}_cov{k}_ind"] = block["independent_coverage"][k]
+            row[f"{tag}_crps"], row[f"{tag}_crps_ind"] = block["crps"], block["independent_crps"]
+    scores = multivariate_scores(pred, seed=fit_seed)
+    row.update({k: scores[k] for k in ("energy_joint", "energy_independent", "variogram_joint",
+                                       "variogram_independent")})
+    return row
 
 
 def make_preset(model: str, cfg: dict):
@@ -101,7 +147,15 @@ def simulate_split(seed: int, cfg: dict):
 
     n_train = max(cfg["sizes"])
     n_total = n_train + cfg["n_val"] + cfg["n_test"]
-    sim = simulate_paper(n_total, seed, grid=cfg["grid"] or PAPER_GRID)
+    if cfg.get("design") == "volume":
+        from inva_pyro.data.simulate import write_cohort
+        folder = Path(cfg["out"]) / f"cohort_seed{seed}"
+        if not folder.exists():
+            write_cohort(folder, "volume", n_total, seed, voxel_mm=cfg["voxel_mm"], noise=cfg["noise"])
+        cohort = Cohort.from_dir(folder, seed=seed)
+        split = pd.read_csv(folder / "manifest.csv")["split"].to_numpy()
+        return cohort, {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
+    sim = simulate_paper(n_total, seed, grid=cfg["grid"] or PAPER_GRID, noise=cfg.get("noise", "independent"))
     flat = lambda a: np.asarray(a).reshape(n_total, -1)  # noqa: E731
     if n_total == 500 and cfg["n_val"] == cfg["n_test"] == 100:
         split = default_split(n_total, seed)          # exactly the design's own split
@@ -131,14 +185,25 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
     if args.calibration_split == "held-out":
         half = len(val) // 2
         val, calib = val.subset(np.arange(half)), val.subset(np.arange(half, len(val)))
+    from inva_pyro.data.spaces import VolumeSpace
+    grid = tuple(cfg["grid"] or (32, 32))
+    space = VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
+                        mask=np.ones((*grid, 1), dtype=bool))       # pixel coordinates for the joint calibration
+    outcome = "y"
+    if cfg.get("design") == "volume":
+        outcome = cohort.outcome_name
+        space = cohort.spaces[outcome]
     start = time.perf_counter()
-    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name="y")
+    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name=outcome,
+                                                   space=space)
     if calib is not None:  # refit the calibrator on subjects never seen by early stopping
         xs, y = model._tensors(calib)
         model._calibrate(calib, xs, y, fit_seed)
     fit_s = time.perf_counter() - start
+    start = time.perf_counter()
     pred = model.predict(test, num_samples=cfg["samples"], levels=sorted(set(LEVELS) | set(CURVE_LEVELS)),
                          seed=fit_seed)
+    predict_s = time.perf_counter() - start
     truth = dict(truth_mean=test.truth_mean, truth_sd=test.truth_sd)
     cal, raw = pred.metrics(calibrated=True, **truth), pred.metrics(calibrated=False, **truth)
     row = {"size": size, "seed": seed, "fit_seed": fit_seed, "n_val": len(val),
@@ -153,6 +218,11 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"cov{key}_raw"] = raw["coverage"][key]
         row[f"width{key}"] = cal["interval_width"][key]
         row[f"width{key}_raw"] = raw["interval_width"][key]
+    row.update(region_columns(pred, space, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
+    ratios = model.joint.info["mean_square_ratio"] if model.joint is not None else {}
+    row.update(joint_alpha=model.joint.alpha if model.joint else None, joint_beta=model.joint.beta if model.joint else None,
+               joint_ratio_all=ratios.get("all"), joint_ratio_voxel=ratios.get("voxel"))
+    row["regions_time_ratio"] = (predict_s + row["regions_seconds_r8"] + row["regions_seconds_r50"]) / predict_s
     row["crps_ratio"] = row["crps"] / row["oracle_crps"]
     row["crps_raw_ratio"] = row["crps_raw"] / row["oracle_crps"]
     oracle_width = {lv: float(np.mean(2 * test.truth_sd)) * _z(lv) for lv in LEVELS}
@@ -176,11 +246,16 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
                + [f"width{format(lv, 'g')}" for lv in LEVELS] + [f"width{format(lv, 'g')}_raw" for lv in LEVELS]
                + [f"oracle_width{format(lv, 'g')}" for lv in LEVELS]
                + ["crps", "crps_raw", "oracle_crps", "crps_ratio", "crps_raw_ratio", "mse", "oracle_mse",
-                  "nll", "nll_raw", "tau", "best_epoch", "fit_seconds"])
+                  "nll", "nll_raw", "tau", "best_epoch", "fit_seconds"]
+               + [f"{tag}_cov{format(lv, 'g')}{ind}" for tag in ("r8", "r50", "all") for lv in LEVELS for ind in ("", "_ind")]
+               + ["energy_joint", "energy_independent", "variogram_joint", "variogram_independent",
+                  "regions_time_ratio", "predict_seconds"])
     rows = []
     for size, group in runs.groupby("size"):
         row = {"size": int(size), "n_seeds": len(group)}
         for m in metrics:
+            if m not in group:
+                continue
             values = group[m].astype(float)
             row[f"{m}_mean"] = values.mean()
             row[f"{m}_sd"] = values.std(ddof=1) if len(values) > 1 else float("nan")
@@ -206,6 +281,21 @@ def markdown(summary: pd.DataFrame, command: str, calibration_split: str) -> str
         lines.append(f"| {int(s['size'])} | {f(s, 'crps', 4)} | {f(s, 'crps_raw', 4)} | {f(s, 'oracle_crps', 4)} "
                      f"| {f(s, 'crps_ratio')} | {f(s, 'crps_raw_ratio')} | {f(s, 'mse', 4)} | {f(s, 'oracle_mse', 4)} "
                      f"| {f(s, 'tau', 2)} | {f(s, 'best_epoch', 0)} |")
+    if "r8_cov0.5_mean" in summary:
+        lines += ["", "Region means (joint calibrated; independent voxels in brackets): coverage of the central "
+                  "intervals of 8 blocks, 50 Voronoi regions and the whole mask, beside voxel coverage.", "",
+                  "| N train | level | voxels | 8 regions | 50 regions | whole mask |", "|---|---|---|---|---|---|"]
+        for _, s in summary.iterrows():
+            for lv in LEVELS:
+                k = format(lv, "g")
+                cells = [f"{f(s, t + '_cov' + k)} ({s[t + '_cov' + k + '_ind_mean']:.3f})" for t in ("r8", "r50", "all")]
+                lines.append(f"| {int(s['size'])} | {k} | {f(s, 'cov' + k)} | " + " | ".join(cells) + " |")
+        lines += ["", "| N train | energy joint | energy independent | variogram joint | variogram independent "
+                  "| predict time with / without regions |", "|---|---|---|---|---|---|"]
+        for _, s in summary.iterrows():
+            lines.append(f"| {int(s['size'])} | {f(s, 'energy_joint', 3)} | {f(s, 'energy_independent', 3)} | "
+                         f"{f(s, 'variogram_joint', 4)} | {f(s, 'variogram_independent', 4)} | "
+                         f"{f(s, 'regions_time_ratio', 3)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "2 is whole-brain PET resolution, about 230,000 voxels in the brain mask)")
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", default="independent", choices=["independent", "smooth"],
+                   help="outcome noise: independent per voxel, or smooth (a scanner's point-spread function)")
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--levels", type=_levels, default=_levels(LEVELS), help=f"central interval levels ({LEVELS})")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--regions", metavar="LABELS", help="label image on the cohort's grid (NIfTI, 0 = background), "
+                       "label GIfTI (LH,RH for a pair) or CSV of region,group for region tables: region means "
+                       + ("in regions.csv" if name == "predict" else "scored in metrics.json (key regions)"))
         if name == "predict":
             p.add_argument("--raw", action="store_true", help="write the uncalibrated posterior predictive maps")
 
@@ -110,7 +115,8 @@ def _simulate(args) -> None:
             raise InputError(f"--voxel-mm: only the volume design has a voxel size (not '{args.design}')")
         if not 1 <= args.voxel_mm <= 12:
             raise InputError(f"--voxel-mm {args.voxel_mm}: must be an integer from 1 to 12")
-    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm)
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm,
+                       noise=args.noise)
     print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
 
 
@@ -227,11 +233,27 @@ def _truth_columns(manifest: Path) -> dict:
     return truth if isinstance(truth, dict) else {}
 
 
+def _region_labels(args, model):
+    """The checked --regions labels on the run's outcome space (before anything is written), or None."""
+    if not args.regions:
+        return None
+    from .criticism.regions import read_labels
+    spaces = _run_spaces(model, args.run) or {}
+    labels = read_labels(args.regions, spaces.get(model.info["outcome"]))
+    if getattr(model, "joint", None) is None:
+        raise InputError(f"{args.run}: no joint covariance in this run (fitted before it existed, or by a model "
+                         "family without one); region intervals need `inva fit` of this version")
+    return labels
+
+
 def _predict(args) -> None:
     model, subset = _load_for_manifest(args, require_outcome=False)
+    regions = _region_labels(args, model)
     pred = model.predict(subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
-    pred.to_files(args.out, calibrated=not args.raw)
-    print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them)")
+    tables = {"regions.csv": pred.regions(regions[0], names=regions[1])} if regions is not None else None
+    pred.to_files(args.out, calibrated=not args.raw, tables=tables)
+    print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them"
+          + (", regions.csv the region means)" if tables else ")"))
 
 
 def _evaluate(args) -> None:
@@ -240,11 +262,12 @@ def _evaluate(args) -> None:
     model, subset = _load_for_manifest(args, require_outcome=True)
     if subset.outcome is None:
         raise InputError(f"{args.manifest}: evaluate needs the outcome column '{model.info['outcome']}'")
+    regions = _region_labels(args, model)
     pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
                          seed=args.seed)
     with atomic_dir(args.out) as tmp:
         metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels, model=model,
-                                      seed=args.seed)
+                                      seed=args.seed, regions=regions)
     print_summary(metrics)
     print(f"metrics and figures in {args.out}")
 

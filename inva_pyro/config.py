@@ -153,6 +153,10 @@ class PredictionConfig(_Strict):
     num_samples: int = Field(500, ge=2)
     levels: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95])
     calibration: Literal["quantile", "variance", "none"] = "quantile"
+    joint: bool = Field(True, description="fit the outcome's spatial error covariance and the region calibration "
+                        "on the validation subjects (predict/joint.py): region means and joint draws")
+    covariance_rank: int | None = Field(None, ge=1, description="rank of the covariance factor by probabilistic "
+                                        "PCA; default: the validation residuals' sample second moment (rank n_val)")
 
 
 def _family_of(value: Any) -> str:

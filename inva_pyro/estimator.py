@@ -18,6 +18,7 @@ from .errors import InputError
 from .runs import RUN_FORMAT, holdout, package_versions
 from .data.io import atomic_write_text
 from .model.module import InVAModule
+from .predict.joint import JointCalibration, fit_joint
 from .predict.prediction import Prediction
 from .predict.predictive import posterior_predictive, seeded_generator
 from .data.preprocessing import Standardizer
@@ -50,6 +51,15 @@ def fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> boo
     return nbytes <= share * free
 
 
+def feature_coordinates(space_dict: dict | None) -> np.ndarray | None:
+    """(V, 3) mm coordinates of a volume space's features (mask voxels in C order), else None."""
+    if not space_dict or space_dict.get("kind") != "volume":
+        return None
+    space = space_from_dict(space_dict)
+    ijk = np.argwhere(np.asarray(space.mask, dtype=bool)).astype(np.float64)
+    return ijk @ np.asarray(space.affine)[:3, :3].T
+
+
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
     """One rank of a multi-process fit (started by distributed.spawn)."""
     InVA(preset).fit(train_set, val, run_dir=run_dir, **kwargs)
@@ -63,6 +73,7 @@ class InVA:
         self.module: InVAModule | None = None
         self.standardizer: Standardizer | None = None
         self.calibrator: Calibrator | None = None
+        self.joint: JointCalibration | None = None
         self.history: dict | None = None
         self.info: dict = {}
         self.device = torch.device("cpu")
@@ -174,6 +185,11 @@ class InVA:
         summary = posterior_predictive(self.module, val_xs, num_samples=cfg.num_samples, probs=[],
                                        generator=self._generator(seed + 1))
         self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
+        self.joint = None
+        if cfg.joint and len(val_y) >= 2:  # the spatial error covariance, on subjects never fitted
+            factor, diag, self.joint = fit_joint(val_y, summary.mean, summary.sd, rank=cfg.covariance_rank,
+                                                 coords=feature_coordinates(self.info.get("space")), seed=seed)
+            self.module.outcome_covariance.set(factor, diag, self.joint.alpha, self.joint.beta)
 
     def _generator(self, seed: int) -> torch.Generator:
         return seeded_generator(self.device, seed)
@@ -193,9 +209,15 @@ class InVA:
         levels = sorted(levels or cfg.levels)
         probs = sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
         xs, y = self._tensors(subset)
+        joint_samples = keep_samples if self.joint is not None else 0  # then the kept draws are joint ones
         summary = posterior_predictive(self.module, xs, num_samples=num_samples or cfg.num_samples, probs=probs,
-                                       observed=y, keep_samples=keep_samples, generator=self._generator(seed))
+                                       observed=y, keep_samples=keep_samples - joint_samples,
+                                       generator=self._generator(seed))
         st = self.standardizer
+        if joint_samples:
+            from .predict.joint import joint_draws
+            summary.samples = np.concatenate(list(joint_draws(summary.mean, summary.sd, self.joint, joint_samples,
+                                                              seed=seed)), 0)
         raw_intervals = {lv: (st.inverse_outcome_mean(summary.quantiles[(1 - lv) / 2]),
                               st.inverse_outcome_mean(summary.quantiles[(1 + lv) / 2])) for lv in levels}
         if space is None and self.info.get("space"):
@@ -206,7 +228,7 @@ class InVA:
             raw_intervals=raw_intervals, calibrator=self.calibrator,
             raw_crps=None if summary.crps is None else st.inverse_outcome_scale(summary.crps),
             samples=None if summary.samples is None else st.inverse_outcome_mean(summary.samples),
-            observed=subset.outcome, space=space)
+            observed=subset.outcome, space=space, joint=self.joint)
 
     # ---- persistence -------------------------------------------------------------------------------
     def _write_config(self, run_dir: Path) -> None:
@@ -224,6 +246,12 @@ class InVA:
         save_file(state, str(tmp))
         tmp.replace(run_dir / "weights.safetensors")
         atomic_write_text(run_dir / "calibration.json", json.dumps(self.calibrator.to_dict()))
+        if self.joint is not None:
+            tmp = run_dir / ".covariance.safetensors.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.module.outcome_covariance.state().items()},
+                      str(tmp))
+            tmp.replace(run_dir / "covariance.safetensors")
+            atomic_write_text(run_dir / "joint.json", json.dumps(self.joint.to_dict()))
         if self.history is not None:
             atomic_write_text(run_dir / "history.json", json.dumps(self.history))
         return run_dir
@@ -258,6 +286,11 @@ class InVA:
             # safetensors holds tensors only: loading a run never executes code from it.
             self.module.load_state_dict(load_file(str(run_dir / "weights.safetensors"), device=str(self.device)))
             self.calibrator = Calibrator.from_dict(json.loads((run_dir / "calibration.json").read_text()))
+            if (run_dir / "covariance.safetensors").exists():  # runs from before the joint covariance have none
+                state = load_file(str(run_dir / "covariance.safetensors"), device=str(self.device))
+                self.module.outcome_covariance.load(state)
+                self.joint = JointCalibration.from_parts(json.loads((run_dir / "joint.json").read_text()),
+                                                         state["factor"].cpu().numpy(), state["diag"].cpu().numpy())
             history = run_dir / "history.json"
             self.history = json.loads(history.read_text()) if history.exists() else None
         except Exception as exc:

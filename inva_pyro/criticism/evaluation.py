@@ -33,7 +33,7 @@ COVERAGE_MAP_LEVEL = 0.9
 def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict | None = None,
                         levels: list[float] | None = None, *, model=None, inference_data: bool = True,
                         num_draws: int | None = None, n_features: int | None = None, psis_subjects: int = 16,
-                        psis_particles: int = 1000, seed: int = 0) -> dict:
+                        psis_particles: int = 1000, seed: int = 0, regions=None) -> dict:
     """Write ``metrics.json``, figures and ``inference_data.nc`` for ``prediction`` into out_dir.
 
     ``prediction`` should cover CURVE_LEVELS (the calibration curve uses the levels it has).
@@ -43,6 +43,10 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     guide's Pareto k-hats on ``psis_subjects`` subjects (0: skip), and the InferenceData has the
     posterior and pointwise log-likelihood groups; without it, a reduced InferenceData is written.
     ``num_draws``/``n_features``: draws and seeded feature subset of the InferenceData.
+    ``regions``: (labels, names) from ``regions.read_labels``: adds ``regions`` (region means: coverage,
+    width, CRPS per level, joint and independent-voxel; ArviZ PPC of region means) and the figures
+    ``region_calibration.png``, ``ppc_regions.png`` (regions.py). A prediction with a joint predictive also
+    gets ``multivariate``: energy and variogram scores, joint and independent-voxel (scores.py).
     """
     from . import inference
 
@@ -80,6 +84,12 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
         loo = loo_summary(idata)
         if loo:
             diagnostics["loo"] = loo
+    if getattr(prediction, "joint", None) is not None:  # energy and variogram scores, joint vs independent
+        from .scores import multivariate_scores
+        result["multivariate"] = multivariate_scores(prediction, seed=seed)
+    if regions is not None:
+        from .regions import evaluate_regions
+        result["regions"] = _jsonable(evaluate_regions(prediction, regions[0], levels, out_dir, seed=seed))
     result["diagnostics"] = _jsonable(diagnostics)
     paths = write_figures(prediction, subset, out_dir, history)
     paths += write_criticism_figures(out_dir, idata, diagnostics.get("collapse"), result["diagnostics"])

@@ -26,21 +26,22 @@ __all__ = ["plot_brain_maps", "plot_calibration_curve", "plot_coverage_map", "pl
            "plot_ppc", "plot_ppc_pit", "plot_sd_vs_error", "plot_subject_maps", "plot_training_curves"]
 
 
-def plot_calibration_curve(path, nominal_levels, observed_raw, observed_calibrated=None) -> Path:
+def plot_calibration_curve(path, nominal_levels, observed_raw, observed_calibrated=None,
+                           labels=("raw", "calibrated"), title="Interval calibration") -> Path:
     """Observed coverage of central intervals against their nominal level, with the diagonal."""
     nominal = to_numpy(nominal_levels)
     fig = new_figure(4.8, 4.6)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="ideal")
-    ax.plot(nominal, to_numpy(observed_raw), marker="o", label="raw")
+    ax.plot(nominal, to_numpy(observed_raw), marker="o", label=labels[0])
     if observed_calibrated is not None:
-        ax.plot(nominal, to_numpy(observed_calibrated), marker="s", label="calibrated")
+        ax.plot(nominal, to_numpy(observed_calibrated), marker="s", label=labels[1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
     ax.set_xlabel("nominal coverage of central interval")
     ax.set_ylabel("observed coverage")
-    ax.set_title("Interval calibration")
+    ax.set_title(title)
     ax.legend(loc="upper left")
     return save_png(fig, path)
 

@@ -7,6 +7,7 @@ Subjects i, input modalities k = 1..K, inputs x_ki in R^{V_k}, outcome y_i in R^
     x_ki ~ Normal(g_k(h_ki), sigma_k)                  modality-specific decoder
     W, b ~ Normal(0, tau^2)                            Bayesian output layer of the predictor (optional)
     y_i  ~ Normal(m(F_i; W, b), s(F_i))                predictor, heteroscedastic per voxel
+           (low-rank-plus-diagonal across voxels once ``outcome_covariance`` is fitted: covariance.py)
 
 F_i are the paper's predictor inputs: for every k the means and sds of q(h_ki|x_ki) and of
 q(z_ki|h_ki) at the shallow mean. The guide is amortised: q(h_ki|x_ki) is modality-specific,
@@ -34,6 +35,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .conv import ConvDecoder, ConvEncoder
+from .covariance import OutcomeCovariance
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 
@@ -87,6 +89,7 @@ class InVAModule(nn.Module):
         else:
             self.output_weight = nn.Parameter(0.01 * torch.randn(shape))
             self.output_bias = nn.Parameter(torch.zeros(n_outcome))
+        self.outcome_covariance = OutcomeCovariance(n_outcome)  # low-rank spatial error, fitted after training
 
     # ---- deterministic pieces shared by model, guide and prediction -------------------------------
     def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -115,6 +118,10 @@ class InVAModule(nn.Module):
         hidden = self.predictor.hidden(self.latent_statistics(encoded or self.encode(xs)))
         local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs))
         return hidden, local_mean, sd
+
+    def outcome_distribution(self, mean: torch.Tensor, sd: torch.Tensor):
+        """y_i given mean and sd: independent Normal, or low-rank-plus-diagonal once fitted (covariance.py)."""
+        return self.outcome_covariance.distribution(mean, sd)
 
     def output_layer_posterior(self) -> tuple[dist.Distribution, dist.Distribution]:
         return (dist.Normal(self.output_weight_q.loc, self.output_weight_q.scale).to_event(2),
@@ -162,7 +169,7 @@ class InVAModule(nn.Module):
                 top_latents.append(z if self.hierarchical else h)
             mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
             with poutine.scale(scale=prediction_scale):
-                pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
+                pyro.sample("outcome", self.outcome_distribution(mean, sd), obs=y)
         if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
             # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
             for name, z in zip(self.vae_names, top_latents):

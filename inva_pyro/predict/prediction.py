@@ -35,6 +35,7 @@ class Prediction:
     samples: np.ndarray | None = None
     observed: np.ndarray | None = None
     space: object | None = None
+    joint: object | None = None             # JointCalibration (joint.py): region means and joint draws
     sd: np.ndarray = field(init=False)
     intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False)
 
@@ -82,6 +83,13 @@ class Prediction:
             return build_inference_data(model, subset, self, **kwargs)
         return inference_data_from_prediction(self, **kwargs)
 
+    def regions(self, labels, levels: list[float] | None = None, names: dict | None = None) -> pd.DataFrame:
+        """Region means with calibrated intervals: one row per subject and label (> 0) of ``labels``
+        (a (V,) integer vector over the features) and a row ``all`` for the whole mask; columns
+        subject, region, mean, sd, lo{P}, hi{P} (criticism/regions.py)."""
+        from ..criticism.regions import region_table
+        return region_table(self, labels, levels or self.levels, names)
+
     # ---- files -------------------------------------------------------------------------------------
     def maps(self, calibrated: bool = True) -> dict[str, np.ndarray]:
         """Named maps in CONTRACT.md order: mean, sd, lo{P}, hi{P}."""
@@ -92,8 +100,9 @@ class Prediction:
             out[f"lo{level_tag(lv)}"], out[f"hi{level_tag(lv)}"] = lo, hi
         return out
 
-    def to_files(self, out_dir: str | Path, calibrated: bool = True) -> Path:
-        """Write every map in the outcome's space, and ``predictions.csv`` listing them (atomically)."""
+    def to_files(self, out_dir: str | Path, calibrated: bool = True, tables: dict | None = None) -> Path:
+        """Write every map in the outcome's space, and ``predictions.csv`` listing them (atomically);
+        ``tables``: file name -> DataFrame written beside them (e.g. ``regions.csv``)."""
         from ..data.io import atomic_dir
 
         if self.space is None:
@@ -107,4 +116,6 @@ class Prediction:
                     for path in self.space.write(values[i], tmp / name) or [tmp / name]:
                         rows.append({"subject": subject, "map": kind, "path": Path(path).name})
             pd.DataFrame(rows).to_csv(tmp / "predictions.csv", index=False)
+            for name, table in (tables or {}).items():
+                table.to_csv(tmp / name, index=False, float_format="%.6g")
         return Path(out_dir)

@@ -70,3 +70,37 @@ def _mirrored(points: list[tuple[float, float, float]]) -> list[tuple[float, flo
 P1_CENTRES = _mirrored([(26, -20, -16), (54, -22, -12)])
 P2_CENTRES = _mirrored([(4, -58, 34), (4, 48, 12), (44, -62, 36)])
 P3_CENTRES = _mirrored([(20, -12, 26)])
+
+
+# ----- spatially smooth outcome noise (``noise="smooth"``) ---------------------------------------
+NOISE_KINDS = ("independent", "smooth")
+
+
+def _impulse_norm(shape: tuple[int, ...], sigma: float, mode: str) -> float:
+    """sd of filtered unit white noise at the centre of the grid: |impulse response|_2."""
+    from scipy import ndimage
+
+    delta = np.zeros(shape)
+    delta[tuple(s // 2 for s in shape)] = 1.0
+    return float(np.sqrt(np.square(ndimage.gaussian_filter(delta, sigma, mode=mode)).sum()))
+
+
+def smooth_noise(rng: np.random.Generator, n: int, shape: tuple[int, ...], sigma: float,
+                 mode: str = "wrap") -> np.ndarray:
+    """(n, *shape) Gaussian noise with unit variance (away from edges for mode != wrap) and the
+    correlation of white noise smoothed by a Gaussian kernel of ``sigma`` voxels (a scanner's PSF)."""
+    from scipy import ndimage
+
+    white = rng.standard_normal((n, *shape))
+    smooth = ndimage.gaussian_filter(white, sigma=(0, *([sigma] * len(shape))), mode=mode)
+    return smooth / _impulse_norm(shape, sigma, mode)
+
+
+def smooth_noise_covariance(shape: tuple[int, ...], sigma: float, mode: str = "wrap") -> np.ndarray:
+    """The exact (V, V) covariance of ``smooth_noise`` on a grid (C order): K K^T / norm^2, K the filter."""
+    from scipy import ndimage
+
+    n_vox = int(np.prod(shape))
+    basis = np.eye(n_vox).reshape(n_vox, *shape)
+    kernel = ndimage.gaussian_filter(basis, sigma=(0, *([sigma] * len(shape))), mode=mode).reshape(n_vox, n_vox)
+    return kernel @ kernel.T / _impulse_norm(shape, sigma, mode) ** 2

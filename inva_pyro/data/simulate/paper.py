@@ -7,8 +7,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .common import NOISE_KINDS, smooth_noise
+
 
 PAPER_GRID = (32, 32)
+NOISE_SIGMA = 1.5   # pixels: the Gaussian PSF of ``noise="smooth"`` (3 mm at 2 mm pixels)
 LOADINGS = np.array([[1.0, 0.5], [0.6, -0.8], [0.8, 0.8]])
 
 
@@ -36,8 +39,13 @@ def paper_patterns(grid: tuple[int, int] = PAPER_GRID) -> dict:
             "mu_y": 1.0 + 0.4 * coords[..., 1]}
 
 
-def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER_GRID) -> dict:
-    """Arrays of the ``paper`` design: inputs (n, H, W) each, outcome, true mean and sd, covariates."""
+def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER_GRID,
+                   noise: str = "independent") -> dict:
+    """Arrays of the ``paper`` design: inputs (n, H, W) each, outcome, true mean and sd, covariates.
+
+    ``noise="smooth"``: eta is white noise smoothed by a Gaussian of NOISE_SIGMA pixels (periodic
+    edges), unit variance per pixel (``common.smooth_noise``; exact covariance
+    ``common.smooth_noise_covariance(grid, NOISE_SIGMA)``), instead of independent per pixel."""
     rng = np.random.default_rng(seed)
     patterns = paper_patterns(grid)
     shared, specific, base, mu_y = (patterns[k] for k in ("shared", "specific", "base", "mu_y"))
@@ -61,6 +69,12 @@ def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER
             + 0.6 * expand(b[0]) * specific[0] + 0.6 * np.tanh(2 * expand(b[1])) * specific[1]
             + 0.6 * np.tanh(d1) + 0.3 * d1 * d3)
     sd = 0.5 * np.exp(0.25 * d2) * (0.7 + 0.6 * shared[0])
-    outcome = mean + sd * rng.standard_normal(mean.shape)
+    if noise == "smooth":
+        eta = smooth_noise(rng, n_subjects, tuple(grid), NOISE_SIGMA)
+    elif noise == "independent":
+        eta = rng.standard_normal(mean.shape)
+    else:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    outcome = mean + sd * eta
     covariates = pd.DataFrame({"age": 70 + 8 * age, "site": site})
     return {"inputs": inputs, "outcome": outcome, "true_mean": mean, "true_sd": sd, "covariates": covariates}

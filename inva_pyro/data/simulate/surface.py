@@ -33,10 +33,10 @@ class SurfaceDesign:
     _NILEARN_HEMI = {"lh": "left", "rh": "right"}
     smoothing_steps = 15
 
-    def __init__(self, n_subjects: int, seed: int = 0):
+    def __init__(self, n_subjects: int, seed: int = 0, noise: str = "independent"):
         from nilearn import datasets
 
-        self.n_subjects, self.seed = n_subjects, seed
+        self.n_subjects, self.seed, self.noise = n_subjects, seed, noise
         mesh = datasets.load_fsaverage("fsaverage5")
         maps = {key: datasets.load_fsaverage_data(mesh="fsaverage5", data_type=key)
                 for key in ("thickness", "area", "curvature", "sulcal")}
@@ -86,7 +86,8 @@ class SurfaceDesign:
             local = np.tanh(0.5 * thickness)
             mean = 0.4 + 1.2 * local * np.exp(-0.5 * softplus(a2) * P2) + 0.08 * sulc
             sd = (0.015 + 0.025 * local) * (1 + 0.5 * sigmoid(2 * a2) * P2)
-            pet = mean + sd * noise()
+            # noise "smooth": the outcome's noise is itself a field smoothed on the mesh (unit sd)
+            pet = mean + sd * (self._fields(rngs, hemi) if self.noise == "smooth" else noise())
             out[hemi] = {key: value.astype(np.float32) for key, value in
                          {"thickness": thickness, "area": area, "curv": curv, "sulc": sulc, "pet": pet,
                           "pet_true_mean": mean, "pet_true_sd": sd}.items()}

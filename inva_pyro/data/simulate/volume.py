@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .common import (P1_CENTRES, P2_CENTRES, P3_CENTRES, bumps, logit, sigmoid, softplus, subject_factors,
-                     subject_rng)
+from .common import (NOISE_KINDS, P1_CENTRES, P2_CENTRES, P3_CENTRES, bumps, logit, sigmoid, softplus, subject_factors,
+                     smooth_noise, subject_rng)
 
 
 # ----- design "volume": MNI152 templates -----------------------------------------------------------
@@ -18,10 +18,15 @@ class VolumeDesign:
     from its own random stream, so writing can go subject by subject in bounded memory.
     """
 
-    def __init__(self, n_subjects: int, seed: int = 0, voxel_mm: int = 4):
+    NOISE_SIGMA_MM = 4.0  # the Gaussian PSF of ``noise="smooth"`` (FWHM 9.4 mm, as a PET scanner's)
+
+    def __init__(self, n_subjects: int, seed: int = 0, voxel_mm: int = 4, noise: str = "independent"):
         from nilearn import datasets
 
         self.n_subjects, self.seed, self.voxel_mm = n_subjects, seed, int(voxel_mm)
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+        self.noise = noise
         gm_img = datasets.load_mni152_gm_template(resolution=self.voxel_mm)
         self.affine = gm_img.affine.copy()
         self.header = gm_img.header.copy()
@@ -59,7 +64,9 @@ class VolumeDesign:
         mean = (0.3 + 0.5 * wm + 1.7 * gm ** 1.5 * np.exp(-0.6 * softplus(a2) * self.P2)
                 * (1 - 0.05 * a1))
         sd = (0.04 + 0.10 * gm) * (1 + 0.5 * sigmoid(2 * a2) * self.P2)
-        pet = mean + sd * noise()
+        eta = (smooth_noise(rng, 1, self.shape, self.NOISE_SIGMA_MM / self.voxel_mm, mode="nearest")[0]
+               if self.noise == "smooth" else noise())
+        pet = mean + sd * eta
         arrays = {"gm": gm, "wm": wm, "t1": t1, "pet": pet, "pet_true_mean": mean, "pet_true_sd": sd}
         # Skull-stripped, as real inputs are: zero outside the brain mask (which also makes the
         # files compress several times better and so write faster).

@@ -12,7 +12,7 @@ import pandas as pd
 from ...errors import InputError
 from ..io import atomic_dir, save_gifti_map, save_nifti
 from ..spaces import HEMISPHERES
-from .common import default_split
+from .common import NOISE_KINDS, default_split
 from .paper import simulate_paper
 from .surface import RegionDesign, SurfaceDesign
 from .volume import VolumeDesign
@@ -24,13 +24,20 @@ _CHUNK = 50  # subjects generated at once by the surface and region designs
 _TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
 
 
-def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None) -> Path:
+def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None,
+                 noise: str = "independent") -> Path:
     """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth.
 
-    ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4).
+    ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4). ``noise``:
+    ``independent`` outcome noise per voxel (default), or ``smooth`` (spatially correlated, a scanner's
+    point-spread function: paper, volume and surface designs; recorded in cohort.json).
     """
     if design not in DESIGNS:
         raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
+    if noise not in NOISE_KINDS:
+        raise InputError(f"--noise {noise}: unknown noise (known: {', '.join(NOISE_KINDS)})")
+    if noise != "independent" and design == "regions":
+        raise InputError("--noise smooth: the regions design draws its noise per region (use paper, volume or surface)")
     writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
                "regions": _write_regions}
     with atomic_dir(Path(out)) as tmp:
@@ -38,7 +45,8 @@ def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm
         split = default_split(n_subjects, seed)
         subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects)]
         options = {"voxel_mm": voxel_mm or VOLUME_VOXEL_MM} if design == "volume" else {}
-        rows, spec, covariates = writers[design](tmp, subjects, seed, **options)
+        noise_option = {"noise": noise} if design != "regions" else {}
+        rows, spec, covariates = writers[design](tmp, subjects, seed, **options, **noise_option)
         for row, subject, label in zip(rows, subjects, split):
             row.update({"subject": subject, "split": label})
         manifest = pd.DataFrame(rows)
@@ -47,14 +55,14 @@ def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm
         manifest = pd.concat([manifest, covariates.reset_index(drop=True)], axis=1)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         cohort = {"design": design, **spec, "covariates": list(covariates.columns), "seed": seed,
-                  "n_subjects": n_subjects, **options}
+                  "n_subjects": n_subjects, **options, "noise": noise}
         (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2))
     return Path(out)
 
 
-def _write_paper(tmp: Path, subjects: list[str], seed: int):
+def _write_paper(tmp: Path, subjects: list[str], seed: int, noise: str = "independent"):
 
-    sim = simulate_paper(len(subjects), seed)
+    sim = simulate_paper(len(subjects), seed, noise=noise)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm pixels; the grid is one slice thick
     arrays = {**sim["inputs"], "y": sim["outcome"], "y_true_mean": sim["true_mean"], "y_true_sd": sim["true_sd"]}
     rows = []
@@ -70,9 +78,9 @@ def _write_paper(tmp: Path, subjects: list[str], seed: int):
     return rows, spec, sim["covariates"]
 
 
-def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int):
+def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int, noise: str = "independent"):
 
-    design = VolumeDesign(len(subjects), seed, voxel_mm)
+    design = VolumeDesign(len(subjects), seed, voxel_mm, noise=noise)
     header = design.header.copy()
     header.set_xyzt_units("mm")
     # fsync=False: the files are inside a fresh atomic_dir, which appears only when complete.
@@ -89,9 +97,9 @@ def _write_volume(tmp: Path, subjects: list[str], seed: int, voxel_mm: int):
     return rows, spec, design.covariates
 
 
-def _write_surface(tmp: Path, subjects: list[str], seed: int):
+def _write_surface(tmp: Path, subjects: list[str], seed: int, noise: str = "independent"):
 
-    design = SurfaceDesign(len(subjects), seed)
+    design = SurfaceDesign(len(subjects), seed, noise=noise)
     rows = [{} for _ in subjects]
     for start in range(0, len(subjects), _CHUNK):
         chunk = design.chunk(start, min(start + _CHUNK, len(subjects)))
