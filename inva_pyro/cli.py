@@ -222,9 +222,13 @@ def _predict(args) -> None:
 def _evaluate(args) -> None:
     from .criticism.evaluation import CURVE_LEVELS, evaluate_prediction
     from .data.io import atomic_dir
+    from .data.missing import labeled
     model, subset = _load_for_manifest(args, require_outcome=True)
     if subset.outcome is None:
         raise InputError(f"{args.manifest}: evaluate needs the outcome column '{model.info['outcome']}'")
+    subset = labeled(subset)  # subjects without the outcome have nothing to be evaluated against
+    if len(subset) == 0:
+        raise InputError(f"{args.manifest}: no subject to evaluate has the outcome '{model.info['outcome']}'")
     pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
                          seed=args.seed)
     with atomic_dir(args.out) as tmp:
