@@ -20,7 +20,9 @@ from .data.io import atomic_write_text
 from .model.module import InVAModule
 from .predict.prediction import Prediction
 from .predict.predictive import posterior_predictive
-from .data.missing import check_labeled_val, labeled, outcome_presence, require_inputs
+from .data.missing import (check_labeled_val, input_presence, labeled, missingness_patterns, outcome_presence,
+                           require_inputs)
+from .predict.patterns import calibrate as calibrate_patterns
 from .data.preprocessing import Standardizer
 from .data.spaces import space_from_dict
 from .data.streaming import DiskBatches, DiskSubset
@@ -168,9 +170,9 @@ class InVA:
 
     def _calibrate(self, val: Subset, val_xs, val_y, seed: int) -> None:
         cfg = self.preset.prediction
-        summary = posterior_predictive(self.module, val_xs, num_samples=cfg.num_samples, probs=[],
-                                       generator=self._generator(seed + 1))
-        self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
+        self.calibrator = calibrate_patterns(self.module, val_xs, val_y, self.info["inputs"],
+                                             num_samples=cfg.num_samples, method=cfg.calibration,
+                                             generator=self._generator(seed + 1))
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -205,7 +207,8 @@ class InVA:
             raw_intervals=raw_intervals, calibrator=self.calibrator,
             raw_crps=None if summary.crps is None else st.inverse_outcome_scale(summary.crps),
             samples=None if summary.samples is None else st.inverse_outcome_mean(summary.samples),
-            observed=subset.outcome, space=space)
+            observed=subset.outcome, space=space,
+            patterns=missingness_patterns(input_presence(subset, self.info["inputs"]), self.info["inputs"]))
 
     # ---- persistence -------------------------------------------------------------------------------
     def _write_config(self, run_dir: Path) -> None:

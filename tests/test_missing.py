@@ -184,3 +184,29 @@ def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, 
                      "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no input image at all" in err and len(err.splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_preset, make_arrays):
+    # y depends on gm voxel by voxel (1.2 gm + noise of sd 0.75): without gm the residual sd is about
+    # sqrt(0.75^2 + 1.2^2) = 1.4, nearly twice as wide; wm carries little about y.
+    inputs, y, mean, sd = make_arrays(150, 4)
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    rng = np.random.default_rng(5)
+    inputs["gm"][:100][rng.random(100) < 0.3] = np.nan        # training subjects lacking gm
+    split = ["train"] * 100 + ["val"] * 30 + ["test"] * 20
+    cohort = Cohort.from_arrays(inputs, y, split=split)
+    model = InVA(make_preset({"structure": "joint"}, {"epochs": 30})).fit(cohort.train, cohort.val,
+                                                                          progress=False, device="cpu")
+    assert model.calibrator.pattern_scale["no gm"] > 1.3 > model.calibrator.pattern_scale["no wm"]
+    test = cohort.test
+    without = Cohort.from_arrays({"gm": np.full_like(test.inputs["gm"], np.nan), "wm": test.inputs["wm"]},
+                                 test.outcome).all
+    full, lacking = model.predict(test, num_samples=200), model.predict(without, num_samples=200)
+    for level in (0.5, 0.9):
+        width = lambda p: float(np.mean(p.intervals[level][1] - p.intervals[level][0]))  # noqa: E731
+        assert width(lacking) > 1.3 * width(full)
+    assert float(lacking.raw_sd.mean()) > float(full.raw_sd.mean())
+    # calibrated for each pattern: 90% intervals cover about 90% of the test voxels either way
+    for p in (full, lacking):
+        lo, hi = p.intervals[0.9]
+        assert abs(float(np.mean((p.observed >= lo) & (p.observed <= hi))) - 0.9) < 0.06
