@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                   help="N more training subjects with MRI only (the outcome cell empty)")
+    p.add_argument("--missing", type=float, default=0.0, metavar="P",
+                   help="each input cell empty with probability P (never every input of a subject)")
 
     p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
     p.add_argument("--manifest", type=Path, help="cohort manifest CSV")
@@ -99,8 +103,10 @@ def _simulate(args) -> None:
     from .data.simulate import write_cohort
     if args.n_subjects < 10:
         raise InputError(f"--n-subjects {args.n_subjects}: need at least 10 subjects")
-    out = write_cohort(args.out, args.design, args.n_subjects, args.seed)
-    print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
+    out = write_cohort(args.out, args.design, args.n_subjects, args.seed, unlabeled=args.unlabeled,
+                       missing=args.missing)
+    extra = f" and {args.unlabeled} MRI-only training subjects" if args.unlabeled else ""
+    print(f"wrote {args.n_subjects} subjects{extra} to {out} (manifest.csv, cohort.json)")
 
 
 def _fit(args) -> None:
