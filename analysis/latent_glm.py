@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 SUBJECT = "subject"
-MEAN_COLUMN = re.compile(r"^(?P<block>.+_(shallow|deep))_mean_(?P<j>\d+)$")
+MEAN_COLUMN = re.compile(r"^(?P<block>.+_(shallow|deep|joint))_mean_(?P<j>\d+)$")
 
 
 class UsageError(Exception):
@@ -141,9 +141,11 @@ def load_data(args) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame, list[str]]:
     if len(shared) < 3:
         raise UsageError(f"{args.manifest}: only {len(shared)} subject(s) of the latent table have the "
                          "covariate; need at least 3")
-    latent_values = latents.loc[shared, columns].apply(pd.to_numeric, errors="coerce")
-    if latent_values.isna().any().any():
-        raise UsageError(f"{args.latents}: non-numeric or missing latent values")
+    raw = latents.loc[shared, columns]
+    latent_values = raw.apply(pd.to_numeric, errors="coerce")
+    if (latent_values.isna() & raw.notna()).any().any():
+        raise UsageError(f"{args.latents}: non-numeric latent values")
+    # Empty cells: the subject lacks that input (`inva latents`); each test uses the subjects that have it.
     response = _response(manifest.loc[shared, args.covariate], args.family, args.positive, str(args.manifest))
     nuisance = manifest.loc[shared, adjust].apply(pd.to_numeric, errors="coerce")
     if nuisance.isna().any().any():
@@ -185,15 +187,17 @@ def per_latent(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, colu
     """One GLM per latent column: the latent's coefficient, SE, z/t, p and BH-corrected p."""
     rows = []
     for column in columns:
-        fit = _fit(y, _design(nuisance, _standardise(latents[column]).rename("latent").to_frame()), family)
+        ok = latents[column].notna()  # subjects lacking the input have no value for its latents
+        n = int(ok.sum())
+        fit = _fit(y[ok], _design(nuisance[ok], _standardise(latents.loc[ok, column]).rename("latent").to_frame()),
+                   family) if n >= 3 else None
         if fit is None or not np.isfinite(fit.bse["latent"]):
-            rows.append({"latent": column, "estimate": np.nan, "se": np.nan, "stat": np.nan, "p": np.nan})
+            rows.append({"latent": column, "n": n, "estimate": np.nan, "se": np.nan, "stat": np.nan, "p": np.nan})
             continue
-        rows.append({"latent": column, "estimate": float(fit.params["latent"]), "se": float(fit.bse["latent"]),
+        rows.append({"latent": column, "n": n, "estimate": float(fit.params["latent"]), "se": float(fit.bse["latent"]),
                      "stat": float(fit.tvalues["latent"]), "p": float(fit.pvalues["latent"])})
     table = pd.DataFrame(rows)
     with_fdr(table, alpha)
-    table.insert(1, "n", len(y))
     return table
 
 
@@ -225,15 +229,16 @@ def joint(latents: pd.DataFrame, y: pd.Series, nuisance: pd.DataFrame, columns: 
     """Likelihood-ratio test of each block of latents (covariate ~ block) against no latents."""
     from scipy import stats
 
-    null = _fit(y, _design(nuisance), family)
     rows = []
-    n = len(y)
     for block, cols in _blocks(columns).items():
-        X = _design(nuisance, latents[cols].apply(_standardise))
+        ok = latents[cols].notna().all(axis=1)  # the subjects with every latent of the block
+        n = int(ok.sum())
+        null = _fit(y[ok], _design(nuisance[ok]), family) if n >= 3 else None
+        X = _design(nuisance[ok], latents.loc[ok, cols].apply(_standardise))
         df_model = len(cols)
         row = {"block": block, "n": n, "n_latents": df_model, "stat": np.nan, "df": np.nan, "p": np.nan,
                "test": "F" if family == "gaussian" else "LR chi2"}
-        fit = _fit(y, X, family) if n - X.shape[1] >= 2 else None
+        fit = _fit(y[ok], X, family) if n - X.shape[1] >= 2 else None
         if fit is not None and null is not None:
             if family == "gaussian":
                 resid_df = n - X.shape[1]

@@ -38,6 +38,7 @@ Examples:
     python analysis/simulation_study.py --out study                      # paper design, N = 300, 3 replicates
     python analysis/simulation_study.py --out study --designs paper,volume,surface --sizes 100,300
     python analysis/simulation_study.py --quick --out /tmp/ss            # smoke test (about a minute)
+    python analysis/simulation_study.py --scenario semisupervised --out semi   # labeled + MRI-only subjects
 """
 from __future__ import annotations
 
@@ -337,6 +338,14 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scenario" in argv:  # --scenario semisupervised: labeled + MRI-only subjects (semisupervised_study.py)
+        i = argv.index("--scenario")
+        if argv[i + 1:i + 2] != ["semisupervised"]:
+            raise SystemExit("simulation_study: --scenario takes 'semisupervised'")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from semisupervised_study import main as semisupervised
+        return semisupervised(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     cfg = settings(args)
     if args.threads:

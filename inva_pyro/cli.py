@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="independent", choices=["independent", "smooth"],
                    help="outcome noise: independent per voxel, or smooth (a scanner's point-spread function)")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                   help="N more training subjects with MRI only (the outcome cell empty)")
+    p.add_argument("--missing", type=float, default=0.0, metavar="P",
+                   help="each input cell empty with probability P (never every input of a subject)")
 
     p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
     p.add_argument("--manifest", type=Path, help="cohort manifest CSV")
@@ -116,8 +120,9 @@ def _simulate(args) -> None:
         if not 1 <= args.voxel_mm <= 12:
             raise InputError(f"--voxel-mm {args.voxel_mm}: must be an integer from 1 to 12")
     out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm,
-                       noise=args.noise)
-    print(f"wrote {args.n_subjects} subjects to {out} (manifest.csv, cohort.json)")
+                       noise=args.noise, unlabeled=args.unlabeled, missing=args.missing)
+    extra = f" and {args.unlabeled} MRI-only training subjects" if args.unlabeled else ""
+    print(f"wrote {args.n_subjects} subjects{extra} to {out} (manifest.csv, cohort.json)")
 
 
 def _fit(args) -> None:
@@ -259,9 +264,13 @@ def _predict(args) -> None:
 def _evaluate(args) -> None:
     from .criticism.evaluation import CURVE_LEVELS, evaluate_prediction
     from .data.io import atomic_dir
+    from .data.missing import labeled
     model, subset = _load_for_manifest(args, require_outcome=True)
     if subset.outcome is None:
         raise InputError(f"{args.manifest}: evaluate needs the outcome column '{model.info['outcome']}'")
+    subset = labeled(subset)  # subjects without the outcome have nothing to be evaluated against
+    if len(subset) == 0:
+        raise InputError(f"{args.manifest}: no subject to evaluate has the outcome '{model.info['outcome']}'")
     regions = _region_labels(args, model)
     pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
                          seed=args.seed)

@@ -29,9 +29,11 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     family: Literal["inva"] = "inva"
-    structure: Literal["integrative", "separate", "concatenated"] = Field(
+    structure: Literal["integrative", "separate", "concatenated", "joint"] = Field(
         "integrative", description="integrative: InVA (shallow + shared deep latents); separate: one VAE per "
-        "modality without the shared level; concatenated: one VAE on all inputs concatenated")
+        "modality without the shared level; concatenated: one VAE on all inputs concatenated; joint: one "
+        "subject latent (size shallow_dim) shared by every modality, its posterior a product of the "
+        "modalities' Gaussian experts and the prior (any subset of inputs gives one)")
     shallow_dim: int = Field(16, ge=1, description="p: shallow latent size per modality")
     deep_dim: int = Field(8, ge=1, description="q: deep (shared-encoder) latent size")
     hidden: int = Field(256, ge=1, description="hidden units of the modality-specific encoders/decoders")

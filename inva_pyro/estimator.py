@@ -21,6 +21,9 @@ from .model.module import InVAModule
 from .predict.joint import JointCalibration, fit_joint
 from .predict.prediction import Prediction
 from .predict.predictive import posterior_predictive, seeded_generator
+from .data.missing import (check_labeled_val, input_presence, labeled, missingness_patterns, outcome_presence,
+                           require_inputs)
+from .predict.patterns import calibrate as calibrate_patterns
 from .data.preprocessing import Standardizer
 from .data.spaces import space_from_dict
 from .data.streaming import DiskBatches, DiskSubset
@@ -115,7 +118,13 @@ class InVA:
         if val is None or len(val) == 0:
             train_set, val = holdout(train_set, self.preset.training.val_share, seed)
         if train_set.outcome is None or val.outcome is None:
-            raise InputError("fit needs the outcome for every training and validation subject")
+            raise InputError("fit needs an outcome column for the training and validation subjects")
+        # Every training subject counts (reconstruction of its inputs present, the outcome where present);
+        # validation subjects drive early stopping and calibration, so only those with the outcome are kept.
+        check_labeled_val(val, outcome_name)
+        val = labeled(val)
+        if not outcome_presence(train_set).any():
+            raise InputError(f"no training subject has the outcome '{outcome_name}'")
         kwargs = dict(seed=seed, device=device, resume=resume, progress=progress, outcome_name=outcome_name,
                       space=space, extra_info=extra_info, input_spaces=input_spaces)
         if devices > 1 and not distributed.is_distributed():
@@ -141,7 +150,8 @@ class InVA:
                          "seed": seed, "versions": package_versions(VERSIONED), "complete": False,
                          "space": space.to_dict() if space is not None else None,
                          "input_spaces": {n: sp.to_dict() for n, sp in (input_spaces or {}).items() if n in names},
-                         "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
+                         "n_train": len(train_set), "n_val": len(val),
+                         "n_train_labeled": int(outcome_presence(train_set).sum()), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
         writes = run_dir is not None and distributed.rank() == 0
         if writes and not resume:
@@ -161,6 +171,7 @@ class InVA:
         if distributed.rank() == 0:
             from .criticism.diagnostics import warn_if_collapsed
             sample = train_data.take(torch.arange(min(len(train_data), COLLAPSE_CHECK_SUBJECTS), device=self.device))[0]
+            sample = self.module.split_missing(sample)[0]  # images not acquired read as zeros here
             report = warn_if_collapsed(self.module, sample)  # PosteriorCollapseWarning and a line on stderr
             self.history["collapse"] = {"active_units": report["active_units"]["count"],
                                         "collapsed_modalities": report["collapsed_modalities"],
@@ -182,9 +193,12 @@ class InVA:
 
     def _calibrate(self, val: Subset, val_xs, val_y, seed: int) -> None:
         cfg = self.preset.prediction
+        # One predictive pass over every validation subject (the inputs each has) serves both calibrations.
         summary = posterior_predictive(self.module, val_xs, num_samples=cfg.num_samples, probs=[],
                                        generator=self._generator(seed + 1))
-        self.calibrator = Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, cfg.calibration)
+        self.calibrator = calibrate_patterns(self.module, val_xs, val_y, self.info["inputs"],
+                                             num_samples=cfg.num_samples, method=cfg.calibration,
+                                             generator=self._generator(seed + 2), summary=summary)
         self.joint = None
         if cfg.joint and len(val_y) >= 2:  # the spatial error covariance, on subjects never fitted
             factor, diag, self.joint = fit_joint(val_y, summary.mean, summary.sd, rank=cfg.covariance_rank,
@@ -205,6 +219,8 @@ class InVA:
             raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
         if isinstance(subset, DiskSubset):
             subset = subset.rows()
+        if not self.module.joint:
+            require_inputs(subset, self.info["inputs"], f"'{self.preset.name or self.preset.model.structure}'")
         cfg = self.preset.prediction
         levels = sorted(levels or cfg.levels)
         probs = sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
@@ -228,7 +244,8 @@ class InVA:
             raw_intervals=raw_intervals, calibrator=self.calibrator,
             raw_crps=None if summary.crps is None else st.inverse_outcome_scale(summary.crps),
             samples=None if summary.samples is None else st.inverse_outcome_mean(summary.samples),
-            observed=subset.outcome, space=space, joint=self.joint)
+            observed=subset.outcome, space=space, joint=self.joint,
+            patterns=missingness_patterns(input_presence(subset, self.info["inputs"]), self.info["inputs"]))
 
     # ---- persistence -------------------------------------------------------------------------------
     def _write_config(self, run_dir: Path) -> None:

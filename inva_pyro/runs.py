@@ -23,7 +23,15 @@ def package_versions(names) -> dict[str, str]:
 
 
 def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
-    """Seeded split of ``subset`` into (train, held-out share) for early stopping and calibration."""
-    order = np.random.default_rng(seed).permutation(len(subset))
-    n_val = max(1, int(round(share * len(subset))))
-    return subset.subset(np.sort(order[n_val:])), subset.subset(np.sort(order[:n_val]))
+    """Seeded split of ``subset`` into (train, held-out share) for early stopping and calibration.
+
+    The held-out subjects are drawn from those with the outcome (all of them in a complete cohort);
+    subjects without it stay in train."""
+    from .data.missing import outcome_presence
+    labeled = np.flatnonzero(outcome_presence(subset))
+    if len(labeled) == 0:
+        labeled = np.arange(len(subset))
+    order = labeled[np.random.default_rng(seed).permutation(len(labeled))]
+    n_val = max(1, int(round(share * len(labeled))))
+    rest = np.setdiff1d(np.arange(len(subset)), order[:n_val])
+    return subset.subset(rest), subset.subset(np.sort(order[:n_val]))

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from inva_pyro.data.cohort import Cohort, Subset
+from inva_pyro.data.missing import input_presence, outcome_presence
 from inva_pyro.errors import InputError
 from inva_pyro.data.io import atomic_dir, atomic_write_text, load_volume, save_nifti
 from inva_pyro.data.preprocessing import Standardizer
@@ -317,12 +318,21 @@ def test_unknown_column_lists_the_available_ones(tmp_path, options, column):
     assert "available: subject, gm, wm, pet" in message
 
 
-def test_missing_manifest_and_missing_outcome_when_required(tmp_path):
+def test_missing_manifest_and_empty_cells(tmp_path):
     with pytest.raises(InputError, match="nowhere.csv: manifest file not found"):
         Cohort.from_manifest(tmp_path / "nowhere.csv", inputs=["gm"], outcome="pet")
     write_cohort(tmp_path)
-    set_cell(tmp_path, "sub-001", "pet", np.nan)
-    with pytest.raises(InputError, match="subject 'sub-001' has no 'pet' image path"):
+    set_cell(tmp_path, "sub-001", "pet", np.nan)   # an empty cell: the image was not acquired
+    set_cell(tmp_path, "sub-002", "wm", np.nan)
+    for lazy in (False, True):
+        cohort = Cohort.from_manifest(tmp_path / "manifest.csv", inputs=["gm", "wm"], outcome="pet",
+                                      mask=tmp_path / "mask.nii.gz", lazy=lazy)
+        assert outcome_presence(cohort.all).tolist() == [True, False, True, True, True]
+        assert input_presence(cohort.all).tolist() == [[True, True]] * 2 + [[True, False]] + [[True, True]] * 2
+        assert np.isnan(np.asarray(cohort.all.outcome)[1]).all() and np.isnan(np.asarray(cohort.all.inputs["wm"])[2]).all()
+        assert np.isfinite(np.asarray(cohort.all.inputs["gm"])).all()
+    set_cell(tmp_path, "sub-002", "gm", np.nan)
+    with pytest.raises(InputError, match=r"subject 'sub-002' \(line 4\) has no input image at all"):
         read(tmp_path)
 
 

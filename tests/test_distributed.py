@@ -75,3 +75,19 @@ def test_fit_with_devices_writes_a_loadable_run(tmp_path):
     a = model.predict(cohort.val, num_samples=10, seed=1)
     b = reloaded.predict(cohort.val, num_samples=10, seed=1)
     np.testing.assert_array_equal(a.mean, b.mean)
+
+
+def test_two_processes_fit_a_cohort_with_empty_cells(tmp_path):
+    # MRI-only subjects and a missing input: every rank masks its shard's terms the same way.
+    cohort = tiny_cohort()
+    inputs = {name: np.array(m) for name, m in cohort.all.inputs.items()}
+    y = np.array(cohort.all.outcome)
+    y[[1, 4, 7, 10, 13]] = np.nan
+    inputs["x2"][[2, 5, 20, 40]] = np.nan
+    cohort = Cohort.from_arrays(inputs, y, split=["train"] * 32 + ["val"] * 16)
+    preset = Preset.model_validate({**PRESET, "model": {**PRESET["model"], "structure": "joint"},
+                                    "training": {**PRESET["training"], "epochs": 3}})
+    model = InVA(preset).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False,
+                             run_dir=tmp_path / "run", devices=2)
+    assert np.isfinite(model.history["train_loss"]).all() and model.info["n_train_labeled"] == 27
+    assert np.isfinite(model.predict(cohort.val, num_samples=10).mean).all()

@@ -160,3 +160,37 @@ def test_peer_structures_have_shallow_latents_only(structure, names, make_preset
     _, images, _, _ = traversal_images(model, "wm")
     assert images.shape == (3, 5, 24)
     assert latent_traversal(model, "wm", tmp_path / "wm.png").exists()
+
+
+def test_joint_latents_and_glm_with_missing_inputs(tmp_path, capsys):
+    # A joint model's subject latent pools the inputs a subject has: every subject gets a posterior,
+    # and age (driving a_1, seen through every input) is found in it though a quarter lack x2.
+    sim = simulate_paper(N, SEED, grid=GRID)
+    space = VolumeSpace(shape=(*GRID, 1), affine=np.eye(4), header=None, mask=np.ones((*GRID, 1), dtype=bool))
+    inputs = {k: v.reshape(N, -1).astype(np.float32) for k, v in sim["inputs"].items()}
+    lacking = np.random.default_rng(0).random(N) < 0.25
+    inputs["x2"][lacking] = np.nan
+    subjects = [f"sub-{i:03d}" for i in range(N)]
+    covariates = sim["covariates"].set_index(pd.Index(subjects, name="subject"))
+    cohort = Cohort.from_arrays(inputs, sim["outcome"].reshape(N, -1), subjects=subjects,
+                                split=["train"] * 120 + ["val"] * 40, space=space, covariates=covariates)
+    preset = Preset.model_validate({**PRESET, "model": {**PRESET["model"], "structure": "joint"}})
+    model = InVA(preset).fit(cohort.train, cohort.val, seed=0, progress=False, space=space)
+    table = latent_table(model, cohort.all)
+    assert list(table.columns) == latent_columns(model.module) and "subject_joint_mean_0" in table
+    joint_cols = table.filter(like="subject_joint").to_numpy()
+    assert np.isfinite(joint_cols).all()
+    assert table.loc[lacking, "x2_shallow_mean_0"].isna().all() and table.loc[~lacking, "x2_shallow_mean_0"].notna().all()
+    # fewer inputs, wider joint posterior (a product of fewer experts)
+    sd = table.filter(like="subject_joint_sd_").mean(axis=1)
+    assert sd[lacking].mean() > sd[~lacking].mean()
+    latents = write_latents(model, cohort.all, tmp_path / "latents.csv")
+    covariates.reset_index().to_csv(tmp_path / "manifest.csv", index=False)
+    glm = _script()
+    assert glm.main(["--latents", str(latents), "--manifest", str(tmp_path / "manifest.csv"), "--covariate", "age",
+                     "--out", str(tmp_path / "glm"), "--joint"]) == 0
+    age = pd.read_csv(tmp_path / "glm" / "glm_age.csv").set_index("latent")
+    assert (age.loc["x2_shallow_mean_0", "n"] == (~lacking).sum()) and age.loc["subject_joint_mean_0", "n"] == N
+    assert age.filter(like="subject_joint", axis=0)["significant"].any()
+    blocks = pd.read_csv(tmp_path / "glm" / "glm_age_joint.csv").set_index("block")
+    assert bool(blocks.loc["subject_joint", "significant"])

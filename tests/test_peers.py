@@ -379,3 +379,23 @@ def test_simulation_study_quick_with_the_fast_peers(tmp_path):
     assert (out / "simulation_study.png").stat().st_size > 10_000
     assert study.main(["--quick", "--out", str(out), "--models", "ridge,tensor"]) == 0   # resumes: nothing new
     assert len(pd.read_csv(out / "runs.csv")) == 2
+
+
+def test_semisupervised_scenario_quick(tmp_path):
+    # labeled + MRI-only subjects; the joint model is also scored per missingness pattern
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "simulation_study.py"
+    spec = importlib.util.spec_from_file_location("simulation_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "semi"
+    assert study.main(["--scenario", "semisupervised", "--quick", "--out", str(out), "--models",
+                       "inva-joint-semi,ridge"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    semi = runs[runs["model"] == "inva-joint-semi"]
+    assert set(semi["pattern"]) == {"complete", "no x1", "no x2", "no x3"} and (semi["n_unlabeled"] == 20).all()
+    assert (runs.loc[runs["model"] == "ridge", "n_fit"] == 12).all()
+    assert np.isclose(runs["excess"], (runs["mse"] - runs["oracle_mse"]) / runs["oracle_mse"]).all()
+    summary = (out / "summary.md").read_text()
+    assert "--scenario semisupervised" in summary and "ridge: " in summary

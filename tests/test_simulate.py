@@ -135,3 +135,23 @@ def test_cli_sets_the_voxel_size_of_the_volume_design(tmp_path, capsys):
         assert cli.main(["simulate", *args, "--n-subjects", "10", "--out", str(tmp_path / "bad")]) == 2
         assert capsys.readouterr().err.strip() == f"inva: error: {problem}"
         assert not (tmp_path / "bad").exists()
+
+
+def test_simulate_unlabeled_and_missing_inputs(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from inva_pyro import cli
+    from inva_pyro.data.cohort import Cohort
+    from inva_pyro.data.missing import input_presence, outcome_presence
+    out = tmp_path / "c"
+    assert cli.main(["simulate", "--design", "paper", "--n-subjects", "20", "--seed", "1", "--unlabeled", "15",
+                     "--missing", "0.3", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "manifest.csv")
+    assert len(table) == 35 and (table["split"].iloc[20:] == "train").all()
+    assert table["y"].iloc[20:].isna().all() and table["y"].iloc[:20].notna().all()
+    cohort = Cohort.from_dir(out)
+    presence = input_presence(cohort.all)
+    assert presence.any(axis=1).all() and 0.15 < 1 - presence.mean() < 0.45   # about 30% empty, never all
+    assert outcome_presence(cohort.train).sum() == (table["split"].iloc[:20] == "train").sum()
+    assert len(list((out / "images").glob("*_y.nii.gz"))) == 20
+    assert np.isnan(np.asarray(cohort.all.inputs["x1"])[~presence[:, 0]]).all()

@@ -162,6 +162,8 @@ def collapse_report(module, xs: list[torch.Tensor], *, threshold: float = ACTIVE
     """
     if xs[0].shape[0] < 2:
         raise ValueError("collapse diagnostics need at least two subjects")
+    if hasattr(module, "split_missing"):  # images not acquired (NaN rows) are read as zeros here
+        xs = module.split_missing(xs)[0]
     summaries = latent_summaries(module, xs)
     kls = kl_per_dimension(module, xs, num_samples=kl_samples, seed=seed)
     recon = reconstruction_variance(module, xs)

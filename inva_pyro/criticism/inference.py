@@ -135,7 +135,7 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
 
     if prediction is not None:
         mean, raw_sd, sd = (np.asarray(a, dtype=np.float64)[:, feats] for a in
-                            (prediction.mean, prediction.raw_sd, prediction.sd))
+                            (prediction.mean, getattr(prediction, "cal_base_sd", prediction.raw_sd), prediction.sd))
         calibrator = prediction.calibrator
     else:
         mean = to_units(summary.mean.astype(np.float64)[:, feats])
@@ -217,7 +217,7 @@ def inference_data_from_prediction(prediction, *, num_draws: int = DEFAULT_DRAWS
     feats = feature_subset(n_all, n_features, seed)
     rng = np.random.default_rng(seed)
     mean = np.asarray(prediction.mean, dtype=np.float64)[:, feats]
-    raw_sd = np.asarray(prediction.raw_sd, dtype=np.float64)[:, feats]
+    raw_sd = np.asarray(getattr(prediction, "cal_base_sd", prediction.raw_sd), dtype=np.float64)[:, feats]
     cal = prediction.calibrator
     has_samples = prediction.samples is not None and len(prediction.samples) >= 2
     if has_samples:  # one draw dimension for both variables

@@ -7,7 +7,13 @@
     q(z_k | h_k = mu)  deep latent:    columns {k}_deep_mean_{j},    {k}_deep_sd_{j},    j < q
 
 (the deep columns only for the integrative structure; the deep posterior is evaluated at the
-shallow mean, as in the predictor's input). These are deterministic functions of the inputs,
+shallow mean, as in the predictor's input). Structure ``joint`` adds, first, the subject latent's
+posterior given every input the subject has (the product of experts, ``model/experts.py``):
+
+    q(z | inputs present)  columns subject_joint_mean_{j}, subject_joint_sd_{j}, j < p
+
+and its shallow columns are the modality experts q_k(z | x_k). A subject lacking input k has NaN in
+input k's columns (its joint columns use the inputs it has). These are deterministic functions of the inputs,
 standardised with the training statistics, so the table is reproducible. ``analysis/latent_glm.py``
 tests them against covariates; ``latent_traversal`` shows what each deep latent encodes.
 """
@@ -39,6 +45,8 @@ def latent_columns(module) -> list[str]:
     """The table's columns in order: per VAE input, shallow mean/sd then deep mean/sd."""
     p, q = module.cfg.shallow_dim, module.cfg.deep_dim
     cols = []
+    if getattr(module, "joint", False):
+        cols += [f"subject_joint_mean_{j}" for j in range(p)] + [f"subject_joint_sd_{j}" for j in range(p)]
     for name in module.vae_names:
         cols += [f"{name}_shallow_mean_{j}" for j in range(p)] + [f"{name}_shallow_sd_{j}" for j in range(p)]
         if module.hierarchical:
@@ -56,16 +64,26 @@ def _encode_all(model, subset) -> dict[str, dict[str, np.ndarray]]:
     xs, _ = model._tensors(subset, with_outcome=False)
     was_training = module.training
     module.eval()
-    parts: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in module.vae_names}
+    joint = getattr(module, "joint", False)
+    parts: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in ["subject"] * joint + module.vae_names}
     try:
         for start in range(0, len(subset), _CHUNK):
             chunk = [x[start:start + _CHUNK] for x in xs]
-            for name, (h_loc, h_scale) in zip(module.vae_names, module.encode(chunk)):
+            present = module.vae_presence(module.split_missing(chunk)[1])
+            encoded = module.encode(chunk)
+            if joint:
+                loc, scale = module.joint_posterior(encoded, present)
+                parts["subject"].setdefault("joint_mean", []).append(loc.double().cpu().numpy())
+                parts["subject"].setdefault("joint_sd", []).append(scale.double().cpu().numpy())
+            for k, (name, (h_loc, h_scale)) in enumerate(zip(module.vae_names, encoded)):
                 stats = {"shallow_mean": h_loc, "shallow_sd": h_scale}
                 if module.hierarchical:
                     stats["deep_mean"], stats["deep_sd"] = module.shared_encoder(h_loc)
+                absent = (~present[:, k]).cpu().numpy()
                 for key, value in stats.items():
-                    parts[name].setdefault(key, []).append(value.double().cpu().numpy())
+                    value = value.double().cpu().numpy()
+                    value[absent] = np.nan  # the input was not acquired: nothing to summarise
+                    parts[name].setdefault(key, []).append(value)
     finally:
         module.train(was_training)
     return {name: {key: np.concatenate(values) for key, values in stats.items()} for name, stats in parts.items()}
@@ -76,8 +94,8 @@ def latent_table(model, subset) -> pd.DataFrame:
     module = _module(model)
     encoded = _encode_all(model, subset)
     blocks = []
-    for name in module.vae_names:
-        for key in ("shallow_mean", "shallow_sd", "deep_mean", "deep_sd"):
+    for name in list(encoded):
+        for key in ("joint_mean", "joint_sd", "shallow_mean", "shallow_sd", "deep_mean", "deep_sd"):
             if key in encoded[name]:
                 values = encoded[name][key]
                 blocks.append(pd.DataFrame(values, columns=[f"{name}_{key}_{j}" for j in range(values.shape[1])]))

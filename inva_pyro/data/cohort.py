@@ -29,6 +29,7 @@ from .spaces import Space, VolumeSpace
 from .manifest import (DEFAULT_VAL_FRACTION, SPLIT_COLUMN, SPLITS, SUBJECT_COLUMN, ImageReader, check_input_names,
                        covariate_columns, has_image, image_columns, read_cohort_json, read_manifest, split_labels,
                        subject_ids)
+from .missing import outcome_presence
 from .streaming import DiskSubset, RowCache
 from .subset import Subset
 
@@ -55,7 +56,7 @@ class Cohort:
         self._outcome_name = outcome_name
         self._split = None if split is None else list(split)
         self._manifest_path = manifest_path
-        self._indices = _split_indices(self._split, len(data), seed, val_fraction)
+        self._indices = _split_indices(self._split, len(data), seed, val_fraction, outcome_presence(data))
 
     # ----- construction -------------------------------------------------------------
     @classmethod
@@ -99,6 +100,10 @@ class Cohort:
         reader = ImageReader(base=csv_path.parent, csv_path=csv_path, mask=mask, given=space,
                               outcome=outcome, lazy=lazy)
         sources = {name: reader.sources(table, cols, name, subjects) for name, cols in columns.items()}
+        for row, subject in enumerate(subjects):  # an empty cell is an image not acquired (missing.py)
+            if all(sources[name][row] is None for name in inputs):
+                raise InputError(f"{csv_path}: subject '{subject}' (line {row + 2}) has no input image at all "
+                                 f"(every one of {', '.join(inputs)} is empty)")
         kinds = {name: reader.column_kind(name, column_sources) for name, column_sources in sources.items()}
         if mask is not None and "volume" not in kinds.values():
             raise InputError(f"{mask}: a mask selects voxels of NIfTI volumes, but no image column "
@@ -256,17 +261,28 @@ class Cohort:
                 f"outcome={self._outcome_name!r}, {sizes})")
 
 
-def _split_indices(split: list[str] | None, n: int, seed: int,
-                   val_fraction: float) -> dict[str, np.ndarray]:
+def _split_indices(split: list[str] | None, n: int, seed: int, val_fraction: float,
+                   labeled: np.ndarray) -> dict[str, np.ndarray]:
+    """Validation subjects held out by seed are drawn from those with the outcome (``labeled``):
+    early stopping and calibration need it; subjects without it all stay in train."""
     everyone = np.arange(n)
     if split is None:
-        train, val = _holdout(everyone, seed, val_fraction)
+        train, val = _labeled_holdout(everyone, labeled, seed, val_fraction)
         return {"train": train, "val": val, "test": everyone}
     labels = np.asarray(split)
     indices = {name: everyone[labels == name] for name in SPLITS}
     if len(indices["val"]) == 0:
-        indices["train"], indices["val"] = _holdout(indices["train"], seed, val_fraction)
+        indices["train"], indices["val"] = _labeled_holdout(indices["train"], labeled, seed, val_fraction)
     return indices
+
+
+def _labeled_holdout(indices: np.ndarray, labeled: np.ndarray, seed: int,
+                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    if labeled.all() or not labeled.any():
+        return _holdout(indices, seed, fraction)
+    with_outcome = labeled[indices]
+    train, val = _holdout(indices[with_outcome], seed, fraction)
+    return np.sort(np.concatenate([train, indices[~with_outcome]])), val
 
 
 def _holdout(indices: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -227,21 +227,31 @@ class ImageReader:
         return path if path.is_absolute() else self.base / path
 
     def sources(self, table: pd.DataFrame, columns: tuple[str, ...], name: str,
-                subjects: list[str]) -> list[Path | tuple[Path, ...]]:
-        """Per subject: the image's path, or its (left, right) paths for a column pair."""
+                subjects: list[str]) -> list[Path | tuple[Path, ...] | None]:
+        """Per subject: the image's path, its (left, right) paths for a column pair, or None where
+        the cell is empty (the image was not acquired; a pair needs both cells or neither)."""
         out = []
         for row, subject in enumerate(subjects):
             paths = []
             for column in columns:
                 value = table[column].iloc[row]
-                if pd.isna(value) or not str(value).strip():
-                    raise InputError(f"{self.csv_path}: subject '{subject}' has no '{column}' image path")
-                paths.append(self.resolve(str(value)))
-            out.append(paths[0] if len(paths) == 1 else tuple(paths))
+                empty = pd.isna(value) or not str(value).strip()
+                paths.append(None if empty else self.resolve(str(value)))
+            if all(p is None for p in paths):
+                out.append(None)
+            elif any(p is None for p in paths):
+                gap = columns[paths.index(None)]
+                raise InputError(f"{self.csv_path}: subject '{subject}' has no '{gap}' image path but has "
+                                 f"the other hemisphere of '{name}' (give both or leave both empty)")
+            else:
+                out.append(paths[0] if len(paths) == 1 else tuple(paths))
+        if all(source is None for source in out):
+            raise InputError(f"{self.csv_path}: column '{name}' has no image path in any row")
         return out
 
     def column_kind(self, name: str, sources: list) -> str:
         """The one kind of every file of a column (checked by extension, no file is opened)."""
+        sources = [source for source in sources if source is not None]
         first = _files(sources[0])[0]
         kind = image_kind(first)
         for source in sources:
@@ -256,16 +266,20 @@ class ImageReader:
 
     def read_column(self, name: str, sources: list, kind: str, subjects: list[str],
                     space_name: str) -> tuple[np.ndarray | None, Space]:
-        """(matrix (n, V) float32, or None when lazy; the column's space)."""
+        """(matrix (n, V) float32, or None when lazy; the column's space). Rows of subjects
+        without the image (source None) are NaN (``missing.py``)."""
         what = f"{name} {KIND_NOUN[kind]}"
-        space = self._space_for(space_name, kind, sources[0], subjects[0], what)
+        first = next(i for i, source in enumerate(sources) if source is not None)
+        space = self._space_for(space_name, kind, sources[first], subjects[first], what)
         if self.lazy:
             for subject, source in zip(subjects, sources):
-                space.check_file(source, what, subject=subject)
+                if source is not None:
+                    space.check_file(source, what, subject=subject)
             return None, space
-        matrix = np.empty((len(subjects), space.n_features), dtype=np.float32)
+        matrix = np.full((len(subjects), space.n_features), np.nan, dtype=np.float32)
         for row, (subject, source) in enumerate(zip(subjects, sources)):
-            matrix[row] = space.read(source, what, subject=subject)
+            if source is not None:
+                matrix[row] = space.read(source, what, subject=subject)
         return matrix, space
 
     def _space_for(self, space_name: str, kind: str, first, subject: str, what: str) -> Space:

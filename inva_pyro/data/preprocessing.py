@@ -2,7 +2,9 @@
 
 Networks train best on features with zero mean and unit variance, and voxel intensities
 differ by orders of magnitude between modalities (tissue probabilities vs. PET counts).
-Statistics come from the training subset only, so nothing leaks from validation or test.
+Statistics come from the training subset only, so nothing leaks from validation or test, and
+from the images present only: a subject's row of NaN (an image not acquired, ``missing.py``)
+is skipped, and stays NaN after ``transform_*``.
 
 Saving, two equivalent forms with the same keys ("input_mean.gm", "input_scale.gm", ...,
 "outcome_mean", "outcome_scale"):
@@ -34,8 +36,11 @@ _INPUT_MEAN = "input_mean."
 _INPUT_SCALE = "input_scale."
 
 
-def _mean_and_scale(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _mean_and_scale(matrix: np.ndarray, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
     matrix = np.asarray(matrix, dtype=np.float64)  # float64 sums: many subjects, large values
+    matrix = matrix[~np.isnan(matrix).all(axis=1)] if matrix.shape[1] else matrix  # present images only
+    if len(matrix) == 0:
+        raise InputError(f"'{name}': no training subject has this image (every cell is empty)")
     return _floored(matrix.mean(axis=0), matrix.std(axis=0))
 
 
@@ -53,6 +58,7 @@ class _RunningMoments:
 
     def update(self, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float64)
+        chunk = chunk[~np.isnan(chunk).all(axis=1)]  # images not acquired (missing.py) do not count
         k = chunk.shape[0]
         if k == 0:
             return
@@ -67,7 +73,9 @@ class _RunningMoments:
         self.m2 = self.m2 + chunk_m2 + delta ** 2 * (self.n * k / total)
         self.n = total
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        if self.mean is None:
+            raise InputError(f"'{name}': no training subject has this image (every cell is empty)")
         return _floored(self.mean, np.sqrt(self.m2 / self.n))  # population sd, as in fit()
 
 
@@ -98,10 +106,10 @@ class Standardizer:
             raise ValueError("cannot fit a Standardizer on an empty subset")
         input_mean, input_scale = {}, {}
         for name, matrix in subset.inputs.items():
-            input_mean[name], input_scale[name] = _mean_and_scale(matrix)
+            input_mean[name], input_scale[name] = _mean_and_scale(matrix, name)
         outcome_mean = outcome_scale = None
         if subset.outcome is not None:
-            outcome_mean, outcome_scale = _mean_and_scale(subset.outcome)
+            outcome_mean, outcome_scale = _mean_and_scale(subset.outcome, "outcome")
         return cls(input_mean, input_scale, outcome_mean, outcome_scale)
 
     @classmethod
@@ -119,10 +127,10 @@ class Standardizer:
                 outcome.update(chunk.outcome)
         input_mean, input_scale = {}, {}
         for name, moments in inputs.items():
-            input_mean[name], input_scale[name] = moments.result()
+            input_mean[name], input_scale[name] = moments.result(name)
         outcome_mean = outcome_scale = None
         if outcome is not None:
-            outcome_mean, outcome_scale = outcome.result()
+            outcome_mean, outcome_scale = outcome.result("outcome")
         return cls(input_mean, input_scale, outcome_mean, outcome_scale)
 
     @property

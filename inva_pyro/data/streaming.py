@@ -115,8 +115,15 @@ class LazyMatrix:
             return np.flatnonzero(idx)
         return idx.astype(np.int64).reshape(-1)
 
+    @property
+    def present(self) -> np.ndarray:
+        """(n,) bool: which rows have an image file (the others read as NaN, see missing.py)."""
+        return np.array([source is not None for source in self.sources], dtype=bool)
+
     def row(self, i: int) -> np.ndarray:
         source, subject = self.sources[i], self.subjects[i]
+        if source is None:  # not acquired
+            return np.full(self.space.n_features, np.nan, dtype=np.float32)
         # The source names the file(s); region tables are shared, so the subject is part of the key.
         key = (self.name, source, subject)
         vector = self.cache.get(key)

@@ -20,12 +20,27 @@ term per input image, ``pyro.factor(-w V DSSIM(g_k(h_ki), x_ki))`` (w per voxel,
 likelihood); an InfoVAE term ``pyro.factor(-lambda N MMD(q(z), p(z)))`` on the top latent level
 over the minibatch; an extra weight on the deep level's KL; convolutional encoders/decoders.
 
+Structure ``joint`` (docs/model.md, "Missing inputs"): one subject latent z_i ~ Normal(0, I_p) shared by
+every modality, x_ki ~ g_k(z_i); the guide's q(z_i | inputs present) is the product of the modality
+experts q_k(z | x_ki) and the prior expert (``experts.py``), so any subset of inputs gives a posterior;
+the predictor conditions on its mean and sd, and the local pathway on each local input where present
+and on its reconstruction g_k(E[z]) where not, with a presence channel.
+
+Images not acquired (``data/missing.py``) arrive as rows of NaN: they are zero-filled and turned into
+presence masks here. The reconstruction term of an input counts only where it is present, and the
+latents of a modality-specific VAE only where its input is; the outcome's likelihood counts only where
+the outcome is present (and, outside ``joint``, every input too: the other predictors cannot tell a
+missing input from a zero one). Masks act inside the subsampled plate (``poutine.mask``), so the
+ELBO stays an unbiased estimate of the full-data sum of the terms present.
+
 Peer structures (``cfg.structure``), for comparisons: ``separate`` drops the shared level
 (h_ki ~ Normal(0, I_p), one plain VAE per modality); ``concatenated`` is one plain VAE on the
 inputs concatenated into a single vector. Both keep the same predictor (the local pathway still
 sees each input at each voxel).
 """
 from __future__ import annotations
+
+import contextlib
 
 import pyro
 import pyro.distributions as dist
@@ -34,8 +49,10 @@ from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.missing import fill_missing
 from .conv import ConvDecoder, ConvEncoder
 from .covariance import OutcomeCovariance
+from .experts import product_of_experts, stack_experts
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 
@@ -43,6 +60,11 @@ from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 def weighted(weight: float):
     """Scale the log-densities of the sites inside by ``weight``; a weight of 0 drops them (mask)."""
     return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
+
+
+def masked(mask):
+    """Count the sites inside only where ``mask`` (None: everywhere)."""
+    return poutine.mask(mask=mask) if mask is not None else contextlib.nullcontext()
 
 
 class InVAModule(nn.Module):
@@ -53,9 +75,11 @@ class InVAModule(nn.Module):
         if not input_names:
             raise ValueError("InVA needs at least one input modality")
         self.input_names = list(input_names)
+        self.input_sizes = [int(v) for v in input_sizes]
         self.cfg = cfg
         p, q = cfg.shallow_dim, cfg.deep_dim
         self.hierarchical = cfg.structure == "integrative"
+        self.joint = cfg.structure == "joint"
         self.vae_names = ["concat"] if cfg.structure == "concatenated" else self.input_names
         vae_sizes = [sum(input_sizes)] if cfg.structure == "concatenated" else list(input_sizes)
         grids = list(input_grids) if input_grids is not None else [None] * len(vae_sizes)
@@ -81,7 +105,10 @@ class InVAModule(nn.Module):
         if cfg.predictor == "local" and not self.local_modalities:
             raise ValueError("predictor 'local' needs at least one input with as many features as the outcome")
         stats_per_vae = 2 * (p + q) if self.hierarchical else 2 * p
-        self.predictor = Predictor(len(vae_sizes) * stats_per_vae, n_outcome, cfg, len(self.local_modalities))
+        n_stats = 2 * p if self.joint else len(vae_sizes) * stats_per_vae
+        # joint: each local input comes with a presence channel
+        n_local = len(self.local_modalities) * (2 if self.joint else 1)
+        self.predictor = Predictor(n_stats, n_outcome, cfg, n_local)
         shape = (n_outcome, cfg.predictor_hidden)
         if cfg.bayesian_output:
             self.output_weight_q = MeanFieldNormal(shape)
@@ -95,12 +122,33 @@ class InVAModule(nn.Module):
     def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(xs, dim=-1)] if len(self.vae_names) != len(xs) else xs
 
+    @staticmethod
+    def split_missing(xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(zero-filled inputs, (B, K) bool presence) from inputs whose missing rows are NaN."""
+        filled, present = zip(*(fill_missing(x) for x in xs))
+        return list(filled), torch.stack(present, dim=-1)
+
+    def vae_presence(self, present: torch.Tensor) -> torch.Tensor:
+        """(B, number of VAEs): a VAE's latents count where any of its inputs is present."""
+        return present.any(dim=-1, keepdim=True) if len(self.vae_names) != present.shape[-1] else present
+
     def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors."""
+        """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors (the
+        experts of ``joint``). Missing inputs (NaN rows) are encoded as zeros; masks drop them."""
+        xs = self.split_missing(xs)[0]
         return [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs))]
 
-    def latent_statistics(self, encoded) -> torch.Tensor:
-        """The paper's predictor input: [mean, sd] of q(h|x) and of q(z|h=mean) for every modality."""
+    def joint_posterior(self, encoded, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of q(z | inputs present): the product of the experts present and the prior."""
+        return product_of_experts(*stack_experts(encoded), present)
+
+    def latent_statistics(self, encoded, present: torch.Tensor | None = None) -> torch.Tensor:
+        """The paper's predictor input: [mean, sd] of q(h|x) and of q(z|h=mean) for every modality
+        (``joint``: [mean, sd] of the joint posterior over the inputs ``present``)."""
+        if self.joint:
+            if present is None:
+                present = encoded[0][0].new_ones(encoded[0][0].shape[0], len(encoded), dtype=torch.bool)
+            return torch.cat(self.joint_posterior(encoded, present), dim=-1)
         stats = []
         for h_loc, h_scale in encoded:
             stats += [h_loc, h_scale]
@@ -108,15 +156,33 @@ class InVAModule(nn.Module):
                 stats += list(self.shared_encoder(h_loc))
         return torch.cat(stats, dim=-1)
 
-    def local_inputs(self, xs: list[torch.Tensor]) -> torch.Tensor | None:
+    def local_inputs(self, xs: list[torch.Tensor], present: torch.Tensor | None = None,
+                     joint_loc: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, V, channels) local inputs (zero-filled ``xs``). ``joint``: where input k is missing
+        its reconstruction from the joint posterior mean stands in, and presence channels follow."""
         if not self.local_modalities:
             return None
-        return torch.stack([xs[k] for k in self.local_modalities], dim=-1)
+        if not self.joint:
+            return torch.stack([xs[k] for k in self.local_modalities], dim=-1)
+        values, flags = [], []
+        for k in self.local_modalities:
+            here = present[:, k:k + 1]
+            values.append(torch.where(here, xs[k], self.modality_decoders[k](joint_loc)[0]))
+            flags.append(here.to(xs[k].dtype).expand_as(xs[k]))
+        return torch.stack(values + flags, dim=-1)
 
     def outcome_parts(self, xs: list[torch.Tensor], encoded=None):
         """(H, local mean, sd): all of the outcome distribution except the output layer."""
-        hidden = self.predictor.hidden(self.latent_statistics(encoded or self.encode(xs)))
-        local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs))
+        xs, present = self.split_missing(xs)
+        encoded = encoded or self.encode(xs)
+        joint_loc = None
+        if self.joint:
+            joint_loc, joint_scale = self.joint_posterior(encoded, present)
+            stats = torch.cat([joint_loc, joint_scale], dim=-1)
+        else:
+            stats = self.latent_statistics(encoded)
+        hidden = self.predictor.hidden(stats)
+        local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs, present, joint_loc))
         return hidden, local_mean, sd
 
     def outcome_distribution(self, mean: torch.Tensor, sd: torch.Tensor):
@@ -149,11 +215,35 @@ class InVAModule(nn.Module):
         else:
             weight, bias = self.output_weight, self.output_bias
         hidden, local_mean, sd = self.outcome_parts(xs, encoded)
+        xs, present = self.split_missing(xs)
+        outcome_mask = None
+        if y is not None:  # the outcome counts where present (outside joint: with every input)
+            y, outcome_mask = fill_missing(y)
+            if not self.joint:
+                outcome_mask = outcome_mask & present.all(dim=-1)
         batch = xs[0].shape[0]
         cfg, top_latents = self.cfg, []
+        if self.joint:
+            with pyro.plate("subjects", n_subjects, subsample=subjects):
+                with weighted(kl_scale):
+                    z = pyro.sample("subject_latent", dist.Normal(xs[0].new_zeros(batch, cfg.shallow_dim), 1.0).to_event(1))
+                for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, xs)):
+                    x_mean, x_scale = decoder(z)
+                    with poutine.mask(mask=present[:, k]):
+                        pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
+                        if extra_terms and self.dssim_terms is not None:
+                            pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
+                mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
+                with masked(outcome_mask), poutine.scale(scale=prediction_scale):
+                    pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
+            if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
+                pyro.factor("mmd_subject", -cfg.mmd_weight * n_subjects *
+                            mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
+            return
+        vae_present = self.vae_presence(present)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):
-                with weighted(kl_scale):
+                with weighted(kl_scale), poutine.mask(mask=vae_present[:, k]):
                     if self.hierarchical:
                         with weighted(cfg.deep_kl_weight):
                             z = pyro.sample(f"deep_latent_{name}",
@@ -163,12 +253,14 @@ class InVAModule(nn.Module):
                         h_prior = dist.Normal(x.new_zeros(batch, cfg.shallow_dim), 1.0)
                     h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1))
                 x_mean, x_scale = decoder(h)
-                pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
+                observed = self._feature_presence(present, k, x)
+                pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).mask(observed).to_event(1), obs=x)
                 if extra_terms and self.dssim_terms is not None:
-                    pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
+                    with poutine.mask(mask=vae_present[:, k]):
+                        pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
                 top_latents.append(z if self.hierarchical else h)
             mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
-            with poutine.scale(scale=prediction_scale):
+            with masked(outcome_mask), poutine.scale(scale=prediction_scale):
                 pyro.sample("outcome", self.outcome_distribution(mean, sd), obs=y)
         if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
             # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
@@ -181,10 +273,23 @@ class InVAModule(nn.Module):
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
+        encoded = encoded or self.encode(xs)
+        present = self.split_missing(xs)[1]
         with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for name, (h_loc, h_scale) in zip(self.vae_names, encoded or self.encode(xs)):
+            if self.joint:
                 with weighted(kl_scale):
+                    pyro.sample("subject_latent", dist.Normal(*self.joint_posterior(encoded, present)).to_event(1))
+                return
+            vae_present = self.vae_presence(present)
+            for k, (name, (h_loc, h_scale)) in enumerate(zip(self.vae_names, encoded)):
+                with weighted(kl_scale), poutine.mask(mask=vae_present[:, k]):
                     h = pyro.sample(f"shallow_latent_{name}", dist.Normal(h_loc, h_scale).to_event(1))
                     if self.hierarchical:
                         with weighted(self.cfg.deep_kl_weight):
                             pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))
+
+    def _feature_presence(self, present: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, V) bool: which features of VAE k's input are observed (the concatenated VAE spans inputs)."""
+        if len(self.vae_names) == present.shape[-1]:
+            return present[:, k:k + 1].expand_as(x)
+        return torch.cat([present[:, j:j + 1].expand(-1, size) for j, size in enumerate(self.input_sizes)], dim=-1)

@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ..data.missing import check_labeled_val, complete_cases, require_inputs
 from ..predict.calibration import Calibrator
 from ..data.cohort import Subset
 from ..config import FAMILY_CONFIGS, Preset, load_preset
@@ -81,6 +82,12 @@ class PeerModel:
             train_set, val = holdout(train_set, self.preset.training.val_share, seed)
         if train_set.outcome is None or val.outcome is None:
             raise InputError("fit needs the outcome for every training and validation subject")
+        # A discriminative peer learns from complete cases only: subjects with every input and the outcome.
+        train_set, val = complete_cases(_materialised(train_set)), complete_cases(_materialised(val))
+        if len(train_set) < 2:
+            raise InputError(f"a '{self.family}' model fits on subjects with every input and the outcome; "
+                             f"the training subjects have {len(train_set)}")
+        check_labeled_val(val, outcome_name)
         names = list(train_set.inputs)
         self.standardizer = Standardizer.fit(train_set)
         self.info = {"format": RUN_FORMAT, "family": self.family, "inputs": names,
@@ -113,6 +120,7 @@ class PeerModel:
         missing = [n for n in self.info["inputs"] if n not in subset.inputs]
         if missing:
             raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
+        require_inputs(subset, self.info["inputs"], f"'{self.family}'")
         for name, size in zip(self.info["inputs"], self.info["input_sizes"]):
             if subset.inputs[name].shape[1] != size:
                 raise InputError(f"input '{name}' has {subset.inputs[name].shape[1]} features; "
@@ -194,3 +202,8 @@ class PeerModel:
         except Exception as exc:  # any damage to these files is the same user-facing problem
             raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
         return self
+
+
+def _materialised(subset):
+    """An in-memory Subset (a lazily read one is read here: peers hold their data in memory)."""
+    return subset.rows() if hasattr(subset, "rows") else subset

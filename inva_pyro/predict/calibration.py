@@ -13,10 +13,16 @@ subjects and voxels, and keep its quantile function Q on a grid of M probabiliti
 - ``variance``: Gaussian intervals with sd scaled by tau = sqrt(mean z^2) (variance scaling).
 - ``none``: the raw sample quantiles.
 In every mode the calibrated sd map is tau * sd, so that E[(y - mean)^2] = sd_cal^2 on validation.
+
+Missingness patterns (``patterns.py``): a subject lacking inputs gets the calibration of complete
+subjects applied to ``s_p * sd``, where s_p (``pattern_scale``, by pattern label such as
+``"no x2"``) is the ratio of the RMS standardised residual of validation subjects predicted with
+pattern p imposed to that of the same subjects predicted complete: variance scaling per pattern
+composed with the quantile recalibration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
@@ -29,6 +35,13 @@ class Calibrator:
     method: str
     tau: float
     z_quantiles: np.ndarray     # Q((j + 0.5) / M), j = 0..M-1, sorted
+    pattern_scale: dict[str, float] = field(default_factory=dict)  # missingness pattern -> s_p
+
+    def row_scale(self, patterns: list[str] | None, n: int) -> np.ndarray:
+        """(n, 1) multipliers of the raw sd: s_p of each subject's pattern (1 for complete subjects)."""
+        if patterns is None:
+            return np.ones((n, 1))
+        return np.array([self.pattern_scale.get(p, 1.0) for p in patterns], dtype=np.float64)[:, None]
 
     @classmethod
     def fit(cls, observed: np.ndarray, mean: np.ndarray, sd: np.ndarray, method: str = "quantile") -> "Calibrator":
@@ -57,8 +70,10 @@ class Calibrator:
         return self.z_quantiles
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "tau": self.tau, "z_quantiles": self.z_quantiles.tolist()}
+        return {"method": self.method, "tau": self.tau, "z_quantiles": self.z_quantiles.tolist(),
+                "pattern_scale": dict(self.pattern_scale)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibrator":
-        return cls(method=d["method"], tau=float(d["tau"]), z_quantiles=np.asarray(d["z_quantiles"], dtype=float))
+        return cls(method=d["method"], tau=float(d["tau"]), z_quantiles=np.asarray(d["z_quantiles"], dtype=float),
+                   pattern_scale={str(k): float(v) for k, v in (d.get("pattern_scale") or {}).items()})

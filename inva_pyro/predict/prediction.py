@@ -36,15 +36,21 @@ class Prediction:
     observed: np.ndarray | None = None
     space: object | None = None
     joint: object | None = None             # JointCalibration (joint.py): region means and joint draws
+    patterns: list[str] | None = None       # missingness pattern of each subject (data/missing.py)
     sd: np.ndarray = field(init=False)
     intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False)
 
     def __post_init__(self):
+        # the sd the calibration applies to: raw, scaled per missingness pattern (calibration.py)
+        self.cal_base_sd = self.raw_sd
         if self.calibrator is None or self.calibrator.method == "none":
             self.sd, self.intervals = self.raw_sd, dict(self.raw_intervals)
         else:
-            self.sd = self.calibrator.sd(self.raw_sd)
-            self.intervals = {lv: self.calibrator.interval(self.mean, self.raw_sd, lv) for lv in self.levels}
+            if self.patterns is not None and self.calibrator.pattern_scale:
+                scale = self.calibrator.row_scale(self.patterns, len(self.raw_sd))
+                self.cal_base_sd = (self.raw_sd * scale).astype(self.raw_sd.dtype)
+            self.sd = self.calibrator.sd(self.cal_base_sd)
+            self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv) for lv in self.levels}
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -57,7 +63,7 @@ class Prediction:
         intervals = self.intervals if calibrated else self.raw_intervals
         sd = self.sd if calibrated else self.raw_sd
         if calibrated and self.calibrator is not None and self.calibrator.method != "none":
-            crps = M.crps_quantile_distribution(self.observed, self.mean, self.raw_sd, self.calibrator.atoms())
+            crps = M.crps_quantile_distribution(self.observed, self.mean, self.cal_base_sd, self.calibrator.atoms())
         elif self.raw_crps is not None:
             crps = float(np.mean(self.raw_crps))
         else:
@@ -73,7 +79,7 @@ class Prediction:
     def pit(self, calibrated: bool = True) -> np.ndarray:
         """Probability integral transform of the observed values under the predictive."""
         if calibrated and self.calibrator is not None and self.calibrator.method != "none":
-            return M.pit_quantile_distribution(self.observed, self.mean, self.raw_sd, self.calibrator.atoms())
+            return M.pit_quantile_distribution(self.observed, self.mean, self.cal_base_sd, self.calibrator.atoms())
         return M.pit_gaussian(self.observed, self.mean, self.raw_sd)
 
     def to_inference_data(self, model=None, subset=None, **kwargs):

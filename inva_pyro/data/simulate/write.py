@@ -25,12 +25,18 @@ _TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
 
 
 def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None,
-                 noise: str = "independent") -> Path:
+                 noise: str = "independent", unlabeled: int = 0, missing: float = 0.0) -> Path:
     """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth.
 
     ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4). ``noise``:
     ``independent`` outcome noise per voxel (default), or ``smooth`` (spatially correlated, a scanner's
     point-spread function: paper, volume and surface designs; recorded in cohort.json).
+    ``unlabeled``: that many more training subjects (ids after the others) with every input and an
+    empty outcome cell (MRI only; their outcome and truth images are not written). ``missing``: each
+    input cell of every subject is left empty with this probability, independently (seeded), never
+    every input of a subject (a subject drawn with none keeps one input chosen at random). The
+    unlabeled subjects are drawn from the design together with the others; the first ``n_subjects``
+    keep the design's 60/20/20 split.
     """
     if design not in DESIGNS:
         raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
@@ -38,26 +44,51 @@ def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm
         raise InputError(f"--noise {noise}: unknown noise (known: {', '.join(NOISE_KINDS)})")
     if noise != "independent" and design == "regions":
         raise InputError("--noise smooth: the regions design draws its noise per region (use paper, volume or surface)")
+    if unlabeled < 0 or not 0.0 <= missing < 1.0:
+        raise InputError(f"--unlabeled {unlabeled} / --missing {missing}: need N >= 0 and 0 <= P < 1")
     writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
                "regions": _write_regions}
     with atomic_dir(Path(out)) as tmp:
         (tmp / "images").mkdir()
-        split = default_split(n_subjects, seed)
-        subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects)]
+        split = list(default_split(n_subjects, seed)) + ["train"] * unlabeled
+        subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects + unlabeled)]
         options = {"voxel_mm": voxel_mm or VOLUME_VOXEL_MM} if design == "volume" else {}
         noise_option = {"noise": noise} if design != "regions" else {}
         rows, spec, covariates = writers[design](tmp, subjects, seed, **options, **noise_option)
         for row, subject, label in zip(rows, subjects, split):
             row.update({"subject": subject, "split": label})
+        _not_acquired(tmp, rows, spec, n_subjects, missing, seed)
         manifest = pd.DataFrame(rows)
         front = ["subject", "split"]
         manifest = manifest[front + [c for c in manifest.columns if c not in front]]
         manifest = pd.concat([manifest, covariates.reset_index(drop=True)], axis=1)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         cohort = {"design": design, **spec, "covariates": list(covariates.columns), "seed": seed,
-                  "n_subjects": n_subjects, **options, "noise": noise}
+                  "n_subjects": n_subjects, **options, "noise": noise, **({"unlabeled": unlabeled} if unlabeled else {}),
+                  **({"missing": missing} if missing else {})}
         (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2))
     return Path(out)
+
+
+def _not_acquired(tmp: Path, rows: list[dict], spec: dict, n_labeled: int, missing: float, seed: int) -> None:
+    """Empty the outcome (and truth) cells of the subjects after ``n_labeled`` and, with probability
+    ``missing``, input cells; the files of empty cells are removed (docstring of write_cohort)."""
+    truth = list((spec.get("truth") or {}).values())
+    rng = np.random.default_rng([seed, 23])
+    inputs = spec["inputs"]
+    for i, row in enumerate(rows):
+        drop = list(truth) + [spec["outcome"]] if i >= n_labeled else []
+        if missing > 0:
+            gone = rng.random(len(inputs)) < missing
+            if gone.all():
+                gone[rng.integers(len(inputs))] = False
+            drop += [name for name, g in zip(inputs, gone) if g]
+        for name in drop:
+            for column in [c for c in row if c == name or c in (f"{name}_lh", f"{name}_rh")]:
+                path = tmp / str(row[column])
+                if path.parent.name == "images" and path.is_file():  # region tables are shared: kept
+                    path.unlink()
+                row[column] = ""
 
 
 def _write_paper(tmp: Path, subjects: list[str], seed: int, noise: str = "independent"):

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Semi-supervised scenario of the simulation study: few subjects with the outcome, many with MRI only.
+
+Design ``paper`` (its outcome leans on the shared subject factors a_i, seen through every input via
+the loadings L, docs/simulation.md), simulated with ``write_cohort(..., unlabeled=U)``: the design's
+60/20/20 split of ``--n-subjects`` labeled subjects plus U MRI-only training subjects (outcome cell
+empty). For every labeled training size N (the first N labeled training subjects; validation and test
+subjects are the same for every N and model):
+
+    inva-joint-semi      models/inva-joint.toml on the N labeled + U MRI-only subjects
+    inva-joint-labeled   the same preset on the N labeled subjects only
+    inva-labeled         the default preset (models/inva.toml) on the N labeled subjects
+    inva-semi            the default preset on the N labeled + U MRI-only subjects (its reconstruction terms
+                         use them; the outcome term only the labeled)
+    vae-concat-semi, vae-separate-semi   the VAE peers, given the MRI-only subjects too (they can use them)
+    vae-concat, vae-separate             the VAE peers on the labeled subjects only
+    bart, ridge          the discriminative peers (labeled subjects only: they cannot use the others)
+
+Every model is scored on the complete test subjects: MSE, the oracle's MSE (the noise variance, known
+in simulation) and the excess error (MSE - oracle) / oracle, coverage of the calibrated 50/80/90/95%
+intervals. The joint models are also scored on the same test subjects with each input removed
+(pattern "no xk"), to show coverage per missingness pattern (calibrated per pattern on validation
+subjects, ``inva_pyro/predict/patterns.py``) and the MSE cost of the missing input.
+
+Run (``--threads 1 --bart-jobs 1``: one core); ``--quick`` is a smoke test of a minute:
+    python analysis/simulation_study.py --scenario semisupervised --out semi --threads 1 --bart-jobs 1
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+LEVELS = [0.5, 0.8, 0.9, 0.95]
+MODELS = ["inva-joint-semi", "inva-joint-labeled", "inva-labeled", "inva-semi", "vae-concat-semi",
+          "vae-separate-semi", "vae-concat", "vae-separate", "bart", "ridge"]
+PEERS = ["vae-concat-semi", "vae-separate-semi", "vae-concat", "vae-separate", "bart", "ridge"]
+QUICK_MODEL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=6, local_hidden=8,
+                   local_channels=2, voxel_embedding=2, context_dim=3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--sizes", default="50,100,300", help="labeled training sizes (default 50,100,300)")
+    p.add_argument("--unlabeled", type=int, default=600, help="MRI-only training subjects (default 600)")
+    p.add_argument("--n-subjects", type=int, default=500, help="labeled subjects of the design's 60/20/20 split")
+    p.add_argument("--seeds", default="0", help="replicate seeds, comma-separated (default 0)")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--epochs", type=int, help="cap on the InVA-family presets' epochs")
+    p.add_argument("--samples", type=int, help="predictive draws (default: each preset's)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--bart-jobs", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny cohort, networks and BART")
+    return p.parse_args(argv)
+
+
+def preset_for(name: str, args):
+    from inva_pyro.config import Preset, load_preset
+    base = {"inva-joint-semi": "inva-joint", "inva-joint-labeled": "inva-joint", "inva-labeled": "inva",
+            "inva-semi": "inva", "vae-concat-semi": "vae-concat", "vae-separate-semi": "vae-separate"}.get(name, name)
+    data = load_preset(base).model_dump()
+    if data["model"]["family"] == "inva":
+        if args.epochs:
+            data["training"]["epochs"] = args.epochs
+        if args.quick:
+            data["model"].update(QUICK_MODEL)
+            data["training"].update(epochs=2, batch_size=8)
+    if data["model"]["family"] == "bart":
+        if args.bart_jobs:
+            data["model"]["n_jobs"] = args.bart_jobs
+        if args.quick:
+            data["model"].update(num_trees=2, num_gfr=2, num_draws=5, n_jobs=1)
+    if args.samples:
+        data["prediction"]["num_samples"] = args.samples
+    return Preset.model_validate(data)
+
+
+def without(subset, name: str):
+    """The subjects of ``subset`` with input ``name`` not acquired (a row of NaN)."""
+    inputs = dict(subset.inputs)
+    inputs[name] = np.full_like(np.asarray(inputs[name]), np.nan)
+    return dataclasses.replace(subset, inputs=inputs)
+
+
+def score(model, test, pattern: str, seed: int) -> dict:
+    pred = model.predict(test, levels=LEVELS, seed=seed)
+    m = pred.metrics(calibrated=True, truth_mean=test.truth_mean, truth_sd=test.truth_sd)
+    row = {"pattern": pattern, "mse": m["mse"], "oracle_mse": m["oracle_mse"],
+           "excess": (m["mse"] - m["oracle_mse"]) / m["oracle_mse"], "crps": m["crps"]}
+    row.update({f"cov{round(100 * lv)}": m["coverage"][format(lv, "g")] for lv in LEVELS})
+    return row
+
+
+def run(args) -> pd.DataFrame:
+    from inva_pyro.data.cohort import Cohort
+    from inva_pyro.data.missing import input_presence, outcome_presence
+    from inva_pyro.data.simulate import write_cohort
+    from inva_pyro.registry import model_from_preset
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs_csv = args.out / "runs.csv"
+    runs = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
+    done = set(zip(runs["seed"], runs["size"], runs["model"])) if len(runs) else set()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        folder = args.out / "cohorts" / f"paper-n{args.n_subjects}-u{args.unlabeled}-s{seed}"
+        if not (folder / "cohort.json").exists():
+            write_cohort(folder, "paper", args.n_subjects, seed, unlabeled=args.unlabeled)
+        cohort = Cohort.from_dir(folder, seed=seed)
+        train, val = cohort.train, cohort.val
+        test = cohort.test.subset(np.flatnonzero(input_presence(cohort.test).all(1)))
+        has_y = outcome_presence(train)
+        labeled_rows, unlabeled_rows = np.flatnonzero(has_y), np.flatnonzero(~has_y)
+        for size in sizes:
+            for name in models:
+                if (seed, size, name) in done:
+                    continue
+                rows = labeled_rows[:size]
+                semi = name.endswith("-semi")
+                fit_set = train.subset(np.sort(np.concatenate([rows, unlabeled_rows])) if semi else rows)
+                start, cpu = time.perf_counter(), time.process_time()
+                model = model_from_preset(preset_for(name, args)).fit(
+                    fit_set, val, seed=seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
+                    space=cohort.spaces[cohort.outcome_name])
+                fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
+                epochs = len(model.history["epoch"]) if model.history and model.history.get("epoch") else np.nan
+                base = {"seed": seed, "size": size, "model": name, "n_fit": len(fit_set),
+                        "n_unlabeled": len(unlabeled_rows) if semi else 0, "n_test": len(test),
+                        "fit_seconds": round(fit_s, 1), "fit_cpu_seconds": round(fit_cpu, 1), "epochs": epochs}
+                patterns = ["complete"]
+                if getattr(getattr(model, "module", None), "joint", False):
+                    patterns += [f"no {n}" for n in cohort.input_names]
+                new = []
+                for pattern in patterns:
+                    subset = test if pattern == "complete" else without(test, pattern[3:])
+                    new.append({**base, **score(model, subset, pattern, seed)})
+                runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
+                runs.to_csv(runs_csv, index=False)
+                r = new[0]
+                print(f"seed {seed} N={size} {name:20s} MSE {r['mse']:.4f} excess {r['excess']:.3f} "
+                      f"cov90 {r['cov90']:.3f} fit {fit_s:.0f} s ({fit_cpu:.0f} CPU s, {epochs} epochs)", flush=True)
+    return runs
+
+
+def markdown(runs: pd.DataFrame, command: str) -> str:
+    complete = runs[runs["pattern"] == "complete"]
+    mean = complete.groupby(["size", "model"], sort=False).mean(numeric_only=True).reset_index()
+    lines = [f"Command: `{command}`", "",
+             f"Replicates (seeds): {sorted(runs['seed'].unique().tolist())}; test: "
+             f"{int(complete['n_test'].iloc[0])} complete subjects. Excess = (MSE - oracle MSE) / oracle MSE.", ""]
+    for size, group in mean.groupby("size", sort=True):
+        lines += [f"### {size} labeled training subjects", "",
+                  "| model | subjects fitted (MRI-only) | MSE | oracle MSE | excess | cov 0.5 | cov 0.8 | cov 0.9 "
+                  "| cov 0.95 | fit s (CPU s) | epochs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in group.iterrows():
+            lines.append(f"| {r['model']} | {int(r['n_fit'])} ({int(r['n_unlabeled'])}) | {r['mse']:.4f} | "
+                         f"{r['oracle_mse']:.4f} | {r['excess']:.3f} | {r['cov50']:.3f} | {r['cov80']:.3f} | "
+                         f"{r['cov90']:.3f} | {r['cov95']:.3f} | {r['fit_seconds']:.0f} ({r['fit_cpu_seconds']:.0f}) "
+                         f"| {'—' if pd.isna(r['epochs']) else int(r['epochs'])} |")
+        semi = group[group["model"] == "inva-joint-semi"]
+        if len(semi):
+            e = float(semi["excess"].iloc[0])
+            lines += ["", "inva-joint-semi's excess error against each model's (negative: lower):", ""]
+            for _, r in group[group["model"] != "inva-joint-semi"].iterrows():
+                lines.append(f"- {r['model']}: {100 * (e / r['excess'] - 1):+.1f}%")
+        lines.append("")
+    joint = runs[runs["model"].str.startswith("inva-joint")]
+    if len(joint):
+        lines += ["### Per missingness pattern (joint models, the same test subjects with an input removed)", "",
+                  "| N labeled | model | pattern | MSE | excess | cov 0.5 | cov 0.8 | cov 0.9 | cov 0.95 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        per = joint.groupby(["size", "model", "pattern"], sort=False).mean(numeric_only=True).reset_index()
+        for _, r in per.iterrows():
+            lines.append(f"| {int(r['size'])} | {r['model']} | {r['pattern']} | {r['mse']:.4f} | {r['excess']:.3f} | "
+                         f"{r['cov50']:.3f} | {r['cov80']:.3f} | {r['cov90']:.3f} | {r['cov95']:.3f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.sizes, args.unlabeled, args.n_subjects = "12", 20, 40
+        args.samples = args.samples or 50
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = run(args)
+    command = "python analysis/simulation_study.py --scenario semisupervised " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    text = markdown(runs, command)
+    (args.out / "summary.md").write_text(text)
+    (args.out / "settings.json").write_text(json.dumps(vars(args), default=str, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Calibration per missingness pattern, on validation subjects (``calibration.py``).
+
+A joint model predicts a subject from whatever inputs it has; its intervals must stay calibrated for
+every pattern of inputs, not only on average. Validation subjects with every input are predicted
+once complete (which fits the pooled quantile calibrator) and once per pattern p of the inputs
+(every non-empty proper subset), the inputs outside p removed; s_p = RMS z_p / RMS z_complete of
+the standardised residuals z = (y - mean) / sd. This assumes that which inputs a subject lacks does
+not depend on its outcome given its inputs (missing at random), the assumption of the ELBO's masks too.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from .calibration import Calibrator
+from .predictive import posterior_predictive
+from ..data.missing import MIN_LABELED_VAL, missingness_patterns
+
+
+def proper_patterns(n_inputs: int) -> list[tuple[bool, ...]]:
+    """Every non-empty proper subset of the inputs, as presence tuples."""
+    return [p for p in itertools.product([True, False], repeat=n_inputs) if any(p) and not all(p)]
+
+
+def impose(xs: list[torch.Tensor], pattern) -> list[torch.Tensor]:
+    """The inputs with those outside ``pattern`` removed (rows of NaN, ``data/missing.py``)."""
+    return [x if keep else torch.full_like(x, float("nan")) for x, keep in zip(xs, pattern)]
+
+
+def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: list[str], *, num_samples: int,
+              method: str, generator: torch.Generator, summary=None) -> Calibrator:
+    """The pooled calibrator of the complete validation subjects, with s_p per pattern (joint models);
+    without enough complete subjects, or for a model that needs every input, the pooled calibrator of all
+    (from ``summary``, the raw predictive of all of ``val_xs``, when the caller has it already)."""
+    present = torch.stack([~torch.isnan(x).all(-1) for x in val_xs], dim=-1)
+    complete = present.all(-1).cpu().numpy()
+    joint = getattr(module, "joint", False)
+    if not joint or complete.sum() < MIN_LABELED_VAL:
+        if summary is None:
+            summary = posterior_predictive(module, val_xs, num_samples=num_samples, probs=[], generator=generator)
+        return Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, method)
+    rows = torch.as_tensor(np.flatnonzero(complete), device=val_y.device)
+    xs, y = [x[rows] for x in val_xs], val_y[rows].cpu().numpy()
+
+    def z(inputs):
+        summary = posterior_predictive(module, inputs, num_samples=num_samples, probs=[], generator=generator)
+        return summary, (y - summary.mean) / summary.sd
+
+    reference, z_ref = z(xs)
+    calibrator = Calibrator.fit(y, reference.mean, reference.sd, method)
+    rms_ref = float(np.sqrt(np.mean(z_ref ** 2)))
+    for pattern in proper_patterns(len(xs)):
+        label = missingness_patterns(np.array([pattern]), names)[0]
+        calibrator.pattern_scale[label] = float(np.sqrt(np.mean(z(impose(xs, pattern))[1] ** 2))) / rms_ref
+    return calibrator

@@ -1,0 +1,212 @@
+"""Images not acquired (empty manifest cells): masks in the Pyro program, standardisation, fitting."""
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from inva_pyro.data.cohort import Cohort
+from inva_pyro.data.missing import input_presence, outcome_presence
+from inva_pyro.data.preprocessing import Standardizer
+from inva_pyro.errors import InputError
+from inva_pyro.estimator import InVA
+from inva_pyro.model.module import InVAModule
+
+
+def with_gaps(inputs: dict, y: np.ndarray, seed: int = 0, p_input: float = 0.25, p_outcome: float = 0.5):
+    """NaN rows: wm missing for a share of subjects, the outcome for another (never every input)."""
+    rng = np.random.default_rng(seed)
+    inputs = {k: v.astype(np.float32).copy() for k, v in inputs.items()}
+    y = y.astype(np.float32).copy()
+    inputs["wm"][rng.random(len(y)) < p_input] = np.nan
+    y[rng.random(len(y)) < p_outcome] = np.nan
+    return inputs, y
+
+
+@pytest.mark.parametrize("structure", ["separate", "integrative", "joint"])
+def test_elbo_with_masked_outcomes_is_the_sum_of_its_parts(make_preset, make_arrays, structure):
+    """-loss = N/B sum_i [sum_k m_ik (log p(x_ik|.) ) + KL terms where they apply + o_i log p(y_i|.)]."""
+    torch.manual_seed(0)
+    inputs, y, _, _ = make_arrays(12, 3)
+    inputs, y = with_gaps(inputs, y, seed=1, p_input=0.4, p_outcome=0.5)
+    preset = make_preset({"structure": structure, "bayesian_output": False})
+    module = InVAModule(["gm", "wm"], [64, 24], 64, preset.model).eval()  # eval: no dropout noise
+    xs = [torch.as_tensor(inputs["gm"]), torch.as_tensor(inputs["wm"])]
+    yt = torch.as_tensor(y)
+    n_subjects, idx = 50, torch.arange(12)
+    present = torch.as_tensor(input_presence(Cohort.from_arrays(inputs, y).all, ["gm", "wm"]))
+    y_present = ~torch.isnan(yt).all(-1)
+    assert 0 < int(y_present.sum()) < 12 and not bool(present.all())
+    kwargs = dict(subjects=idx, n_subjects=n_subjects)
+
+    pyro.set_rng_seed(7)
+    loss = Trace_ELBO().differentiable_loss(module.model, module.guide, xs, yt, **kwargs)
+    pyro.set_rng_seed(7)
+    guide = poutine.trace(module.guide).get_trace(xs, yt, **kwargs)
+
+    Normal = torch.distributions.Normal
+    filled = [torch.nan_to_num(x) for x in xs]
+    per_subject = torch.zeros(12)
+    if structure == "joint":
+        z = guide.nodes["subject_latent"]["value"]
+        loc, scale = module.joint_posterior(module.encode(xs), present)
+        per_subject += Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(loc, scale).log_prob(z).sum(-1)
+        for k, x in enumerate(filled):
+            per_subject += present[:, k] * Normal(*module.modality_decoders[k](z)).log_prob(x).sum(-1)
+        outcome_counts = y_present
+    else:
+        for k, (name, x) in enumerate(zip(["gm", "wm"], filled)):
+            h = guide.nodes[f"shallow_latent_{name}"]["value"]
+            h_loc, h_scale = module.shallow_encoders[k](x)
+            term = Normal(*module.modality_decoders[k](h)).log_prob(x).sum(-1) - Normal(h_loc, h_scale).log_prob(h).sum(-1)
+            if structure == "integrative":
+                z = guide.nodes[f"deep_latent_{name}"]["value"]
+                term += Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(*module.shared_encoder(h)).log_prob(z).sum(-1)
+                term += Normal(*module.shared_decoder(z)).log_prob(h).sum(-1)
+            else:
+                term += Normal(0.0, 1.0).log_prob(h).sum(-1)
+            per_subject += present[:, k] * term
+        outcome_counts = y_present & present.all(-1)  # the other structures cannot tell a missing input
+    hidden, local_mean, sd = module.outcome_parts(xs)
+    mean = hidden @ module.output_weight.T + module.output_bias + local_mean
+    per_subject += outcome_counts * Normal(mean, sd).log_prob(torch.nan_to_num(yt)).sum(-1)
+    expected = -(n_subjects / 12) * per_subject.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(loss)
+
+
+def test_standardisation_uses_present_values_only(make_arrays):
+    inputs, y, _, _ = make_arrays(30, 0)
+    inputs, y = with_gaps(inputs, y, seed=2)
+    st = Standardizer.fit(Cohort.from_arrays(inputs, y).all)
+    present = ~np.isnan(inputs["wm"]).all(1)
+    np.testing.assert_allclose(st.input_mean["wm"], inputs["wm"][present].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st.outcome_scale, np.nanstd(y, axis=0), rtol=1e-5)
+    out = st.transform_inputs(Cohort.from_arrays(inputs, y).all)["wm"]
+    assert np.isnan(out[~present]).all() and np.isfinite(out[present]).all()
+
+
+def gapped_cohort(make_arrays, n_train=60, n_val=16, n_test=12, seed=0):
+    inputs, y, mean, sd = make_arrays(n_train + n_val + n_test, seed)
+    inputs, y = with_gaps(inputs, y, seed=seed + 1)
+    split = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    y[n_train:n_train + 3] = np.nan          # a few validation subjects lack the outcome too
+    return Cohort.from_arrays(inputs, y, split=split, truth_mean=mean, truth_sd=sd)
+
+
+def test_fit_uses_every_subject_and_only_non_joint_models_refuse_missing_inputs(make_preset, make_arrays):
+    cohort = gapped_cohort(make_arrays)
+    assert not outcome_presence(cohort.train).all() and not input_presence(cohort.test).all()
+    joint = InVA(make_preset({"structure": "joint"})).fit(cohort.train, cohort.val, progress=False, device="cpu")
+    assert joint.info["n_train"] == 60 and joint.info["n_train_labeled"] < 60
+    assert joint.info["n_val"] == int(outcome_presence(cohort.val).sum()) < 16  # validation: subjects with the outcome
+    pred = joint.predict(cohort.test, num_samples=50)
+    assert np.isfinite(pred.mean).all() and np.isfinite(pred.raw_sd).all()
+    default = InVA(make_preset()).fit(cohort.train, cohort.val, progress=False, device="cpu")
+    assert np.isfinite(default.history["train_loss"]).all()
+    with pytest.raises(InputError, match="lacks input 'wm'.*needs every input"):
+        default.predict(cohort.test)
+    complete = cohort.test.subset(input_presence(cohort.test).all(1))
+    assert np.isfinite(default.predict(complete, num_samples=50).mean).all()
+
+
+def test_too_few_validation_subjects_with_the_outcome_is_one_line(make_preset, make_arrays):
+    cohort = gapped_cohort(make_arrays)
+    val = cohort.val
+    val.outcome[:] = np.nan
+    val.outcome[0] = 0.0
+    with pytest.raises(InputError) as caught:
+        InVA(make_preset()).fit(cohort.train, val, progress=False, device="cpu")
+    assert "1 validation subject(s) have the outcome" in str(caught.value) and "\n" not in str(caught.value)
+
+
+TINY_TOML = """
+name = "tiny"
+[model]
+structure = "{structure}"
+shallow_dim = 4
+deep_dim = 2
+hidden = 16
+shared_hidden = 8
+predictor_hidden = 8
+local_hidden = 8
+[training]
+epochs = 2
+batch_size = 8
+patience = 50
+[prediction]
+num_samples = 20
+"""
+
+
+def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, capsys):
+    import json
+    import pandas as pd
+    from inva_pyro import cli
+    cohort = tmp_path / "cohort"
+    assert cli.main(["simulate", "--design", "paper", "--n-subjects", "30", "--seed", "3", "--out", str(cohort)]) == 0
+    table = pd.read_csv(cohort / "manifest.csv", dtype=str)
+    train = table.index[table["split"] == "train"]
+    table.loc[train[:5], "y"] = np.nan                 # MRI-only training subjects
+    table.loc[train[5:8], "x2"] = np.nan               # training subjects lacking an input
+    test = table.index[table["split"] == "test"]
+    table.loc[test[:2], "x3"] = np.nan
+    table.to_csv(cohort / "manifest.csv", index=False)
+    histories = {}
+    for structure in ("joint", "integrative"):
+        preset = tmp_path / f"{structure}.toml"
+        preset.write_text(TINY_TOML.format(structure=structure))
+        for mode in ("memory", "lazy"):
+            run = tmp_path / f"{structure}-{mode}"
+            args = ["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",
+                    "--model", str(preset), "--device", "cpu", "--out", str(run)] + (["--lazy"] if mode == "lazy" else [])
+            assert cli.main(args) == 0
+            histories[structure, mode] = json.loads((run / "history.json").read_text())
+        np.testing.assert_allclose(histories[structure, "lazy"]["train_loss"],
+                                   histories[structure, "memory"]["train_loss"], rtol=1e-5)
+        assert np.isfinite(histories[structure, "memory"]["train_loss"]).all()
+    out = tmp_path / "pred-joint"
+    assert cli.main(["predict", "--run", str(tmp_path / "joint-memory"), "--manifest", str(cohort / "manifest.csv"),
+                     "--out", str(out)]) == 0
+    assert (out / "predictions.csv").exists()
+    capsys.readouterr()
+    out = tmp_path / "pred-default"
+    assert cli.main(["predict", "--run", str(tmp_path / "integrative-memory"), "--manifest",
+                     str(cohort / "manifest.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks input 'x3'" in err and len(err.splitlines()) == 1 and not out.exists()
+    table.loc[train[9], ["x1", "x2", "x3"]] = np.nan
+    table.to_csv(cohort / "manifest.csv", index=False)
+    assert cli.main(["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",
+                     "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no input image at all" in err and len(err.splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_preset, make_arrays):
+    # y depends on gm voxel by voxel (1.2 gm + noise of sd 0.75): without gm the residual sd is about
+    # sqrt(0.75^2 + 1.2^2) = 1.4, nearly twice as wide; wm carries little about y.
+    inputs, y, mean, sd = make_arrays(150, 4)
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    rng = np.random.default_rng(5)
+    inputs["gm"][:100][rng.random(100) < 0.3] = np.nan        # training subjects lacking gm
+    split = ["train"] * 100 + ["val"] * 30 + ["test"] * 20
+    cohort = Cohort.from_arrays(inputs, y, split=split)
+    model = InVA(make_preset({"structure": "joint"}, {"epochs": 30})).fit(cohort.train, cohort.val,
+                                                                          progress=False, device="cpu")
+    assert model.calibrator.pattern_scale["no gm"] > 1.3 > model.calibrator.pattern_scale["no wm"]
+    test = cohort.test
+    without = Cohort.from_arrays({"gm": np.full_like(test.inputs["gm"], np.nan), "wm": test.inputs["wm"]},
+                                 test.outcome).all
+    full, lacking = model.predict(test, num_samples=200), model.predict(without, num_samples=200)
+    for level in (0.5, 0.9):
+        width = lambda p: float(np.mean(p.intervals[level][1] - p.intervals[level][0]))  # noqa: E731
+        assert width(lacking) > 1.3 * width(full)
+    assert float(lacking.raw_sd.mean()) > float(full.raw_sd.mean())
+    # calibrated for each pattern: 90% intervals cover about 90% of the test voxels either way
+    for p in (full, lacking):
+        lo, hi = p.intervals[0.9]
+        assert abs(float(np.mean((p.observed >= lo) & (p.observed <= hi))) - 0.9) < 0.06
