@@ -37,7 +37,7 @@ def test_paper_design_files_match_its_arrays(tmp_path):
     spec = json.loads((out / "cohort.json").read_text())
     assert spec == {"design": "paper", "inputs": ["x1", "x2", "x3"], "outcome": "y", "mask": None,
                     "truth": {"mean": "y_true_mean", "sd": "y_true_sd"}, "covariates": ["age", "site"],
-                    "seed": 3, "n_subjects": 10}
+                    "seed": 3, "n_subjects": 10, "noise": "independent"}
     img = nib.load(out / manifest.loc[4, "y_true_mean"])
     np.testing.assert_allclose(np.asarray(img.dataobj)[..., 0], sim["true_mean"][4], rtol=1e-6)
 
