@@ -340,8 +340,44 @@ def _manifest(args) -> None:
         print(f"  {line}")
 
 
+def _tune(args) -> None:
+    import shutil
+    import optuna
+    from . import Cohort, load_preset
+    from .train.search_space import load_space
+    from .train import tuning
+    if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
+        raise InputError("--trials and --epochs must be at least 1")
+    base = load_preset(args.model)
+    if base.model.family != "inva":
+        raise InputError(f"--model {args.model}: a '{base.model.family}' preset has none of the settings tune searches")
+    space = load_space(args.space, base)
+    cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"{args.out}: exists and is not a folder")
+    created = not args.out.exists()
+    args.out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or tuning.default_storage(args.out)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed below instead
+    try:
+        study = tuning.open_study(storage, args.study_name, args.objective, tuning.make_pruner(args.pruner, args.epochs),
+                                  args.seed if args.sampler_seed is None else args.sampler_seed)
+    except InputError:
+        if created:
+            shutil.rmtree(args.out)
+        raise
+    print(f"study '{args.study_name}' ({storage}): {tuning.finished_trials(study)} finished trials, "
+          f"running until {args.trials}")
+    tuning.optimize(study, cohort, base, space, trials=args.trials, epochs=args.epochs, seed=args.seed,
+                    device=args.device)
+    written = tuning.write_outputs(study, args.out)
+    preset = tuning.best_preset(study)
+    print(f"best: {preset.description}" if preset else "no trial has completed yet: no best.toml")
+    print(f"wrote {', '.join(written)} to {args.out}")
+
+
 COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo,
-            "latents": _latents, "manifest": _manifest}
+            "latents": _latents, "manifest": _manifest, "tune": _tune}
 
 if __name__ == "__main__":
     sys.exit(main())
