@@ -83,7 +83,10 @@ def test_study_writes_a_best_preset_that_fits_and_a_rerun_resumes(setup, tmp_pat
     # --trials is the study's total: a rerun with 4 adds one trial to the three there.
     assert cli.main(tune_args(setup, study_dir, 4)) == 0
     assert "3 finished trials, running until 4" in capsys.readouterr().out
-    assert len(pd.read_csv(study_dir / "trials.csv")) == 4
+    trials = pd.read_csv(study_dir / "trials.csv")
+    assert len(trials) == 4
+    params = [c for c in trials.columns if c.startswith("params_")]
+    assert trials.loc[3, params].tolist() != trials.loc[0, params].tolist()  # the sampler did not start over
 
 
 def test_two_processes_share_one_sqlite_study(setup, tmp_path):

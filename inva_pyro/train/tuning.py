@@ -62,11 +62,13 @@ def open_study(storage: str, study_name: str, objective: str, pruner: optuna.pru
     engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite:") else None
     try:
         study = optuna.create_study(storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
-                                    study_name=study_name, direction="minimize",
-                                    sampler=optuna.samplers.TPESampler(seed=sampler_seed), pruner=pruner,
+                                    study_name=study_name, direction="minimize", pruner=pruner,
                                     load_if_exists=True)
     except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
         raise InputError(f"--storage {storage}: cannot open the study ({exc})") from None
+    # A rerun must not replay the first run's random proposals: the sampler's seed moves on with
+    # the trials already there (still reproducible for a given seed and study).
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
     known = study.user_attrs.get("objective")
     if known is None:
         study.set_user_attr("objective", objective)
