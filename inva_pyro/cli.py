@@ -350,7 +350,8 @@ def _tune(args) -> None:
         raise InputError("--trials and --epochs must be at least 1")
     base = load_preset(args.model)
     if base.model.family != "inva":
-        raise InputError(f"--model {args.model}: a '{base.model.family}' preset has none of the settings tune searches")
+        raise InputError(f"--model {args.model}: a '{base.model.family}' preset has none of the settings "
+                         "tune searches")
     space = load_space(args.space, base)
     cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
     if args.out.exists() and not args.out.is_dir():
@@ -360,8 +361,9 @@ def _tune(args) -> None:
     storage = args.storage or tuning.default_storage(args.out)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed below instead
     try:
-        study = tuning.open_study(storage, args.study_name, args.objective, tuning.make_pruner(args.pruner, args.epochs),
-                                  args.seed if args.sampler_seed is None else args.sampler_seed)
+        pruner = tuning.make_pruner(args.pruner, args.epochs)
+        sampler_seed = args.seed if args.sampler_seed is None else args.sampler_seed
+        study = tuning.open_study(storage, args.study_name, args.objective, pruner, sampler_seed)
     except InputError:
         if created:
             shutil.rmtree(args.out)

@@ -89,7 +89,7 @@ def open_layout(root: Path, derivatives: list[Path] | None = None):
     touches the network.
     """
     from bids import BIDSLayout
-    from bids.exceptions import BIDSValidationError
+    from bids.exceptions import BIDSDerivativesValidationError, BIDSValidationError
     from bids.layout import BIDSLayoutIndexer
 
     root = Path(root)
@@ -105,6 +105,8 @@ def open_layout(root: Path, derivatives: list[Path] | None = None):
             warnings.simplefilter("ignore", UserWarning)  # "no valid derivatives found" is not an error here
             return BIDSLayout(root, validate=True, derivatives=paths or False,
                               indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+    except BIDSDerivativesValidationError as exc:
+        raise InputError(f"{root}: a derivatives dataset is not valid ({_first_sentence(exc)})") from None
     except BIDSValidationError as exc:
         raise InputError(f"{root}: not a BIDS dataset ({_first_sentence(exc)})") from None
 
