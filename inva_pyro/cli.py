@@ -89,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traversal", type=Path, metavar="DIR", help="also write latent-traversal figures here")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
+    p = sub.add_parser("manifest", help="a manifest CSV from a BIDS dataset and its derivatives (pybids)")
+    p.add_argument("--bids", required=True, type=Path, help="BIDS dataset folder (derivatives/ indexed too)")
+    p.add_argument("--image", required=True, action="append", metavar="NAME=ENTITIES",
+                   help="a column and the entities selecting its file, e.g. gm=space-MNI152NLin2009cAsym,label-GM,"
+                   "suffix-probseg (repeat for every image)")
+    p.add_argument("--derivatives", action="append", type=Path, default=[], metavar="DIR",
+                   help="a derivatives dataset outside DIR/derivatives (repeatable)")
+    p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
+
+    p = sub.add_parser("tune", help="an Optuna hyperparameter study; STUDYDIR/best.toml is a preset for --model")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--inputs", required=True, type=_names, help="input image columns, comma-separated")
+    p.add_argument("--outcome", required=True, help="outcome image column")
+    p.add_argument("--mask", type=Path, help="brain mask (NIfTI) for volume cohorts")
+    p.add_argument("--model", default="inva", help="base preset whose settings the trials override (default: inva)")
+    p.add_argument("--space", type=Path, help="TOML file overriding the search space (docs/bids_to_tuned.md)")
+    p.add_argument("--trials", required=True, type=int, help="run until the study has N finished trials")
+    p.add_argument("--epochs", type=int, help="cap on each trial's epochs")
+    p.add_argument("--objective", default="crps", choices=["crps", "mse"], help="validation metric to minimise")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STUDYDIR/study.db)")
+    p.add_argument("--study-name", default="inva", help="study name inside the storage (default: inva)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every trial's fit and of the data split")
+    p.add_argument("--sampler-seed", type=int, help="TPE sampler seed (default: --seed; give each parallel "
+                   "worker its own)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True, type=Path, help="study folder: best.toml, trials.csv, figures")
+
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n-subjects", type=int, default=500)
@@ -350,8 +378,55 @@ def _latents(args) -> None:
         print(f"latent traversals in {args.traversal}")
 
 
+def _manifest(args) -> None:
+    from .data.bids_manifest import build_manifest, parse_image_spec, write_manifest
+    manifest = build_manifest(args.bids, [parse_image_spec(text) for text in args.image], args.derivatives)
+    write_manifest(manifest, args.out)
+    print(f"wrote {len(manifest.table)} rows to {args.out}")
+    for line in manifest.summary():
+        print(f"  {line}")
+
+
+def _tune(args) -> None:
+    import shutil
+    import optuna
+    from . import Cohort, load_preset
+    from .train.search_space import load_space
+    from .train import tuning
+    if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
+        raise InputError("--trials and --epochs must be at least 1")
+    base = load_preset(args.model)
+    if base.model.family != "inva":
+        raise InputError(f"--model {args.model}: a '{base.model.family}' preset has none of the settings "
+                         "tune searches")
+    space = load_space(args.space, base)
+    cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"{args.out}: exists and is not a folder")
+    created = not args.out.exists()
+    args.out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or tuning.default_storage(args.out)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed below instead
+    try:
+        pruner = tuning.make_pruner(args.pruner, args.epochs)
+        sampler_seed = args.seed if args.sampler_seed is None else args.sampler_seed
+        study = tuning.open_study(storage, args.study_name, args.objective, pruner, sampler_seed)
+    except InputError:
+        if created:
+            shutil.rmtree(args.out)
+        raise
+    print(f"study '{args.study_name}' ({storage}): {tuning.finished_trials(study)} finished trials, "
+          f"running until {args.trials}")
+    tuning.optimize(study, cohort, base, space, trials=args.trials, epochs=args.epochs, seed=args.seed,
+                    device=args.device)
+    written = tuning.write_outputs(study, args.out)
+    preset = tuning.best_preset(study)
+    print(f"best: {preset.description}" if preset else "no trial has completed yet: no best.toml")
+    print(f"wrote {', '.join(written)} to {args.out}")
+
+
 COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo,
-            "latents": _latents}
+            "latents": _latents, "manifest": _manifest, "tune": _tune}
 
 if __name__ == "__main__":
     sys.exit(main())

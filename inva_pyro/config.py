@@ -12,6 +12,7 @@ to them (they use ``training.val_share`` and the whole ``[prediction]`` table).
 """
 from __future__ import annotations
 
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -221,6 +222,32 @@ def load_preset(name_or_path: str | Path) -> Preset:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where}: not valid TOML ({exc})") from None
     return parse_preset(raw, where)
+
+
+def preset_to_toml(preset: Preset) -> str:
+    """The preset as a TOML file that ``load_preset`` reads back to an equal preset.
+
+    Written by ``inva tune`` (best.toml); settings that are None are left out, since None is
+    their default and TOML has no null.
+    """
+    data = preset.model_dump()
+    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict)]
+    for table in ("model", "training", "prediction"):
+        lines += ["", f"[{table}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in data[table].items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's repr of a float (1e-05, 0.1, inf) is valid TOML
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string uses JSON's escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def parse_preset(raw: dict, where: str = "preset") -> Preset:
