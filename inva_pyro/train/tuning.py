@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -60,12 +61,17 @@ def open_study(storage: str, study_name: str, objective: str, pruner: optuna.pru
     from sqlalchemy.exc import SQLAlchemyError
     # Several workers share one SQLite file: wait for its lock rather than fail ("database is locked").
     engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite:") else None
-    try:
-        study = optuna.create_study(storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
-                                    study_name=study_name, direction="minimize", pruner=pruner,
-                                    load_if_exists=True)
-    except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        raise InputError(f"--storage {storage}: cannot open the study ({exc})") from None
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
+                                        study_name=study_name, direction="minimize", pruner=pruner,
+                                        load_if_exists=True)
+            break
+        except (ImportError, ValueError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            # Workers starting together race to create the tables: the loser finds them on a retry.
+            if attempt == 4 or isinstance(exc, ImportError) or "Can't load plugin" in str(exc):
+                raise InputError(f"--storage {storage}: cannot open the study ({exc})") from None
+            time.sleep(1 + attempt)
     # A rerun must not replay the first run's random proposals: the sampler's seed moves on with
     # the trials already there (still reproducible for a given seed and study).
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
