@@ -26,8 +26,8 @@ import torch
 
 from inva_pyro import Cohort, InVA, load_preset
 from inva_pyro.data.simulate import write_cohort
-from inva_pyro.train import tuning
-from inva_pyro.train.search_space import load_space
+from inva_pyro.tune import tuning
+from inva_pyro.tune.search_space import load_space
 
 
 def test_scores(preset, cohort: Cohort, seed: int) -> dict:

@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 
 from inva_pyro import cli
 from inva_pyro.config import load_preset, parse_preset, preset_names, preset_to_toml
-from inva_pyro.train import tuning
-from inva_pyro.train.search_space import Range, load_space
+from inva_pyro.tune import tuning
+from inva_pyro.tune.search_space import Range, load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """

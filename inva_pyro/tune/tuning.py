@@ -31,7 +31,7 @@ from ..criticism.diagnostics import PosteriorCollapseWarning
 from ..data.cohort import Cohort
 from ..data.io import atomic_write_text
 from ..errors import InputError
-from .loop import TrainingDiverged
+from ..train.loop import TrainingDiverged
 from .search_space import Param, apply, sample
 
 OBJECTIVES = ("crps", "mse")

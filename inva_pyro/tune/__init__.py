@@ -1,0 +1,2 @@
+"""Above the pipeline: hyperparameter search (Optuna) over whole fits, declared search space, study figures.
+"""
