@@ -130,7 +130,7 @@ def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path
     model, cohort = fitted
     run = model.save(tmp_path / "run")
     assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 16
-    loaded = InVA.load(run)
+    loaded = InVA.load(run, device=str(model.device))  # same device, so the same seeded draws
     labels = np.repeat([1, 2, 3, 4], 16)
     a = model.predict(cohort.test, seed=3).regions(labels)
     b = loaded.predict(cohort.test, seed=3).regions(labels)
@@ -138,7 +138,7 @@ def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path
                                rtol=1e-6)
     (run / "covariance.safetensors").unlink()
     (run / "joint.json").unlink()
-    old = InVA.load(run)                                    # a run folder from before the covariance
+    old = InVA.load(run, device=str(model.device))        # a run folder from before the covariance
     assert old.joint is None and old.module.outcome_covariance.rank == 0
     pred = old.predict(cohort.test, seed=3)
     np.testing.assert_allclose(pred.mean, model.predict(cohort.test, seed=3).mean, rtol=1e-6)
