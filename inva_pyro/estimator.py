@@ -10,23 +10,23 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
-from .train import distributed
-from .predict.calibration import Calibrator
-from .data.cohort import Subset
 from .config import Preset, load_preset
-from .errors import InputError
-from .runs import RUN_FORMAT, holdout, package_versions
+from .data.cohort import Subset
 from .data.io import atomic_write_text
-from .model.module import InVAModule
-from .predict.joint import JointCalibration, fit_joint
-from .predict.prediction import Prediction
-from .predict.predictive import posterior_predictive, seeded_generator
 from .data.missing import (check_labeled_val, input_presence, labeled, missingness_patterns, outcome_presence,
                            require_inputs)
-from .predict.patterns import calibrate as calibrate_patterns
 from .data.preprocessing import Standardizer
 from .data.spaces import space_from_dict
 from .data.streaming import DiskBatches, DiskSubset
+from .errors import InputError
+from .model.module import InVAModule
+from .predict.calibration import Calibrator
+from .predict.joint import JointCalibration, fit_joint
+from .predict.patterns import calibrate as calibrate_patterns
+from .predict.prediction import Prediction
+from .predict.predictive import posterior_predictive, seeded_generator
+from .runs import RUN_FORMAT, holdout, package_versions
+from .train import distributed
 from .train.loop import CHECKPOINT, Batchable, train
 
 VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
@@ -52,15 +52,6 @@ def fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> boo
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= share * free
-
-
-def feature_coordinates(space_dict: dict | None) -> np.ndarray | None:
-    """(V, 3) mm coordinates of a volume space's features (mask voxels in C order), else None."""
-    if not space_dict or space_dict.get("kind") != "volume":
-        return None
-    space = space_from_dict(space_dict)
-    ijk = np.argwhere(np.asarray(space.mask, dtype=bool)).astype(np.float64)
-    return ijk @ np.asarray(space.affine)[:3, :3].T
 
 
 def _fit_worker(preset, train_set, val, run_dir, kwargs) -> None:
@@ -202,8 +193,13 @@ class InVA:
         self.joint = None
         if cfg.joint and len(val_y) >= 2:  # the spatial error covariance, on subjects never fitted
             factor, diag, self.joint = fit_joint(val_y, summary.mean, summary.sd, rank=cfg.covariance_rank,
-                                                 coords=feature_coordinates(self.info.get("space")), seed=seed)
+                                                 coords=self._feature_coordinates(), seed=seed)
             self.module.outcome_covariance.set(factor, diag, self.joint.alpha, self.joint.beta)
+
+    def _feature_coordinates(self) -> np.ndarray | None:
+        """Positions of the outcome's features for volume cohorts (None for surfaces, regions, arrays)."""
+        space = self.info.get("space")
+        return space_from_dict(space).feature_coordinates() if space and space.get("kind") == "volume" else None
 
     def _generator(self, seed: int) -> torch.Generator:
         return seeded_generator(self.device, seed)

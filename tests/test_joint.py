@@ -144,3 +144,11 @@ def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path
     np.testing.assert_allclose(pred.mean, model.predict(cohort.test, seed=3).mean, rtol=1e-6)
     with pytest.raises(InputError, match="joint covariance"):
         pred.regions(labels)
+
+
+def test_feature_coordinates_are_mask_voxels_in_mm():
+    from inva_pyro.data.spaces import VolumeSpace
+    mask = np.zeros((3, 2, 1), dtype=bool)
+    mask[0, 0, 0] = mask[2, 1, 0] = True
+    space = VolumeSpace(shape=(3, 2, 1), affine=np.diag([2.0, 3.0, 4.0, 1.0]), header=None, mask=mask)
+    np.testing.assert_array_equal(space.feature_coordinates(), [[0.0, 0.0, 0.0], [4.0, 3.0, 0.0]])

@@ -77,6 +77,12 @@ class VolumeSpace:
         kept = tuple(s for s in self.shape if s != 1)
         return kept if kept else (1,)
 
+    def feature_coordinates(self) -> np.ndarray:
+        """(V, 3) positions in mm of the features (mask voxels in C order), up to the affine's offset:
+        what distances between features need (random regions of the joint calibration)."""
+        ijk = np.argwhere(np.asarray(self.mask, dtype=bool)).astype(np.float64)
+        return ijk @ np.asarray(self.affine)[:3, :3].T
+
     def _mask_image(self) -> nib.Nifti1Image:
         if self._mask_img is None:
             self._mask_img = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
