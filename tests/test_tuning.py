@@ -1,7 +1,9 @@
 """`inva tune`: a study that writes a preset `inva fit` accepts, shared storage, pruning, bad input."""
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -106,6 +108,44 @@ def test_two_processes_share_one_sqlite_study(setup, tmp_path):
     finished = study.get_trials(states=tuning.FINISHED)
     assert len(finished) >= 8
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes added trials
+
+
+HANGING_WORKER = """
+import sys, time
+from inva_pyro.tune import tuning
+tuning.HEARTBEAT_S, tuning.GRACE_S = 1, 2
+study = tuning.open_study(sys.argv[1], "crash", "crps", tuning.make_pruner("none", None), sampler_seed=0)
+study.enqueue_trial({"x": 0.25})
+study.optimize(lambda trial: trial.suggest_float("x", 0, 1) + time.sleep(600), n_trials=1)
+"""
+
+
+def test_a_killed_workers_trial_is_failed_and_queued_again(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'crash.db'}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    worker = subprocess.Popen([sys.executable, "-c", HANGING_WORKER, storage], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for its trial to run
+            if tmp_path.joinpath("crash.db").exists():
+                with contextlib.suppress(KeyError):
+                    study = optuna.load_study(study_name="crash", storage=storage)
+                    if study.get_trials(states=(TrialState.RUNNING,)):
+                        break
+            time.sleep(0.2)
+        assert worker.poll() is None, "the worker ended before its trial ran"
+    finally:
+        worker.kill()  # SIGKILL: no chance to tell the storage
+        worker.wait()
+    assert [t.state for t in optuna.load_study(study_name="crash", storage=storage).trials] == [TrialState.RUNNING]
+    time.sleep(3)  # past the grace period without a heartbeat
+    monkeypatch.setattr(tuning, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tuning, "GRACE_S", 2)
+    study = tuning.open_study(storage, "crash", "crps", tuning.make_pruner("none", None), sampler_seed=0)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].params == {"x": 0.25}  # the same settings, queued again
+    assert tuning.finished_trials(study) == 1
 
 
 def test_pruning_stops_a_trial_whose_curve_is_bad(small_cohort, make_preset, tmp_path):

@@ -10,7 +10,10 @@ The study lives in an Optuna storage: SQLite in the study folder by default (a f
 start), or any database URL Optuna accepts, so that several ``inva tune`` processes, on several
 machines, add trials to one study. ``--trials N`` runs until the study has N finished trials
 (complete, pruned or failed), counted across every process: a rerun resumes an interrupted study
-and several workers share one budget.
+and several workers share one budget. Every running trial beats a heartbeat into the storage; a
+trial whose worker died (killed, out of memory, a machine lost) stops beating, and the next process
+that opens the study marks it failed and queues its settings again once (Optuna's
+``RetryHeartbeatStaleTrialCallback``), so a crash neither leaves a trial "running" forever nor loses it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ from .search_space import Param, apply, sample
 OBJECTIVES = ("crps", "mse")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STORAGE_ATTEMPTS = 5
+HEARTBEAT_S = 60     # a running trial's worker writes a heartbeat this often
+GRACE_S = 300        # a trial without one for this long is a dead worker's
 
 
 def default_storage(out_dir: Path) -> str:
@@ -66,7 +71,12 @@ def open_study(storage: str, study_name: str, objective: str, pruner: optuna.pru
     # schema version fails although the schema is then there, so it tries again (a few times, with a pause).
     for attempt in range(STORAGE_ATTEMPTS):
         try:
-            study = optuna.create_study(storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since v2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(
+                    storage, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            study = optuna.create_study(storage=rdb,
                                         study_name=study_name, direction="minimize", pruner=pruner,
                                         load_if_exists=True)
             break
@@ -74,6 +84,9 @@ def open_study(storage: str, study_name: str, objective: str, pruner: optuna.pru
             if attempt + 1 == STORAGE_ATTEMPTS or not isinstance(exc, (IntegrityError, OperationalError)):
                 raise InputError(f"--storage {storage}: cannot open the study ({exc})") from None
             time.sleep(0.2 * (attempt + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, its settings queued again
     # A rerun must not replay the first run's random proposals: the sampler's seed moves on with
     # the trials already there (still reproducible for a given seed and study).
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
