@@ -210,3 +210,43 @@ def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_prese
     for p in (full, lacking):
         lo, hi = p.intervals[0.9]
         assert abs(float(np.mean((p.observed >= lo) & (p.observed <= hi))) - 0.9) < 0.06
+
+
+def test_each_missingness_pattern_gets_its_own_quantile_function():
+    # Complete subjects: Gaussian errors. Subjects without gm: Laplace errors (heavier tails) twice as
+    # wide. One scale per pattern would match their variance but not their shape: a Laplace variable
+    # inside the Gaussian 50% interval of its own variance falls there with probability
+    # 1 - exp(-0.674 sqrt 2) = 0.614; with the pattern's quantiles every level is nominal.
+    from inva_pyro.predict.calibration import Calibrator
+    from inva_pyro.predict.patterns import pattern_fit
+    from inva_pyro.predict.prediction import Prediction
+    rng = np.random.default_rng(11)
+    shape = (200, 100)
+    draw = {"complete": lambda: rng.normal(size=shape), "no gm": lambda: rng.laplace(scale=np.sqrt(2), size=shape)}
+    z_complete = draw["complete"]()
+    calibrator = Calibrator.fit(z_complete, np.zeros(shape), np.ones(shape))
+    scale, quantiles = pattern_fit(z_complete, draw["no gm"]())
+    assert abs(scale - 2.0) < 0.05                 # RMS of Laplace(sqrt 2) is 2; sd of the estimate ~0.01
+    calibrator.pattern_scale["no gm"], calibrator.pattern_quantiles["no gm"] = scale, quantiles
+    patterns = ["complete"] * shape[0] + ["no gm"] * shape[0]
+    observed = np.concatenate([draw["complete"](), draw["no gm"]()])
+    ones, zeros = np.ones_like(observed), np.zeros_like(observed)
+    prediction = Prediction(subjects=[str(i) for i in range(len(observed))], outcome_name="y",
+                            levels=[0.5, 0.8, 0.95], mean=zeros, raw_sd=ones, raw_intervals={},
+                            calibrator=calibrator, observed=observed, patterns=patterns)
+    n = shape[0] * shape[1]
+    for level in prediction.levels:
+        lo, hi = prediction.intervals[level]
+        inside = (observed >= lo) & (observed <= hi)
+        tolerance = 4 * np.sqrt(2 * level * (1 - level) / n)   # test and calibration draws both binomial
+        for rows in (slice(0, shape[0]), slice(shape[0], None)):
+            assert abs(inside[rows].mean() - level) < tolerance
+    # the scale alone (the complete subjects' quantiles applied to s_p * sd) misses the shape
+    scale_only = np.abs(observed[shape[0]:]) <= scale * calibrator.z(0.75)
+    assert scale_only.mean() > 0.58
+    pit = prediction.pit()[shape[0]:]
+    assert abs(np.mean(pit < 0.25) - 0.25) < 0.02 and abs(np.mean(pit > 0.75) - 0.25) < 0.02
+    back = Calibrator.from_dict(calibrator.to_dict())
+    np.testing.assert_allclose(back.pattern_quantiles["no gm"], quantiles)
+    old = {k: v for k, v in calibrator.to_dict().items() if k != "pattern_quantiles"}  # a run from before
+    assert Calibrator.from_dict(old).pattern_quantiles == {} and Calibrator.from_dict(old).z(0.75, "no gm") == calibrator.z(0.75)

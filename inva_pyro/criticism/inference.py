@@ -146,7 +146,7 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
     rng = np.random.default_rng(seed)
     posterior_predictive = {"outcome": y_rep[None].astype(np.float32)}
     if calibrator is not None and calibrator.method != "none":
-        z = rng.choice(np.asarray(calibrator.atoms(), dtype=np.float64), size=y_rep.shape)
+        z = calibrator.sample_z(rng, y_rep.shape, getattr(prediction, "patterns", None))
         posterior_predictive["outcome_calibrated"] = (mean + raw_sd * z)[None].astype(np.float32)
 
     posterior = {}
@@ -222,8 +222,8 @@ def inference_data_from_prediction(prediction, *, num_draws: int = DEFAULT_DRAWS
     has_samples = prediction.samples is not None and len(prediction.samples) >= 2
     if has_samples:  # one draw dimension for both variables
         num_draws = min(num_draws, len(prediction.samples))
-    atoms = np.asarray(cal.atoms()) if cal is not None and cal.method != "none" else None
-    z = rng.choice(atoms, size=(num_draws, *mean.shape)) if atoms is not None else rng.standard_normal((num_draws, *mean.shape))
+    z = (cal.sample_z(rng, (num_draws, *mean.shape), prediction.patterns) if cal is not None and cal.method != "none"
+         else rng.standard_normal((num_draws, *mean.shape)))
     pp = {"outcome_calibrated": (mean + raw_sd * z)[None].astype(np.float32)}
     if has_samples:
         pp["outcome"] = np.asarray(prediction.samples[:num_draws], dtype=np.float32)[:, :, feats][None]

@@ -4,7 +4,8 @@ A joint model predicts a subject from whatever inputs it has; its intervals must
 every pattern of inputs, not only on average. Validation subjects with every input are predicted
 once complete (which fits the pooled quantile calibrator) and once per pattern p of the inputs
 (every non-empty proper subset), the inputs outside p removed; s_p = RMS z_p / RMS z_complete of
-the standardised residuals z = (y - mean) / sd. This assumes that which inputs a subject lacks does
+the standardised residuals z = (y - mean) / sd, and Q_p the quantile function of z_p / s_p (the
+pattern's own shape of errors: ``calibration.py``). This assumes that which inputs a subject lacks does
 not depend on its outcome given its inputs (missing at random), the assumption of the ELBO's masks too.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import itertools
 import numpy as np
 import torch
 
-from .calibration import Calibrator
+from .calibration import N_QUANTILES, Calibrator
 from .predictive import posterior_predictive
 from ..data.missing import MIN_LABELED_VAL, missingness_patterns
 
@@ -31,7 +32,7 @@ def impose(xs: list[torch.Tensor], pattern) -> list[torch.Tensor]:
 
 def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: list[str], *, num_samples: int,
               method: str, generator: torch.Generator, summary=None) -> Calibrator:
-    """The pooled calibrator of the complete validation subjects, with s_p per pattern (joint models);
+    """The pooled calibrator of the complete validation subjects, with s_p and Q_p per pattern (joint models);
     without enough complete subjects, or for a model that needs every input, the pooled calibrator of all
     (from ``summary``, the raw predictive of all of ``val_xs``, when the caller has it already)."""
     present = torch.stack([~torch.isnan(x).all(-1) for x in val_xs], dim=-1)
@@ -50,8 +51,17 @@ def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: li
 
     reference, z_ref = z(xs)
     calibrator = Calibrator.fit(y, reference.mean, reference.sd, method)
-    rms_ref = float(np.sqrt(np.mean(z_ref ** 2)))
     for pattern in proper_patterns(len(xs)):
         label = missingness_patterns(np.array([pattern]), names)[0]
-        calibrator.pattern_scale[label] = float(np.sqrt(np.mean(z(impose(xs, pattern))[1] ** 2))) / rms_ref
+        scale, quantiles = pattern_fit(z_ref, z(impose(xs, pattern))[1])
+        calibrator.pattern_scale[label], calibrator.pattern_quantiles[label] = scale, quantiles
     return calibrator
+
+
+def pattern_fit(z_complete: np.ndarray, z_pattern: np.ndarray) -> tuple[float, np.ndarray]:
+    """(s_p, Q_p) from the standardised residuals of the same subjects predicted complete and with
+    pattern p imposed: the RMS ratio, and the quantile function of z_p / s_p (``calibration.py``)."""
+    z_complete, z_pattern = (np.asarray(z, dtype=np.float64).ravel() for z in (z_complete, z_pattern))
+    z_complete, z_pattern = z_complete[np.isfinite(z_complete)], z_pattern[np.isfinite(z_pattern)]
+    scale = float(np.sqrt(np.mean(z_pattern ** 2) / np.mean(z_complete ** 2)))
+    return scale, np.quantile(z_pattern / scale, (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES)

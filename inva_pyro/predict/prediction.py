@@ -50,7 +50,8 @@ class Prediction:
                 scale = self.calibrator.row_scale(self.patterns, len(self.raw_sd))
                 self.cal_base_sd = (self.raw_sd * scale).astype(self.raw_sd.dtype)
             self.sd = self.calibrator.sd(self.cal_base_sd)
-            self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv) for lv in self.levels}
+            self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv, self.patterns)
+                              for lv in self.levels}
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -63,7 +64,7 @@ class Prediction:
         intervals = self.intervals if calibrated else self.raw_intervals
         sd = self.sd if calibrated else self.raw_sd
         if calibrated and self.calibrator is not None and self.calibrator.method != "none":
-            crps = M.crps_quantile_distribution(self.observed, self.mean, self.cal_base_sd, self.calibrator.atoms())
+            crps = float(np.mean(self._by_pattern(M.crps_quantile_distribution_map)))
         elif self.raw_crps is not None:
             crps = float(np.mean(self.raw_crps))
         else:
@@ -79,8 +80,18 @@ class Prediction:
     def pit(self, calibrated: bool = True) -> np.ndarray:
         """Probability integral transform of the observed values under the predictive."""
         if calibrated and self.calibrator is not None and self.calibrator.method != "none":
-            return M.pit_quantile_distribution(self.observed, self.mean, self.cal_base_sd, self.calibrator.atoms())
+            return self._by_pattern(M.pit_quantile_distribution)
         return M.pit_gaussian(self.observed, self.mean, self.raw_sd)
+
+    def _by_pattern(self, score) -> np.ndarray:
+        """(n, V) ``score(observed, mean, sd, atoms)`` of the calibrated predictive, each subject's rows
+        with its missingness pattern's atoms (``calibration.py``)."""
+        groups = ({None: np.arange(len(self.mean))} if self.patterns is None or not self.calibrator.pattern_quantiles
+                  else {p: np.flatnonzero(np.asarray(self.patterns) == p) for p in dict.fromkeys(self.patterns)})
+        out = np.empty(self.observed.shape, dtype=np.float64)
+        for pattern, rows in groups.items():
+            out[rows] = score(self.observed[rows], self.mean[rows], self.cal_base_sd[rows], self.calibrator.atoms(pattern))
+        return out
 
     def to_inference_data(self, model=None, subset=None, **kwargs):
         """ArviZ InferenceData (inference.py): full with the fitted model and its subjects, else reduced."""
