@@ -15,6 +15,8 @@ subjects are the same for every N and model):
     vae-concat-semi, vae-separate-semi   the VAE peers, given the MRI-only subjects too (they can use them)
     vae-concat, vae-separate             the VAE peers on the labeled subjects only
     bart, ridge          the discriminative peers (labeled subjects only: they cannot use the others)
+    inva-joint-semi-no-xk   inva-joint-semi trained and tested without input xk at all (a model that never
+                         saw that modality: the reference for subjects lacking it; not in the default list)
 
 Every model is scored on the complete test subjects: MSE, the oracle's MSE (the noise variance, known
 in simulation) and the excess error (MSE - oracle) / oracle, coverage of the calibrated 50/80/90/95%
@@ -64,7 +66,8 @@ def parse_args(argv=None):
 def preset_for(name: str, args):
     from inva_pyro.config import Preset, load_preset
     base = {"inva-joint-semi": "inva-joint", "inva-joint-labeled": "inva-joint", "inva-labeled": "inva",
-            "inva-semi": "inva", "vae-concat-semi": "vae-concat", "vae-separate-semi": "vae-separate"}.get(name, name)
+            "inva-semi": "inva", "vae-concat-semi": "vae-concat", "vae-separate-semi": "vae-separate"
+            }.get(name.split("-no-")[0], name)
     data = load_preset(base).model_dump()
     if data["model"]["family"] == "inva":
         if args.epochs:
@@ -87,6 +90,13 @@ def without(subset, name: str):
     inputs = dict(subset.inputs)
     inputs[name] = np.full_like(np.asarray(inputs[name]), np.nan)
     return dataclasses.replace(subset, inputs=inputs)
+
+
+def drop_input(subset, name: str):
+    """The subjects of ``subset`` as if input ``name`` did not exist (rows left with no input dropped)."""
+    inputs = {k: v for k, v in subset.inputs.items() if k != name}
+    kept = np.flatnonzero(np.any([~np.isnan(np.asarray(v)).all(1) for v in inputs.values()], axis=0))
+    return dataclasses.replace(subset, inputs=inputs).subset(kept)
 
 
 def score(model, test, pattern: str, seed: int) -> dict:
@@ -123,23 +133,27 @@ def run(args) -> pd.DataFrame:
                 if (seed, size, name) in done:
                     continue
                 rows = labeled_rows[:size]
-                semi = name.endswith("-semi")
+                semi = name.split("-no-")[0].endswith("-semi")
                 fit_set = train.subset(np.sort(np.concatenate([rows, unlabeled_rows])) if semi else rows)
+                fit_val, fit_test, dropped = val, test, None
+                if "-no-" in name:  # never saw input `dropped`: trained and scored without it
+                    dropped = name.split("-no-")[1]
+                    fit_set, fit_val, fit_test = (drop_input(s, dropped) for s in (fit_set, val, test))
                 start, cpu = time.perf_counter(), time.process_time()
                 model = model_from_preset(preset_for(name, args)).fit(
-                    fit_set, val, seed=seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
+                    fit_set, fit_val, seed=seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
                     space=cohort.spaces[cohort.outcome_name])
                 fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
                 epochs = len(model.history["epoch"]) if model.history and model.history.get("epoch") else np.nan
                 base = {"seed": seed, "size": size, "model": name, "n_fit": len(fit_set),
                         "n_unlabeled": len(unlabeled_rows) if semi else 0, "n_test": len(test),
                         "fit_seconds": round(fit_s, 1), "fit_cpu_seconds": round(fit_cpu, 1), "epochs": epochs}
-                patterns = ["complete"]
-                if getattr(getattr(model, "module", None), "joint", False):
+                patterns = ["complete"] if dropped is None else [f"no {dropped}"]
+                if dropped is None and getattr(getattr(model, "module", None), "joint", False):
                     patterns += [f"no {n}" for n in cohort.input_names]
                 new = []
                 for pattern in patterns:
-                    subset = test if pattern == "complete" else without(test, pattern[3:])
+                    subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
                     new.append({**base, **score(model, subset, pattern, seed)})
                 runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
                 runs.to_csv(runs_csv, index=False)
