@@ -189,7 +189,8 @@ def _evaluate(args) -> None:
                          seed=args.seed)
     with atomic_dir(args.out) as tmp:
         metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels, model=model,
-                                      seed=args.seed, regions=regions)
+                                      seed=args.seed, regions=regions, psis_subjects=args.psis_subjects,
+                                      psis_particles=args.psis_particles)
     print_summary(metrics)
     print(f"metrics and figures in {args.out}")
 

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                        + ("in regions.csv" if name == "predict" else "scored in metrics.json (key regions)"))
         if name == "predict":
             p.add_argument("--raw", action="store_true", help="write the uncalibrated posterior predictive maps")
+        else:
+            p.add_argument("--psis-subjects", type=int, default=16, metavar="N",
+                           help="subjects whose guide is checked by Pareto k-hat (default 16; 0 skips it: the "
+                                "slowest part of evaluate on whole-brain images)")
+            p.add_argument("--psis-particles", type=int, default=1000, metavar="M",
+                           help="importance particles per subject for the k-hat (default 1000)")
 
     p = sub.add_parser("latents", help="posterior mean and sd of the shallow and deep latents per subject")
     p.add_argument("--run", required=True, type=Path)

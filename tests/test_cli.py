@@ -1,5 +1,6 @@
 """End-to-end command line: simulate -> fit -> predict -> evaluate, errors and resume."""
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -86,6 +87,14 @@ def test_fit_predict_evaluate_round_trip(cohort_dir, tmp_path, capsys):
     assert metrics["oracle_mse"] > 0 and metrics["oracle_crps"] > 0
     for png in ("calibration_curve.png", "pit_histogram.png", "subject_maps.png", "sd_vs_error.png"):
         assert (eval_dir / png).stat().st_size > 1000
+    assert metrics["diagnostics"]["psis"]["num_particles"] == 1000
+    # the guide's k-hats are the slow part on whole-brain images: fewer subjects and particles, or none
+    for extra, expected in ((["--psis-subjects", "3", "--psis-particles", "50"], (3, 50)), (["--psis-subjects", "0"], None)):
+        assert cli.main(["evaluate", "--run", str(run), "--manifest", str(manifest), "--out",
+                         str(tmp_path / "eval_psis"), *extra]) == 0
+        psis = json.loads((tmp_path / "eval_psis" / "metrics.json").read_text())["diagnostics"].get("psis")
+        assert (psis and (len(psis["khat"]), psis["num_particles"])) == (expected or None)
+        shutil.rmtree(tmp_path / "eval_psis")
 
 
 def test_bad_input_exits_2_with_one_line_and_no_output(cohort_dir, tmp_path, capsys):
