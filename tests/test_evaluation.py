@@ -154,7 +154,7 @@ def _script(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["calibration_study", "ppc"])
+@pytest.mark.parametrize("name", ["calibration_study", "ppc", "region_calibration_limits"])
 def test_analysis_scripts_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _script(name).main(["--help"])
@@ -173,6 +173,21 @@ def test_calibration_study_quick(tmp_path):
     # a re-run finds every run done and only rebuilds the tables
     assert study.main(["--quick", "--chains", "0", "--out", str(tmp_path)]) == 0
     assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 1 + 2
+
+
+def test_region_calibration_limits_quick(tmp_path):
+    limits = _script("region_calibration_limits")
+    assert limits.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "limits.json").read_text())
+    assert result["pool"] == 60 and set(result["fitted"]) == {"r8", "r50", "all"}
+    whole = result["replicates"]["12"]["all"]
+    for level, cell in whole.items():   # the spread a 12-subject calibration must have, for a 48-subject test
+        p = float(level)
+        assert cell["sd_theory_one_region"] == pytest.approx(np.sqrt(p * (1 - p) * (1 / 14 + 1 / 48)))
+        assert 0 <= cell["mean"] <= 1 and cell["sd"] >= 0
+    assert result["energy"]["n_subjects"] == 60 and result["energy"]["difference_se"] > 0
+    assert "whole mask" in (tmp_path / "limits.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "limits.png").ndim == 3
 
 
 def test_ppc_report_quick(tmp_path, make_preset):
