@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--epochs", type=int, help="cap on the InVA-family presets' epochs")
     p.add_argument("--samples", type=int, help="predictive draws (default: each preset's)")
+    p.add_argument("--input-dropout", type=float, help="set training.input_dropout of the joint presets")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--bart-jobs", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny cohort, networks and BART")
@@ -72,6 +73,8 @@ def preset_for(name: str, args):
     if data["model"]["family"] == "inva":
         if args.epochs:
             data["training"]["epochs"] = args.epochs
+        if args.input_dropout is not None and data["model"]["structure"] == "joint":
+            data["training"]["input_dropout"] = args.input_dropout
         if args.quick:
             data["model"].update(QUICK_MODEL)
             data["training"].update(epochs=2, batch_size=8)

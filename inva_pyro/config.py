@@ -150,6 +150,9 @@ class TrainingConfig(_Strict):
         "cyclical annealing (Fu et al. 2019) with kl_cycles cycles")
     kl_cycles: int = Field(4, ge=1)
     kl_cycle_ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of each cycle spent increasing")
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="structure 'joint' only: each training "
+                                 "step hides each input of each subject with this probability (never every input "
+                                 "of a subject), so the model learns to predict from any subset of its inputs")
 
 
 class PredictionConfig(_Strict):
@@ -184,6 +187,13 @@ class Preset(_Strict):
     model: AnyModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     prediction: PredictionConfig = Field(default_factory=PredictionConfig)
+
+    @model_validator(mode="after")
+    def _input_dropout_needs_joint(self):
+        if self.training.input_dropout > 0 and getattr(self.model, "structure", None) != "joint":
+            raise ValueError("training.input_dropout needs model.structure = 'joint' (the only structure that "
+                             "predicts from a subset of its inputs)")
+        return self
 
     def to_toml_dict(self) -> dict:
         return self.model_dump()

@@ -250,3 +250,44 @@ def test_each_missingness_pattern_gets_its_own_quantile_function():
     np.testing.assert_allclose(back.pattern_quantiles["no gm"], quantiles)
     old = {k: v for k, v in calibrator.to_dict().items() if k != "pattern_quantiles"}  # a run from before
     assert Calibrator.from_dict(old).pattern_quantiles == {} and Calibrator.from_dict(old).z(0.75, "no gm") == calibrator.z(0.75)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_hide_inputs_hides_at_the_rate_asked_and_never_every_input(device):
+    from inva_pyro.data.missing import hide_inputs
+    n, share = 20000, 0.3
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 4, generator=gen) for _ in range(3)]
+    xs[1][: n // 4] = float("nan")                        # a quarter of the subjects lack x2 already
+    if device == "meta":
+        out = hide_inputs([x.to("meta") for x in xs], share)
+        assert all(o.device.type == "meta" and o.shape == (n, 4) for o in out)
+        return
+    torch.manual_seed(0)
+    out = hide_inputs(xs, share)
+    before = torch.stack([~torch.isnan(x).all(-1) for x in xs], -1)
+    after = torch.stack([~torch.isnan(x).all(-1) for x in out], -1)
+    assert after.any(-1).all() and not (after & ~before).any()      # never all hidden, nothing revealed
+    for o, x in zip(out, xs):                                         # what is kept is unchanged
+        kept = ~torch.isnan(o).all(-1)
+        assert torch.equal(o[kept], x[kept])
+    # A subject with K present inputs loses a given one with probability p - p^K / K (all K drawn
+    # hidden, and that one not the one kept): 0.291 for K = 3, 0.255 for K = 2.
+    for k, rows in ((3, before.all(-1)), (2, ~before[:, 1])):
+        expected = share - share ** k / k
+        for j in (0, 2):
+            lost = 1 - after[rows, j].float().mean().item()
+            assert abs(lost - expected) < 4 * np.sqrt(expected * (1 - expected) / rows.sum().item())
+
+
+def test_input_dropout_is_for_the_joint_structure_and_trains(make_preset, make_arrays):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="input_dropout needs model.structure = 'joint'"):
+        make_preset({"structure": "integrative"}, {"input_dropout": 0.2})
+    inputs, y, _, _ = make_arrays(40, 4)
+    cohort = Cohort.from_arrays({k: v.astype(np.float32) for k, v in inputs.items()}, y,
+                                split=["train"] * 30 + ["val"] * 10)
+    fits = [InVA(make_preset({"structure": "joint"}, {"epochs": 2, "input_dropout": p})).fit(
+        cohort.train, cohort.val, seed=0, progress=False, device="cpu") for p in (0.0, 0.5, 0.5)]
+    loss = [f.history["train_loss"] for f in fits]
+    assert loss[1] == loss[2] and loss[1] != loss[0]   # seeded: the hidden inputs are drawn the same way

@@ -86,3 +86,19 @@ def fill_missing(x):
     import torch
     present = ~torch.isnan(x).all(dim=-1)
     return torch.nan_to_num(x, nan=0.0), present
+
+
+def hide_inputs(xs: list, share: float, generator=None) -> list:
+    """The inputs with each present one of each subject hidden (a NaN row) with probability ``share``,
+    never every input of a subject (a random present one is kept): training on random subsets of the
+    inputs, as MVAE does (Wu & Goodman 2018), teaches a joint model to predict from any subset.
+    Drawn on the inputs' device, without a host synchronisation."""
+    import torch
+    present = torch.stack([~torch.isnan(x).all(dim=-1) for x in xs], dim=-1)              # (B, K)
+    draws = torch.rand(present.shape, device=present.device, generator=generator)
+    hide = present & (draws < share)
+    # the present input with the largest draw is kept where every present one would be hidden
+    keep = torch.where(present, draws, torch.full_like(draws, -1.0)).argmax(dim=-1, keepdim=True)
+    lost = ~(present & ~hide).any(dim=-1, keepdim=True)
+    hide &= ~(lost & torch.zeros_like(hide).scatter(-1, keep, True))
+    return [torch.where(h[:, None], torch.full_like(x, float("nan")), x) for x, h in zip(xs, hide.unbind(-1))]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ..config import TrainingConfig
+from ..data.missing import hide_inputs
 from ..errors import InputError
 from ..model.losses import kl_schedule
 from .elbo import DeviceTrace_ELBO
@@ -230,7 +231,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
             if len(idx):
                 with pyro.validation_enabled(validate and not validated), autocast(device, cfg.mixed_precision):
                     loss = _minibatch_loss(elbo, module, train_data, idx, rows, n, kl_scale,
-                                          cfg.prediction_weight)
+                                          cfg.prediction_weight, cfg.input_dropout)
                 validated = True
                 if prefetch and start + cfg.batch_size < n:
                     prefetch(distributed.shard(host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]))
@@ -282,8 +283,11 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale) -> torch.Tensor:
+def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale,
+                    input_dropout: float = 0.0) -> torch.Tensor:
     xs, y = data.take(rows)
+    if input_dropout > 0:
+        xs = hide_inputs(xs, input_dropout)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
                                         encoded=module.encode(xs), kl_scale=kl_scale,
