@@ -19,7 +19,10 @@ that spread. This script separates the two parts:
    mean over replicates is the procedure's bias, their sd its spread, shown beside the theoretical
    sd sqrt(p (1 - p) (1 / (n + 2) + 1 / n_test));
 4. energy score of the joint and of the independent-voxel predictive on the pool, per subject, with
-   the paired difference and its standard error.
+   the paired difference and its standard error;
+5. with ``--ranks``, the same coverage and energy score for the factor of ``[prediction]
+   covariance_rank = r`` (probabilistic PCA of rank r instead of the sample second moment), each
+   refitted on this fit's validation subjects: which covariance estimate the multivariate score prefers.
 
 Writes OUT/limits.json, OUT/limits.md (tables) and OUT/limits.png (coverage by family and n).
 
@@ -53,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-cal", default="100,400", help="calibration set sizes of the replicates")
     p.add_argument("--replicates", type=int, default=40)
     p.add_argument("--epochs", type=int)
+    p.add_argument("--ranks", default="", help="covariance ranks to compare with the default factor, e.g. 4,16,64")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     return p.parse_args(argv)
@@ -150,11 +154,26 @@ def main(argv=None) -> int:
         print(f"n_cal {n}: whole-mask coverage mean " + " ".join(
             f"{replicates[n]['all'][lv]['mean']:.3f}±{replicates[n]['all'][lv]['sd']:.3f}" for lv in LEVELS), flush=True)
     energy = energy_per_subject(mean, sd, model.joint, observed, args.seed)
+    alternatives = {}
+    ranks = [None] + [int(r) for r in args.ranks.split(",") if r]
+    if len(ranks) > 1:
+        val_pred = model.predict(val, seed=args.seed)
+        val_y = torch.as_tensor(np.asarray(val.outcome, dtype=np.float64))
+        for r in ranks:
+            _, _, joint = fit_joint(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
+                                    rank=r, coords=coords, seed=args.seed)
+            alternatives["sample" if r is None else f"pca{r}"] = {
+                "alpha": joint.alpha, "beta": joint.beta,
+                "coverage": coverage_by_family(joint, mean, sd, observed, families),
+                "energy": energy_per_subject(mean, sd, joint, observed, args.seed)}
+            print(f"rank {r}: energy difference {alternatives['sample' if r is None else f'pca{r}']['energy']['difference']:+.4f}",
+                  flush=True)
     command = "python analysis/region_calibration_limits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "design": args.design, "noise": args.noise, "seed": args.seed,
               "n_train": n_train, "n_val": n_val, "pool": int(len(observed)), "fit_seconds": round(fit_s, 1),
               "best_epoch": model.history["best_epoch"], "voxel_coverage": voxel, "fitted": fitted,
-              "replicates": {str(k): v for k, v in replicates.items()}, "energy": energy}
+              "replicates": {str(k): v for k, v in replicates.items()}, "energy": energy,
+              "alternatives": alternatives}
     (args.out / "limits.json").write_text(json.dumps(result, indent=2))
     (args.out / "limits.md").write_text(markdown(result))
     plot(result, args.out / "limits.png")
@@ -185,6 +204,16 @@ def markdown(r: dict) -> str:
     lines += ["", f"Energy score on the {e['n_subjects']} pool subjects: joint {e['energy_joint']:.4f}, "
               f"independent voxels {e['energy_independent']:.4f}, paired difference {e['difference']:+.4f} "
               f"(standard error {e['difference_se']:.4f})."]
+    if r.get("alternatives"):
+        lines += ["", "Covariance factor fitted on the validation subjects (default: sample second moment; pca r: "
+                  "`covariance_rank = r`), scored on the pool:", "",
+                  "| factor | alpha | beta | energy joint - independent (se) | whole mask " + " / ".join(map(str, LEVELS))
+                  + " | 50 regions " + " / ".join(map(str, LEVELS)) + " |", "|---|---|---|---|---|---|"]
+        for name, a in r["alternatives"].items():
+            lines.append(f"| {name} | {a['alpha']:.3f} | {a['beta']:.3f} | {a['energy']['difference']:+.4f} "
+                         f"({a['energy']['difference_se']:.4f}) | "
+                         + " / ".join(f"{a['coverage']['all'][lv]:.3f}" for lv in LEVELS) + " | "
+                         + " / ".join(f"{a['coverage']['r50'][lv]:.3f}" for lv in LEVELS) + " |")
     return "\n".join(lines) + "\n"
 
 
