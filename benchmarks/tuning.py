@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-subjects", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fit-seeds", default="0", help="seeds of the final fits of both presets, comma-separated "
+                        "(the same for both; the table gives the mean and, with several, the sd)")
     parser.add_argument("--study-dir", type=Path, help="keep the study here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--quick", action="store_true", help="100 subjects, 3 trials of 3 epochs")
@@ -74,20 +76,28 @@ def main(argv=None) -> None:
         tuning.write_outputs(study, study_dir)
         default = base.model_copy(deep=True)
         default.training.epochs = args.epochs
-        rows = {"default": test_scores(default, cohort, args.seed),
-                "tuned": test_scores(tuning.best_preset(study), cohort, args.seed)}
+        fit_seeds = [int(v) for v in args.fit_seeds.split(",")]
+        per_seed = {name: [test_scores(preset, cohort, seed) for seed in fit_seeds]
+                    for name, preset in (("default", default), ("tuned", tuning.best_preset(study)))}
+        rows = {name: {key: float(np.mean([r[key] for r in runs])) for key in runs[0]} for name, runs in per_seed.items()}
+        for name, runs in per_seed.items():
+            rows[name]["excess_mse_sd"] = float(np.std([r["excess_mse"] for r in runs], ddof=1)) if len(runs) > 1 else None
+            rows[name]["excess_mse_per_seed"] = [r["excess_mse"] for r in runs]
         states = [t.state.name for t in study.trials]  # read while a temporary study folder exists
         best = study.best_trial
     print(f"\n{len(states)} trials ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
           f"{states.count('FAIL')} failed) in {study_s:.0f} s; best: trial {best.number}, "
           f"validation CRPS {best.value:.4f}; study folder {study_dir}")
-    print(f"{'preset':<9}{'test MSE':>10}{'oracle':>9}{'excess':>9}{'CRPS':>9}{'cov 0.9':>9}{'epochs':>8}{'fit s':>8}")
+    print(f"fits with seeds {fit_seeds} (means over seeds)")
+    print(f"{'preset':<9}{'test MSE':>10}{'oracle':>9}{'excess':>9}{'CRPS':>9}{'cov 0.9':>9}{'epochs':>8}{'fit s':>8}"
+          "  excess per seed")
     for name, r in rows.items():
         print(f"{name:<9}{r['mse']:>10.4f}{r['oracle_mse']:>9.4f}{r['excess_mse']:>9.3f}{r['crps']:>9.4f}"
-              f"{r['coverage_0.9']:>9.3f}{r['epochs']:>8}{r['fit_s']:>8.0f}")
+              f"{r['coverage_0.9']:>9.3f}{r['epochs']:>8.0f}{r['fit_s']:>8.0f}  "
+              + " ".join(f"{v:.3f}" for v in r["excess_mse_per_seed"]))
     result = {"command": " ".join(["python", "benchmarks/tuning.py", *(argv if argv is not None else sys.argv[1:])]),
               "n_subjects": args.n_subjects, "trials": args.trials, "epochs_cap": args.epochs, "seed": args.seed,
-              "study_seconds": round(study_s), "trial_states": {s: states.count(s) for s in set(states)},
+              "fit_seeds": fit_seeds, "study_seconds": round(study_s), "trial_states": {s: states.count(s) for s in set(states)},
               "best_trial": best.number, "best_params": best.params,
               "best_validation_crps": best.value, "results": rows}
     if args.out:
