@@ -161,8 +161,10 @@ class PredictionConfig(_Strict):
     calibration: Literal["quantile", "variance", "none"] = "quantile"
     joint: bool = Field(True, description="fit the outcome's spatial error covariance and the region calibration "
                         "on the validation subjects (predict/joint.py): region means and joint draws")
-    covariance_rank: int | None = Field(None, ge=1, description="rank of the covariance factor by probabilistic "
-                                        "PCA; default: the validation residuals' sample second moment (rank n_val)")
+    covariance_rank: Annotated[int, Field(ge=1)] | Literal["full"] = Field(
+        16, description="rank of the error covariance's factor, by probabilistic PCA of the validation "
+        "residuals (at most n_val - 1; 16: the energy score of joint draws prefers denoised directions, "
+        "docs/uncertainty.md); 'full': their sample second moment (rank n_val)")
 
 
 def _family_of(value: Any) -> str:

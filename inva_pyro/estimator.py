@@ -192,7 +192,8 @@ class InVA:
                                              generator=self._generator(seed + 2), summary=summary)
         self.joint = None
         if cfg.joint and len(val_y) >= 2:  # the spatial error covariance, on subjects never fitted
-            factor, diag, self.joint = fit_joint(val_y, summary.mean, summary.sd, rank=cfg.covariance_rank,
+            factor, diag, self.joint = fit_joint(val_y, summary.mean, summary.sd,
+                                                 rank=None if cfg.covariance_rank == "full" else cfg.covariance_rank,
                                                  coords=self._feature_coordinates(), seed=seed)
             self.module.outcome_covariance.set(factor, diag, self.joint.alpha, self.joint.beta)
 

@@ -100,7 +100,10 @@ def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_c
     trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     fn = trace.nodes["outcome"]["fn"]
     assert type(fn).__name__ == "LowRankMultivariateNormal" and fn.event_shape == (64,)
-    assert model.module.outcome_covariance.rank == 16          # the validation residuals' second moment
+    assert model.module.outcome_covariance.rank == 15          # the default rank 16, at most n_val - 1
+    full = InVA(make_preset(prediction={"covariance_rank": "full"})).fit(cohort.train, cohort.val, seed=0,
+                                                                       progress=False)
+    assert full.module.outcome_covariance.rank == 16           # the 16 validation residuals' second moment
     fresh = InVA(make_preset(prediction={"joint": False})).fit(cohort.train, cohort.val, seed=0, progress=False)
     trace = poutine.trace(fresh.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     assert trace.nodes["outcome"]["fn"].event_shape == (64,) and fresh.joint is None
@@ -129,7 +132,7 @@ def test_regions_table_and_whole_mask_row(fitted):
 def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path):
     model, cohort = fitted
     run = model.save(tmp_path / "run")
-    assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 16
+    assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 15
     loaded = InVA.load(run, device=str(model.device))  # same device, so the same seeded draws
     labels = np.repeat([1, 2, 3, 4], 16)
     a = model.predict(cohort.test, seed=3).regions(labels)
