@@ -58,12 +58,12 @@ class OutcomeCovariance(nn.Module):
 def fit_factor(residuals: torch.Tensor, rank: int | None, min_diag: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, d) of standardised residuals R (n, V).
 
-    ``rank=None`` (the default of ``fit``): the sample second moment itself, F = R^T / sqrt(n) (rank n),
+    ``rank=None`` (``covariance_rank = "full"``): the sample second moment itself, F = R^T / sqrt(n) (rank n),
     with d = the per-voxel second moments as the diagonal target; alpha^2 F F^T + beta^2 diag(d) is then
     a shrinkage estimator (Ledoit & Wolf 2004) whose weights the calibration fits. Its key property:
     E[w^T F F^T w] = w^T Sigma w for every fixed region w, so no family of regions is favoured.
 
-    ``rank=r``: probabilistic PCA on the second moments.
+    ``rank=r`` (16 by default in ``fit``): probabilistic PCA on the second moments.
 
     Second moments, not covariances: a shared bias of the mean is an error component too. With the
     singular values S of R / sqrt(n), the leading r directions V_r get loadings

@@ -10,8 +10,9 @@ predictive is
 w_R . m_i and variance alpha^2 |F^T (w_R * s_i)|^2 + beta^2 sum_v w_Rv^2 s_iv^2 d_v, computed exactly,
 without draws. Fitting (``fit_joint``) on the validation subjects, cross-fitted over two seeded folds:
 
-1. (F, d) from the standardised residuals (y - m) / s of the other fold (``fit_factor``: their sample
-   second moment, shrunk towards its diagonal by the weights below);
+1. (F, d) from the standardised residuals (y - m) / s of the other fold (``fit_factor``: probabilistic
+   PCA of their second moments, rank ``[prediction] covariance_rank``, 16 by default, or their sample
+   second moment; shrunk towards its diagonal by the weights below);
 2. on the fold itself, alpha, beta make the mean squared standardised error 1 for every family of
    regions (single voxels, random Voronoi partitions of the mask into 2 ... 128 cells in voxel
    coordinates, the whole mask): least squares on the log ratios.
