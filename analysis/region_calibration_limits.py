@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     import torch
 
     from inva_pyro import InVA
-    from inva_pyro.predict.joint import fit_joint
-    from inva_pyro.predict.joint import label_weights
+    from inva_pyro.predict.joint import fit_joint, label_weights
     if args.threads:
         torch.set_num_threads(args.threads)
     n_cal = [int(v) for v in args.n_cal.split(",")]
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
         args.pool, args.replicates, n_cal = 60, 3, [12]
     cfg = dict(sizes=[n_train], n_val=n_val, n_test=args.pool, epochs=3 if args.quick else args.epochs,
                grid=(8, 8) if args.quick else None, noise=args.noise, design=args.design,
-               voxel_mm=args.voxel_mm, out=args.out, samples=500,
+               voxel_mm=args.voxel_mm, out=args.out,
                preset_overrides=cs.QUICK["preset_overrides"] if args.quick else {})
     args.out.mkdir(parents=True, exist_ok=True)
     cohort, idx = cs.simulate_split(args.seed, cfg)
