@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, pyro; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available(), '| pyro', pyro.__version__)"
   python3 -c "import inva_pyro, os; print('inva_pyro from', os.path.dirname(inva_pyro.__file__))"
 } 2>&1 | tee "$OUT/env.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log"
+# GPU_TESTS / GPU_SECTIONS / GPU_BUDGET_SCALE narrow a rerun (defaults: everything).
+timeout 180 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_device.py tests/test_graphs.py tests/test_gpu.py} 2>&1 | tee "$OUT/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
-timeout 340 python3 benchmarks/gpu.py --device cuda --budget-scale 0.7 --tmp /tmp --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+timeout 340 python3 benchmarks/gpu.py --device cuda --budget-scale ${GPU_BUDGET_SCALE:-0.7} --sections ${GPU_SECTIONS:-demo_fit,svi_step,stream_epoch,predictive} --tmp /tmp --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
 echo "benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"

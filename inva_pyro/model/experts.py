@@ -23,7 +23,8 @@ def product_of_experts(locs: torch.Tensor, scales: torch.Tensor, present: torch.
     precision = scales.pow(-2)
     if present is not None:
         precision = precision * present.unsqueeze(-1).to(precision.dtype)
-    prior_precision = torch.as_tensor(prior_scale, dtype=locs.dtype, device=locs.device).pow(-2)
+    # A Python prior stays a Python number (a kernel argument): no tensor copied from the host per call.
+    prior_precision = prior_scale ** -2.0
     total = prior_precision + precision.sum(dim=-2)
     loc = (prior_precision * prior_loc + (precision * locs).sum(dim=-2)) / total
     return loc, total.rsqrt()

@@ -57,9 +57,19 @@ from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 
 
-def weighted(weight: float):
-    """Scale the log-densities of the sites inside by ``weight``; a weight of 0 drops them (mask)."""
+def weighted(weight: float | torch.Tensor):
+    """Scale the log-densities of the sites inside by ``weight``; a weight of 0 drops them (mask).
+    A 0-d device tensor scales as it is, whatever its value (a CUDA graph replays one program while
+    the KL weight changes between epochs: train/graphs.py)."""
+    if isinstance(weight, torch.Tensor):
+        return poutine.scale(scale=weight)
     return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
+
+
+def standard_normal(like: torch.Tensor, batch: int, dim: int) -> dist.Normal:
+    """Normal(0, I) over (batch, dim), both parameters on ``like``'s device: a Python 1.0 would become
+    a tensor copied from the host at every step (forbidden inside a CUDA graph capture)."""
+    return dist.Normal(like.new_zeros(batch, dim), like.new_ones(batch, dim))
 
 
 def masked(mask):
@@ -226,7 +236,7 @@ class InVAModule(nn.Module):
         if self.joint:
             with pyro.plate("subjects", n_subjects, subsample=subjects):
                 with weighted(kl_scale):
-                    z = pyro.sample("subject_latent", dist.Normal(xs[0].new_zeros(batch, cfg.shallow_dim), 1.0).to_event(1))
+                    z = pyro.sample("subject_latent", standard_normal(xs[0], batch, cfg.shallow_dim).to_event(1))
                 for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, xs)):
                     x_mean, x_scale = decoder(z)
                     with poutine.mask(mask=present[:, k]):
@@ -247,10 +257,10 @@ class InVAModule(nn.Module):
                     if self.hierarchical:
                         with weighted(cfg.deep_kl_weight):
                             z = pyro.sample(f"deep_latent_{name}",
-                                            dist.Normal(x.new_zeros(batch, cfg.deep_dim), 1.0).to_event(1))
+                                            standard_normal(x, batch, cfg.deep_dim).to_event(1))
                         h_prior = dist.Normal(*self.shared_decoder(z))
                     else:
-                        h_prior = dist.Normal(x.new_zeros(batch, cfg.shallow_dim), 1.0)
+                        h_prior = standard_normal(x, batch, cfg.shallow_dim)
                     h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1))
                 x_mean, x_scale = decoder(h)
                 observed = self._feature_presence(present, k, x)

@@ -28,6 +28,7 @@ from ..data.missing import hide_inputs
 from ..errors import InputError
 from ..model.losses import kl_schedule
 from .elbo import DeviceTrace_ELBO
+from .graphs import StepGraphs
 
 CHECKPOINT = "checkpoint.pt"
 # Steps between two looks at the losses on a GPU (each look waits for the device).
@@ -69,6 +70,7 @@ class TrainingState:
     best_module: dict | None = None
     history: dict = field(default_factory=lambda: {"epoch": [], "train_loss": [], "val_mse": [], "kl_scale": []})
     stopped_early: bool = False
+    graph_steps: int = 0                 # steps replayed as CUDA graphs in this process (graphs.py)
 
 
 def kl_scale_at(epoch: int, cfg: TrainingConfig) -> float:
@@ -175,12 +177,21 @@ def _check_finite(pending: list, state: TrainingState, ckpt_path: Path | None) -
     raise _diverged(what, state, ckpt_path)
 
 
-def make_optimizer(module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(module, cfg: TrainingConfig, device: torch.device, capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with decoupled weight decay on network weights; on CUDA the fused kernel (a few
     launches for every parameter at once instead of several per parameter; the same update up to
-    rounding), elsewhere torch's default."""
+    rounding), elsewhere torch's default. ``capturable``: its step count on the device, as a CUDA
+    graph needs."""
     fused = True if device.type == "cuda" else None
-    return torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, fused=fused)
+    return torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, fused=fused,
+                             capturable=capturable)
+
+
+def uses_cuda_graphs(cfg: TrainingConfig, data) -> bool:
+    """Whether the steps run as CUDA graphs (graphs.py): on CUDA, with the cohort in device memory,
+    in one process, in full precision, unless ``[training] cuda_graphs = false``."""
+    return (cfg.cuda_graphs and data.device.type == "cuda" and isinstance(data, Batchable)
+            and not distributed.is_distributed() and not cfg.mixed_precision)
 
 
 def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *, seed: int = 0,
@@ -193,7 +204,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     """
     device = train_data.device
     rank = distributed.rank()
-    optimizer = make_optimizer(module, cfg, device)
+    optimizer = make_optimizer(module, cfg, device, capturable=uses_cuda_graphs(cfg, train_data))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = load_checkpoint(ckpt_path, module, optimizer) if resume else TrainingState()
     if rank > 0:  # independent latent and dropout noise on every rank (weights start identical)
@@ -211,6 +222,12 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     # after a bad step. On the CPU checking costs nothing, so it is done every step.
     check_every = finite_check_steps(device)
     prefetch = getattr(train_data, "prefetch", None)  # streaming.DiskBatches
+
+    def step(idx, kl_scale, rows=None, update=True, prefetch_next=None):
+        return _svi_step(elbo, module, optimizer, params, train_data, idx, idx if rows is None else rows, n,
+                         kl_scale, cfg, update=update, prefetch_next=prefetch_next)
+
+    graphs = StepGraphs(step, device) if uses_cuda_graphs(cfg, train_data) else None
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
         module.train()
@@ -224,31 +241,26 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
         for start in starts:
             idx = distributed.shard(order[start:start + cfg.batch_size])
             # Data read from disk is indexed on the host (no device round trip), and the next
-            # minibatch is read while this one trains (after this one was taken, below).
+            # minibatch is read while this one trains (after this one was taken, in ``step``).
             rows = distributed.shard(host_order[start:start + cfg.batch_size]) if prefetch else idx
-            optimizer.zero_grad(set_to_none=True)
-            loss = None
-            if len(idx):
-                with pyro.validation_enabled(validate and not validated), autocast(device, cfg.mixed_precision):
-                    loss = _minibatch_loss(elbo, module, train_data, idx, rows, n, kl_scale,
-                                          cfg.prediction_weight, cfg.input_dropout)
-                validated = True
-                if prefetch and start + cfg.batch_size < n:
-                    prefetch(distributed.shard(host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]))
-                if loss.requires_grad:
-                    loss.backward()
-                    # a non-finite loss poisons every gradient, so that every rank sees it after the all-reduce
-                    _poison_gradients_if(params, ~torch.isfinite(loss))
-                else:  # Pyro refused the parameters (non-finite weights): no graph to differentiate
-                    _poison_gradients(module)
-                epoch_loss += loss.detach().double() * (len(idx) / n)
-            distributed.average_gradients(module)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True if device.type == "cuda" else None)
-            pending.append((loss.detach().float() if loss is not None else grad_norm.new_zeros(()), grad_norm))
+            following = host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]
+            with pyro.validation_enabled(validate and not validated):
+                if graphs is not None:  # loss, backward, clipping and the update in one replay
+                    loss, grad_norm = graphs(idx, kl_scale)
+                else:
+                    loss, grad_norm = step(idx, kl_scale, rows=rows, update=False,
+                                           prefetch_next=(lambda: prefetch(distributed.shard(following)))
+                                           if prefetch and len(following) else None)
+            validated = validated or len(idx) > 0
+            if loss is not None:
+                epoch_loss += loss.double() * (len(idx) / n)
+            pending.append((loss.float() if loss is not None else grad_norm.new_zeros(()), grad_norm))
             if len(pending) >= check_every:
                 _check_finite(pending, state, ckpt_path)
-            optimizer.step()
+            if graphs is None:
+                optimizer.step()
         _check_finite(pending, state, ckpt_path)
+        state.graph_steps = graphs.replays if graphs is not None else 0
         epoch_loss = distributed.sum_across_ranks(float(epoch_loss))
         val = validation_mse(module, val_data)  # identical on every rank: same weights, eval mode
         state.epoch += 1
@@ -281,6 +293,35 @@ def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg: TrainingConfig, *,
+              update: bool = True, prefetch_next=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One SVI step on minibatch ``idx``: (loss, gradient norm) as device tensors (loss None for an
+    empty shard). The loss's gradient (all ranks averaged), clipped; then the AdamW update if
+    ``update`` (the eager loop updates after its look at non-finite values). Free of host
+    synchronisation with Pyro's validation off, so that it can be recorded as a CUDA graph."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = None
+    if len(idx):
+        with autocast(data.device, cfg.mixed_precision):
+            loss = _minibatch_loss(elbo, module, data, idx, rows, n, kl_scale, cfg.prediction_weight,
+                                   cfg.input_dropout)
+        if prefetch_next is not None:
+            prefetch_next()
+        if loss.requires_grad:
+            loss.backward()
+            # a non-finite loss poisons every gradient, so that every rank sees it after the all-reduce
+            _poison_gradients_if(params, ~torch.isfinite(loss))
+        else:  # Pyro refused the parameters (non-finite weights): no graph to differentiate
+            _poison_gradients(module)
+        loss = loss.detach()
+    distributed.average_gradients(module)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip,
+                                               foreach=True if data.device.type == "cuda" else None)
+    if update:
+        optimizer.step()
+    return loss, grad_norm
 
 
 def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale,
