@@ -147,7 +147,7 @@ class TrainingConfig(_Strict):
                                   "in bfloat16 (CPU and CUDA); log-densities stay float32")
     cuda_graphs: bool = Field(True, description="on CUDA, with the cohort in device memory: record each "
                               "training step once as a CUDA graph and replay it (train/graphs.py); "
-                              "no effect on the CPU, with --lazy, --devices or mixed_precision")
+                              "no effect on the CPU, with --lazy or with --devices")
     kl_schedule: Literal["constant", "linear", "cyclical"] = Field(
         "linear", description="KL weight over epochs: constant, linear warm-up over kl_anneal_epochs, or "
         "cyclical annealing (Fu et al. 2019) with kl_cycles cycles")

@@ -187,3 +187,5 @@ def test_training_steps_replay_as_cuda_graphs(cohort_dir, make_preset):
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
     eager, _ = _graph_fit(cohort_dir, make_preset, cuda_graphs=False)
     assert eager.graph_steps == 0 and all(math.isfinite(v) for v in eager.history["val_mse"])
+    bf16, _ = _graph_fit(cohort_dir, make_preset, mixed_precision=True)  # autocast recorded in the graphs
+    assert bf16.graph_steps == 3 * steps_per_epoch - sizes and all(math.isfinite(v) for v in bf16.history["val_mse"])

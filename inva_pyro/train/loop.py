@@ -189,9 +189,9 @@ def make_optimizer(module, cfg: TrainingConfig, device: torch.device, capturable
 
 def uses_cuda_graphs(cfg: TrainingConfig, data) -> bool:
     """Whether the steps run as CUDA graphs (graphs.py): on CUDA, with the cohort in device memory,
-    in one process, in full precision, unless ``[training] cuda_graphs = false``."""
+    in one process, unless ``[training] cuda_graphs = false``."""
     return (cfg.cuda_graphs and data.device.type == "cuda" and isinstance(data, Batchable)
-            and not distributed.is_distributed() and not cfg.mixed_precision)
+            and not distributed.is_distributed())
 
 
 def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfig, *, seed: int = 0,
@@ -289,10 +289,11 @@ def autocast(device: torch.device, enabled: bool):
     """Mixed precision for the networks (see benchmarks/svi_overhead.py --trials autocast).
 
     bfloat16 on CPU and CUDA alike: it has float32's range, so gradients need no loss scaling
-    (float16 would underflow without a GradScaler)."""
+    (float16 would underflow without a GradScaler). No cache of cast weights: a CUDA graph cannot
+    record one (graphs.py), and each weight is cast about once per step anyway."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg: TrainingConfig, *,
