@@ -1,6 +1,8 @@
 """Neural networks used by the InVA Pyro program (no Pyro code here)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,7 +59,7 @@ class MeanFieldNormal(nn.Module):
         super().__init__()
         self.loc = nn.Parameter(torch.randn(shape) * init_scale)
         # softplus^-1(init_scale): start with small posterior spread so early training is stable.
-        self.raw_scale = nn.Parameter(torch.full(shape, float(torch.log(torch.expm1(torch.tensor(init_scale))))))
+        self.raw_scale = nn.Parameter(torch.full(shape, math.log(math.expm1(init_scale))))
 
     @property
     def scale(self) -> torch.Tensor:
