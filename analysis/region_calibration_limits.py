@@ -14,6 +14,10 @@ that spread. This script separates the two parts:
    same design (true mean and sd known);
 2. scores the fitted calibration on the whole pool (the test noise is then small: sd 0.011 at
    p = 0.5 for 2,000 subjects): the coverage a user of this fit gets;
+   With ``--calibration-share s`` the fit keeps that share of the validation subjects out of early
+   stopping and calibrates on them only (``[training] calibration_share``); the same calibration
+   refitted on the early-stopping subjects is scored beside it, which measures what reusing the
+   subjects that chose the epoch costs;
 3. refits only the joint calibration (``fit_joint``, the networks unchanged) on ``--replicates``
    random sets of n pool subjects (n in ``--n-cal``) and scores each on the rest of the pool: the
    mean over replicates is the procedure's bias, their sd its spread, shown beside the theoretical
@@ -57,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replicates", type=int, default=40)
     p.add_argument("--epochs", type=int)
     p.add_argument("--ranks", default="", help="covariance ranks to compare with the default factor, e.g. 4,16,64")
+    p.add_argument("--calibration-share", type=float, default=0.0,
+                   help="[training] calibration_share of the fit: that share of the validation subjects calibrates, "
+                   "the rest drives early stopping; a row then shows the calibration refitted on the early-stopping "
+                   "subjects (the reuse) beside it (default 0: one set does both, as before)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     return p.parse_args(argv)
@@ -122,8 +130,10 @@ def main(argv=None) -> int:
         outcome, space = "y", VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
                                           mask=np.ones((*grid, 1), dtype=bool))
     start = time.perf_counter()
-    model = InVA(cs.make_preset("inva", cfg)).fit(train, val, seed=args.seed, progress=False, outcome_name=outcome,
-                                                  space=space)
+    preset = cs.make_preset("inva", cfg)
+    preset.training.calibration_share = args.calibration_share
+    rank = None if preset.prediction.covariance_rank == "full" else preset.prediction.covariance_rank
+    model = InVA(preset).fit(train, val, seed=args.seed, progress=False, outcome_name=outcome, space=space)
     fit_s = time.perf_counter() - start
     pred = model.predict(pool, seed=args.seed)
     mean, sd = pred.mean.astype(np.float64), pred.raw_sd.astype(np.float64)
@@ -136,6 +146,15 @@ def main(argv=None) -> int:
              for lv in LEVELS}
     fitted = coverage_by_family(model.joint, mean, sd, observed, families)
     coords = model._feature_coordinates()
+    reuse = None
+    if args.calibration_share > 0:  # the same calibration fitted on the subjects that chose the epoch
+        from inva_pyro.runs import calibration_split
+        stop = calibration_split(val, args.calibration_share, args.seed)[0]
+        stop_pred = model.predict(stop, seed=args.seed)
+        _, _, stop_joint = fit_joint(torch.as_tensor(np.asarray(stop.outcome, dtype=np.float64)),
+                                     stop_pred.mean.astype(np.float64), stop_pred.raw_sd.astype(np.float64),
+                                     rank=rank, coords=coords, seed=args.seed)
+        reuse = coverage_by_family(stop_joint, mean, sd, observed, families)
     replicates = {}
     rng = np.random.default_rng([args.seed, 99])
     for n in n_cal:
@@ -143,7 +162,7 @@ def main(argv=None) -> int:
         for r in range(args.replicates):
             order = rng.permutation(len(observed))
             cal, test = order[:n], order[n:]
-            _, _, joint = fit_joint(torch.as_tensor(observed[cal]), mean[cal], sd[cal], coords=coords, seed=r)
+            _, _, joint = fit_joint(torch.as_tensor(observed[cal]), mean[cal], sd[cal], rank=rank, coords=coords, seed=r)
             rows.append(coverage_by_family(joint, mean[test], sd[test], observed[test], families))
         n_test = len(observed) - n
         replicates[n] = {name: {lv: {"mean": float(np.mean([row[name][lv] for row in rows])),
@@ -169,7 +188,10 @@ def main(argv=None) -> int:
                   flush=True)
     command = "python analysis/region_calibration_limits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "design": args.design, "noise": args.noise, "seed": args.seed,
-              "n_train": n_train, "n_val": n_val, "pool": int(len(observed)), "fit_seconds": round(fit_s, 1),
+              "n_train": n_train, "n_val": n_val, "n_early_stopping": model.info["n_val"],
+              "n_calibration": model.info["n_calibration"], "calibration_share": args.calibration_share,
+              "covariance_rank": preset.prediction.covariance_rank, "reuse": reuse,
+              "pool": int(len(observed)), "fit_seconds": round(fit_s, 1),
               "best_epoch": model.history["best_epoch"], "voxel_coverage": voxel, "fitted": fitted,
               "replicates": {str(k): v for k, v in replicates.items()}, "energy": energy,
               "alternatives": alternatives}
@@ -184,16 +206,25 @@ FAMILY_NAMES = {"r8": "8 regions", "r50": "50 regions", "all": "whole mask"}
 
 
 def markdown(r: dict) -> str:
+    n_cal, n_stop = r.get("n_calibration", r["n_val"]), r.get("n_early_stopping", r["n_val"])
+    held_out = r.get("reuse") is not None
+    split = (f"{n_stop} of them for early stopping (best epoch {r['best_epoch']}) and {n_cal} others for "
+             "calibration only" if held_out else f"all of them for early stopping (best epoch {r['best_epoch']}) "
+             "and calibration")
     lines = [f"`{r['command']}`", "",
              f"{r['design']} design, {r['noise']} noise, seed {r['seed']}: {r['n_train']} training and "
-             f"{r['n_val']} validation subjects (early stopping, best epoch {r['best_epoch']}), "
-             f"{r['pool']} fresh subjects scored.", "",
+             f"{r['n_val']} validation subjects, {split}; covariance factor "
+             f"`covariance_rank = {r.get('covariance_rank', 'full')}`; {r['pool']} fresh subjects scored.", "",
              "| family | n calibration | " + " | ".join(f"coverage {lv}" for lv in LEVELS) + " |",
              "|---|---|" + "---|" * len(LEVELS)]
-    lines.append(f"| voxels | {r['n_val']} (this fit) | " + " | ".join(f"{r['voxel_coverage'][lv]:.3f}" for lv in LEVELS) + " |")
+    this = "this fit, held-out calibration subjects" if held_out else "this fit"
+    lines.append(f"| voxels | {n_cal} ({this}) | " + " | ".join(f"{r['voxel_coverage'][lv]:.3f}" for lv in LEVELS) + " |")
     for name, label in FAMILY_NAMES.items():
-        lines.append(f"| {label} | {r['n_val']} (this fit) | "
+        lines.append(f"| {label} | {n_cal} ({this}) | "
                      + " | ".join(f"{r['fitted'][name][lv]:.3f}" for lv in LEVELS) + " |")
+        if held_out:
+            lines.append(f"| {label} | {n_stop} (the early-stopping subjects, reused) | "
+                         + " | ".join(f"{r['reuse'][name][lv]:.3f}" for lv in LEVELS) + " |")
         for n, rep in r["replicates"].items():
             cells = [f"{rep[name][lv]['mean']:.3f} ± {rep[name][lv]['sd']:.3f}"
                      + (f" (theory ± {rep[name][lv]['sd_theory_one_region']:.3f})" if name == "all" else "")
@@ -222,7 +253,11 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(FAMILY_NAMES), figsize=(4 * len(FAMILY_NAMES), 3.6), sharey=True)
     for ax, (name, label) in zip(axes, FAMILY_NAMES.items()):
-        ax.plot(LEVELS, [r["fitted"][name][lv] - lv for lv in LEVELS], "ko-", label=f"this fit (n={r['n_val']})")
+        ax.plot(LEVELS, [r["fitted"][name][lv] - lv for lv in LEVELS], "ko-",
+                label=f"this fit (n={r.get('n_calibration', r['n_val'])})")
+        if r.get("reuse") is not None:
+            ax.plot(LEVELS, [r["reuse"][name][lv] - lv for lv in LEVELS], "rv--",
+                    label=f"calibrated on the early-stopping subjects (n={r['n_early_stopping']})")
         for k, (n, rep) in enumerate(r["replicates"].items()):
             x = np.array(LEVELS) + 0.006 * (k + 1)
             ax.errorbar(x, [rep[name][lv]["mean"] - lv for lv in LEVELS], yerr=[rep[name][lv]["sd"] for lv in LEVELS],

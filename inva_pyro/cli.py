@@ -70,6 +70,10 @@ def _fit(args) -> None:
             if args.batch_size < 1:
                 raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
             preset.training.batch_size = args.batch_size
+        if args.calibration_share is not None:
+            if not 0 <= args.calibration_share < 1:
+                raise InputError(f"--calibration-share {args.calibration_share}: must be at least 0 and below 1")
+            preset.training.calibration_share = args.calibration_share
         cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed,
                                       lazy=args.lazy, cache_subjects=args.cache_subjects)
         fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")
     p.add_argument("--batch-size", type=int, help="override the preset's minibatch size (subjects per SVI step; "
                    "the ELBO is scaled to the training size whatever it is): larger batches fill a GPU")
+    p.add_argument("--calibration-share", type=float, metavar="S",
+                   help="override the preset's training.calibration_share: the share of validation subjects kept "
+                   "out of early stopping and used only for calibration (0 <= S < 1)")
     p.add_argument("--out", type=Path, help="run folder to create")
     p.add_argument("--resume", type=Path, metavar="RUNDIR", help="continue the interrupted run in RUNDIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

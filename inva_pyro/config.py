@@ -142,6 +142,11 @@ class TrainingConfig(_Strict):
     kl_anneal_epochs: int = Field(20, ge=0, description="epochs over which the KL weight rises linearly")
     patience: int = Field(30, ge=1, description="epochs without validation improvement before stopping")
     val_share: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share when the manifest has no split")
+    calibration_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of the validation subjects kept out of early stopping and used "
+        "only to calibrate (voxel quantiles, missingness patterns, the error covariance and its region scales); "
+        "0: every validation subject does both. Early stopping picks the epoch that fits its subjects best, so "
+        "calibrating on them can under-cover large regions (docs/uncertainty.md, section 8)")
     grad_clip: float = Field(10.0, gt=0.0)
     mixed_precision: bool = Field(False, description="run the networks under torch.autocast during training "
                                   "in bfloat16 (CPU and CUDA); log-densities stay float32")

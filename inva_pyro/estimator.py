@@ -25,7 +25,7 @@ from .predict.joint import JointCalibration, fit_joint
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
 from .predict.predictive import posterior_predictive, seeded_generator
-from .runs import RUN_FORMAT, holdout, package_versions
+from .runs import RUN_FORMAT, calibration_split, holdout, package_versions
 from .train import distributed
 from .train.loop import CHECKPOINT, Batchable, train
 
@@ -120,6 +120,8 @@ class InVA:
                       space=space, extra_info=extra_info, input_spaces=input_spaces)
         if devices > 1 and not distributed.is_distributed():
             return self._fit_spawned(devices, train_set, val, run_dir, kwargs)
+        # (after the spawn: each worker splits alike) early stopping on one part, calibration on the other
+        val, calibration = calibration_split(val, self.preset.training.calibration_share, seed)
         self.device = resolve_device(device)
         if distributed.launched_by_torchrun():
             if self.device.type == "cuda":
@@ -129,8 +131,10 @@ class InVA:
         pyro.set_rng_seed(seed)
         names = list(train_set.inputs)
         on_disk = isinstance(train_set, DiskSubset)  # read minibatch by minibatch (Cohort.from_manifest(lazy=True))
-        if isinstance(val, DiskSubset):
-            val = val.rows()  # validation subjects are used every epoch and for calibration: keep them in memory
+        # validation subjects are used every epoch and for calibration: keep them in memory
+        shared = calibration is val
+        val = val.rows() if isinstance(val, DiskSubset) else val
+        calibration = val if shared else calibration.rows() if isinstance(calibration, DiskSubset) else calibration
         if resume:
             self._load_config(Path(run_dir), weights=False)
         else:
@@ -141,7 +145,7 @@ class InVA:
                          "seed": seed, "versions": package_versions(VERSIONED), "complete": False,
                          "space": space.to_dict() if space is not None else None,
                          "input_spaces": {n: sp.to_dict() for n, sp in (input_spaces or {}).items() if n in names},
-                         "n_train": len(train_set), "n_val": len(val),
+                         "n_train": len(train_set), "n_val": len(val), "n_calibration": len(calibration),
                          "n_train_labeled": int(outcome_presence(train_set).sum()), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
         writes = run_dir is not None and distributed.rank() == 0
@@ -158,7 +162,9 @@ class InVA:
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
                             devices=distributed.world_size())
-        self._calibrate(val, val_xs, val_y, seed)
+        if calibration is not val:
+            val_xs, val_y = self._tensors(calibration)
+        self._calibrate(calibration, val_xs, val_y, seed)
         if distributed.rank() == 0:
             from .criticism.diagnostics import warn_if_collapsed
             sample = train_data.take(torch.arange(min(len(train_data), COLLAPSE_CHECK_SUBJECTS), device=self.device))[0]

@@ -35,3 +35,18 @@ def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
     n_val = max(1, int(round(share * len(labeled))))
     rest = np.setdiff1d(np.arange(len(subset)), order[:n_val])
     return subset.subset(rest), subset.subset(np.sort(order[:n_val]))
+
+
+def calibration_split(val: Subset, share: float, seed: int, min_each: int = 2) -> tuple[Subset, Subset]:
+    """(early-stopping subjects, calibration subjects) of the labeled validation subjects ``val``:
+    both ``val`` itself when ``share`` is 0, else a seeded split with ``share`` of them for calibration."""
+    from .errors import InputError
+    if share <= 0:
+        return val, val
+    n = len(val)
+    n_cal = int(round(share * n))
+    if min(n_cal, n - n_cal) < min_each:
+        raise InputError(f"{n} validation subjects with the outcome: calibration_share {share} leaves {n - n_cal} for "
+                         f"early stopping and {n_cal} for calibration; each needs at least {min_each}")
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    return val.subset(np.sort(order[n_cal:])), val.subset(np.sort(order[:n_cal]))

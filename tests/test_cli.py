@@ -172,3 +172,19 @@ def test_fit_batch_size_overrides_the_preset(cohort_dir, tmp_path, capsys):
     assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path), tmp_path / "bad") + ["--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "inva: error: --batch-size 0: must be at least 1"
     assert not (tmp_path / "bad").exists()
+
+
+def test_fit_calibration_share_keeps_calibration_subjects_out_of_early_stopping(cohort_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path, epochs=1), run) + ["--calibration-share", "0.5"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert json.loads((run / "config.json").read_text())["training"]["calibration_share"] == 0.5
+    shared = tmp_path / "shared"
+    assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path, epochs=1), shared)) == 0
+    both = json.loads((shared / "run.json").read_text())
+    assert both["n_val"] == both["n_calibration"]
+    assert info["n_val"] + info["n_calibration"] == both["n_val"] and abs(info["n_val"] - info["n_calibration"]) <= 1
+    capsys.readouterr()
+    assert cli.main(fit_args(cohort_dir, tiny_preset(tmp_path), tmp_path / "bad") + ["--calibration-share", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "inva: error: --calibration-share 1.0: must be at least 0 and below 1"
+    assert not (tmp_path / "bad").exists()

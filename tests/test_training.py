@@ -392,3 +392,39 @@ def test_pyro_validation_checks_the_first_step_of_a_fit_and_is_restored_after(ma
     assert len(seen) == steps
     assert seen == [True] + [False] * (steps - 1)
     assert is_validation_enabled()
+
+
+def test_calibration_split_is_seeded_disjoint_and_refuses_too_few(make_cohort):
+    from inva_pyro.errors import InputError
+    from inva_pyro.runs import calibration_split
+
+    val = make_cohort(4, 10, 2).val
+    assert calibration_split(val, 0.0, 0) == (val, val)
+    stop, calib = calibration_split(val, 0.3, 5)
+    assert (len(stop), len(calib)) == (7, 3)
+    assert set(stop.subjects).isdisjoint(calib.subjects) and set(stop.subjects) | set(calib.subjects) == set(val.subjects)
+    again = calibration_split(val, 0.3, 5)[1]
+    assert list(again.subjects) == list(calib.subjects)
+    assert list(calibration_split(val, 0.3, 6)[1].subjects) != list(calib.subjects)
+    with pytest.raises(InputError, match="calibration_share 0.9 leaves 1 for early stopping and 9 for calibration"):
+        calibration_split(val, 0.9, 0)
+
+
+def test_fit_calibrates_on_the_calibration_share_only(make_cohort, make_preset, monkeypatch):
+    """Early stopping sees one part of the validation subjects, the calibrator the other."""
+    from inva_pyro import InVA
+
+    cohort = make_cohort(20, 10, 2)
+    seen = {}
+    original = InVA._calibrate
+
+    def spy(self, val, xs, y, seed):
+        seen["calibration"] = list(val.subjects)
+        seen["rows"] = len(y)
+        return original(self, val, xs, y, seed)
+
+    monkeypatch.setattr(InVA, "_calibrate", spy)
+    model = InVA(make_preset(training={"epochs": 1, "calibration_share": 0.4})).fit(cohort.train, cohort.val, seed=3,
+                                                                                    progress=False)
+    assert model.info["n_calibration"] == 4 and model.info["n_val"] == 6
+    assert seen["rows"] == 4 and set(seen["calibration"]) < set(cohort.val.subjects)
