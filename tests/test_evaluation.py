@@ -190,6 +190,34 @@ def test_region_calibration_limits_quick(tmp_path):
     assert matplotlib.image.imread(tmp_path / "limits.png").ndim == 3
 
 
+def test_region_calibration_limits_with_a_calibration_share(tmp_path):
+    """Early stopping on one half of the validation subjects, calibration on the other: the reuse row is
+    the same calibration refitted on the early-stopping half."""
+    limits = _script("region_calibration_limits")
+    assert limits.main(["--quick", "--calibration-share", "0.5", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "limits.json").read_text())
+    assert (result["n_early_stopping"], result["n_calibration"]) == (6, 6)
+    assert set(result["reuse"]) == {"r8", "r50", "all"}
+    assert all(0 <= v <= 1 for family in result["reuse"].values() for v in family.values())
+    assert "the early-stopping subjects, reused" in (tmp_path / "limits.md").read_text()
+
+
+def test_energy_score_oracle_gains_only_from_real_correlation():
+    """Draws from the observations' own process against independent draws with the same margins: with
+    independent noise the two are one distribution (difference within 4 standard errors of 0); with
+    noise shared by every voxel (fully correlated), the joint draws win by far more than 4 standard errors."""
+    oracle = _script("energy_score_oracle")
+    rng = np.random.default_rng(0)
+    n, v = 200, 30
+    mean, sd = rng.normal(size=(n, v)), np.full((n, v), 0.5)
+    independent = lambda g, s: g.standard_normal((s, v))  # noqa: E731
+    shared = lambda g, s: np.repeat(g.standard_normal((s, 1)), v, axis=1)  # noqa: E731
+    same = oracle.oracle_energy(mean + 0.5 * rng.standard_normal((n, v)), mean, sd, independent, 100, 0)
+    assert abs(same["difference"]) < 4 * same["difference_se"]
+    common = oracle.oracle_energy(mean + 0.5 * rng.standard_normal((n, 1)), mean, sd, shared, 100, 0)
+    assert common["difference"] < -4 * common["difference_se"] < 0
+
+
 def test_ppc_report_quick(tmp_path, make_preset):
     from inva_pyro import Cohort
     from inva_pyro.data.simulate import write_cohort
