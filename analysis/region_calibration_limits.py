@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="[training] calibration_share of the fit: that share of the validation subjects calibrates, "
                    "the rest drives early stopping; a row then shows the calibration refitted on the early-stopping "
                    "subjects (the reuse) beside it (default 0: one set does both, as before)")
+    p.add_argument("--finals", default="all", help="with --ranks: the final factor of each, comma-separated: all "
+                   "(fitted on every validation subject) and/or folds (the average of the cross-fitted folds')")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     return p.parse_args(argv)
@@ -178,14 +180,16 @@ def main(argv=None) -> int:
         val_pred = model.predict(val, seed=args.seed)
         val_y = torch.as_tensor(np.asarray(val.outcome, dtype=np.float64))
         for r in ranks:
-            _, _, joint = fit_joint(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
-                                    rank=r, coords=coords, seed=args.seed)
-            alternatives["sample" if r is None else f"pca{r}"] = {
-                "alpha": joint.alpha, "beta": joint.beta,
-                "coverage": coverage_by_family(joint, mean, sd, observed, families),
-                "energy": energy_per_subject(mean, sd, joint, observed, args.seed)}
-            print(f"rank {r}: energy difference {alternatives['sample' if r is None else f'pca{r}']['energy']['difference']:+.4f}",
-                  flush=True)
+            for final in args.finals.split(","):
+                _, _, joint = fit_joint(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
+                                        rank=r, coords=coords, seed=args.seed, final=final)
+                name = ("sample" if r is None else f"pca{r}") + ("" if final == "all" else f", final {final}")
+                alternatives[name] = {
+                    "alpha": joint.alpha, "beta": joint.beta,
+                    "coverage": coverage_by_family(joint, mean, sd, observed, families),
+                    "energy": energy_per_subject(mean, sd, joint, observed, args.seed)}
+                print(f"{name}: energy difference {alternatives[name]['energy']['difference']:+.4f}; 50 regions "
+                      + " ".join(f"{v:.3f}" for v in alternatives[name]["coverage"]["r50"].values()), flush=True)
     command = "python analysis/region_calibration_limits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "design": args.design, "noise": args.noise, "seed": args.seed,
               "n_train": n_train, "n_val": n_val, "n_early_stopping": model.info["n_val"],

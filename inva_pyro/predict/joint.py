@@ -184,13 +184,15 @@ def fit_scales(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
 
 
 def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
-              folds: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, JointCalibration]:
+              folds: int = 2, seed: int = 0, final: str = "all") -> tuple[torch.Tensor, torch.Tensor, JointCalibration]:
     """Fit (F, d) and the joint calibration on validation subjects (module doc).
 
     ``observed`` (n, V) tensor; ``mean``, ``sd`` (n, V) arrays of the raw predictive, same units.
     Cross-fitting: for each of ``folds`` seeded folds, (F, d) from the other subjects scores the fold's
-    region errors; alpha, beta and the region quantiles come from all folds' scores, and the returned
-    (F, d) (tensors on ``observed``'s device, for the module) from every validation subject.
+    region errors; alpha, beta and the region quantiles come from all folds' scores. The returned
+    (F, d) (tensors on ``observed``'s device, for the module): ``final="all"``, fitted on every
+    validation subject; ``final="folds"``, the average of the folds' covariances (F the folds' factors
+    side by side over sqrt(folds), d their mean): the estimator the calibration scores were made with.
     """
     device = observed.device
     y = observed.detach().double()
@@ -203,10 +205,12 @@ def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coor
     e_all, s_all = (y - m).cpu().numpy(), s.cpu().numpy()
     families = region_families(n_vox, coords, seed)
     parts: dict[str, list] = {}
+    fold_fits = []
     for k in range(folds):
         rows = np.flatnonzero(fold_of == k)
         train_rows = np.flatnonzero(fold_of != k) if folds > 1 else rows
         factor_t, diag_t = fit_factor(residuals[torch.as_tensor(train_rows, device=device)], rank)
+        fold_fits.append((factor_t, diag_t))
         factor, diag = factor_t.cpu().numpy(), diag_t.cpu().numpy()
         e, s_k = e_all[rows], s_all[rows]
         parts.setdefault("voxel", []).append(_voxel_moments(e, s_k, factor, diag))
@@ -225,8 +229,14 @@ def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coor
                                for k in range(folds)])
         z = sign * np.sqrt(e2 / (alpha ** 2 * var_low + beta ** 2 * var_diag))
         quantiles.append(np.quantile(z, probs))
-    factor_t, diag_t = fit_factor(residuals, rank)
-    info = {"n_subjects": int(n), "folds": int(folds), "rank": int(factor_t.shape[1]),
+    if final == "folds":
+        factor_t = torch.cat([f for f, _ in fold_fits], dim=1) / np.sqrt(len(fold_fits))
+        diag_t = torch.stack([d for _, d in fold_fits]).mean(0)
+    elif final == "all":
+        factor_t, diag_t = fit_factor(residuals, rank)
+    else:
+        raise ValueError(f"final must be 'all' or 'folds', got {final!r}")
+    info = {"n_subjects": int(n), "folds": int(folds), "rank": int(factor_t.shape[1]), "final": final,
             "mean_square_ratio": {k: round(v, 4) for k, v in ratios.items()}}
     order = np.argsort(fractions)
     calibration = JointCalibration(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha,
