@@ -100,10 +100,11 @@ def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_c
     trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     fn = trace.nodes["outcome"]["fn"]
     assert type(fn).__name__ == "LowRankMultivariateNormal" and fn.event_shape == (64,)
-    assert model.module.outcome_covariance.rank == 15          # the default rank 16, at most n_val - 1
+    # the two folds' factors side by side: rank 16 by default, at most 8 - 1 from each fold's 8 subjects
+    assert model.module.outcome_covariance.rank == 14
     full = InVA(make_preset(prediction={"covariance_rank": "full"})).fit(cohort.train, cohort.val, seed=0,
                                                                        progress=False)
-    assert full.module.outcome_covariance.rank == 16           # the 16 validation residuals' second moment
+    assert full.module.outcome_covariance.rank == 16           # each fold's 8 residuals' second moment
     fresh = InVA(make_preset(prediction={"joint": False})).fit(cohort.train, cohort.val, seed=0, progress=False)
     trace = poutine.trace(fresh.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     assert trace.nodes["outcome"]["fn"].event_shape == (64,) and fresh.joint is None
@@ -132,7 +133,7 @@ def test_regions_table_and_whole_mask_row(fitted):
 def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path):
     model, cohort = fitted
     run = model.save(tmp_path / "run")
-    assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 15
+    assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 14
     loaded = InVA.load(run, device=str(model.device))  # same device, so the same seeded draws
     labels = np.repeat([1, 2, 3, 4], 16)
     a = model.predict(cohort.test, seed=3).regions(labels)
@@ -155,3 +156,21 @@ def test_feature_coordinates_are_mask_voxels_in_mm():
     mask[0, 0, 0] = mask[2, 1, 0] = True
     space = VolumeSpace(shape=(3, 2, 1), affine=np.diag([2.0, 3.0, 4.0, 1.0]), header=None, mask=mask)
     np.testing.assert_array_equal(space.feature_coordinates(), [[0.0, 0.0, 0.0], [4.0, 3.0, 0.0]])
+
+
+def test_the_kept_covariance_is_the_average_of_the_folds():
+    """final="folds": the model keeps exactly the folds' covariances averaged (the estimates whose region
+    errors fitted the calibration); final="all" keeps one fit on every subject."""
+    sd, errors = _smooth_residuals(40, seed=4)
+    coords = np.argwhere(np.ones(GRID)).astype(float)
+    residuals = torch.as_tensor(errors / sd)
+    fold_of = np.random.default_rng([7, 13]).permutation(40) % 2
+    folds = [fit_factor(residuals[torch.as_tensor(np.flatnonzero(fold_of != k))], 5) for k in range(2)]
+    factor, diag, joint = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords, seed=7)
+    expected = sum(f.double() @ f.double().T for f, _ in folds) / 2
+    torch.testing.assert_close(factor.double() @ factor.double().T, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diag.double(), (folds[0][1].double() + folds[1][1].double()) / 2, rtol=1e-5, atol=1e-6)
+    assert joint.rank == 10 and joint.info["final"] == "folds"
+    factor_all, _, joint_all = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords,
+                                         seed=7, final="all")
+    assert joint_all.rank == 5 and joint_all.alpha == joint.alpha   # the calibration itself does not change

@@ -12,7 +12,9 @@ without draws. Fitting (``fit_joint``) on the validation subjects, cross-fitted 
 
 1. (F, d) from the standardised residuals (y - m) / s of the other fold (``fit_factor``: probabilistic
    PCA of their second moments, rank ``[prediction] covariance_rank``, 16 by default, or their sample
-   second moment; shrunk towards its diagonal by the weights below);
+   second moment; shrunk towards its diagonal by the weights below); the model keeps the average of
+   the folds' covariances (their factors side by side), so that predictions use the estimates the
+   calibration below was fitted with;
 2. on the fold itself, alpha, beta make the mean squared standardised error 1 for every family of
    regions (single voxels, random Voronoi partitions of the mask into 2 ... 128 cells in voxel
    coordinates, the whole mask): least squares on the log ratios.
@@ -184,15 +186,17 @@ def fit_scales(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
 
 
 def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
-              folds: int = 2, seed: int = 0, final: str = "all") -> tuple[torch.Tensor, torch.Tensor, JointCalibration]:
+              folds: int = 2, seed: int = 0, final: str = "folds") -> tuple[torch.Tensor, torch.Tensor, JointCalibration]:
     """Fit (F, d) and the joint calibration on validation subjects (module doc).
 
     ``observed`` (n, V) tensor; ``mean``, ``sd`` (n, V) arrays of the raw predictive, same units.
     Cross-fitting: for each of ``folds`` seeded folds, (F, d) from the other subjects scores the fold's
     region errors; alpha, beta and the region quantiles come from all folds' scores. The returned
-    (F, d) (tensors on ``observed``'s device, for the module): ``final="all"``, fitted on every
-    validation subject; ``final="folds"``, the average of the folds' covariances (F the folds' factors
-    side by side over sqrt(folds), d their mean): the estimator the calibration scores were made with.
+    (F, d) (tensors on ``observed``'s device, for the module): ``final="folds"`` (default), the average
+    of the folds' covariances (F the folds' factors side by side over sqrt(folds), d their mean), the
+    very estimates the calibration scores were standardised with; ``final="all"``, one fit on every
+    validation subject, whose region variances differ systematically from the folds' when the factor
+    is a PCA of a few dozen subjects (50 regions under-covered by 0.02 to 0.04: docs/uncertainty.md, 8).
     """
     device = observed.device
     y = observed.detach().double()
