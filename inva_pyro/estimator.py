@@ -120,8 +120,6 @@ class InVA:
                       space=space, extra_info=extra_info, input_spaces=input_spaces)
         if devices > 1 and not distributed.is_distributed():
             return self._fit_spawned(devices, train_set, val, run_dir, kwargs)
-        # (after the spawn: each worker splits alike) early stopping on one part, calibration on the other
-        val, calibration = calibration_split(val, self.preset.training.calibration_share, seed)
         self.device = resolve_device(device)
         if distributed.launched_by_torchrun():
             if self.device.type == "cuda":
@@ -131,10 +129,10 @@ class InVA:
         pyro.set_rng_seed(seed)
         names = list(train_set.inputs)
         on_disk = isinstance(train_set, DiskSubset)  # read minibatch by minibatch (Cohort.from_manifest(lazy=True))
-        # validation subjects are used every epoch and for calibration: keep them in memory
-        shared = calibration is val
-        val = val.rows() if isinstance(val, DiskSubset) else val
-        calibration = val if shared else calibration.rows() if isinstance(calibration, DiskSubset) else calibration
+        if isinstance(val, DiskSubset):
+            val = val.rows()  # validation subjects are used every epoch and for calibration: keep them in memory
+        # (after the spawn: each worker splits alike) early stopping on one part, calibration on the other
+        val, calibration = calibration_split(val, self.preset.training.calibration_share, seed)
         if resume:
             self._load_config(Path(run_dir), weights=False)
         else:

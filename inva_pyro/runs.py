@@ -7,6 +7,7 @@ from importlib import metadata
 import numpy as np
 
 from .data.cohort import Subset
+from .errors import InputError
 
 RUN_FORMAT = "inva-pyro-run/1"
 
@@ -40,7 +41,6 @@ def holdout(subset: Subset, share: float, seed: int) -> tuple[Subset, Subset]:
 def calibration_split(val: Subset, share: float, seed: int, min_each: int = 2) -> tuple[Subset, Subset]:
     """(early-stopping subjects, calibration subjects) of the labeled validation subjects ``val``:
     both ``val`` itself when ``share`` is 0, else a seeded split with ``share`` of them for calibration."""
-    from .errors import InputError
     if share <= 0:
         return val, val
     n = len(val)
