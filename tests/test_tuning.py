@@ -1,5 +1,4 @@
 """`inva tune`: a study that writes a preset `inva fit` accepts, shared storage, pruning, bad input."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -110,29 +109,31 @@ def test_two_processes_share_one_sqlite_study(setup, tmp_path):
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes added trials
 
 
+# The worker says its trial runs by creating a file, so the test never opens the database while the
+# worker is still creating its tables (two processes creating one schema collide).
 HANGING_WORKER = """
-import sys, time
+import pathlib, sys, time
 from inva_pyro.tune import tuning
 tuning.HEARTBEAT_S, tuning.GRACE_S = 1, 2
 study = tuning.open_study(sys.argv[1], "crash", "crps", tuning.make_pruner("none", None), sampler_seed=0)
 study.enqueue_trial({"x": 0.25})
-study.optimize(lambda trial: trial.suggest_float("x", 0, 1) + time.sleep(600), n_trials=1)
+def hang(trial):
+    trial.suggest_float("x", 0, 1)
+    pathlib.Path(sys.argv[2]).touch()
+    time.sleep(600)
+study.optimize(hang, n_trials=1)
 """
 
 
 def test_a_killed_workers_trial_is_failed_and_queued_again(tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'crash.db'}"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    worker = subprocess.Popen([sys.executable, "-c", HANGING_WORKER, storage], env=env)
+    running = tmp_path / "running"
+    worker = subprocess.Popen([sys.executable, "-c", HANGING_WORKER, storage, str(running)], env=env)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait for its trial to run
-            if tmp_path.joinpath("crash.db").exists():
-                with contextlib.suppress(KeyError):
-                    study = optuna.load_study(study_name="crash", storage=storage)
-                    if study.get_trials(states=(TrialState.RUNNING,)):
-                        break
-            time.sleep(0.2)
+        while time.monotonic() < deadline and not running.exists() and worker.poll() is None:
+            time.sleep(0.2)  # wait for its trial to run
         assert worker.poll() is None, "the worker ended before its trial ran"
     finally:
         worker.kill()  # SIGKILL: no chance to tell the storage
