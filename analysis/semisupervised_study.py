@@ -111,6 +111,53 @@ def score(model, test, pattern: str, seed: int) -> dict:
     return row
 
 
+def representation(model, test) -> dict:
+    """Where a complete test subject's error lies, and how well the subject latent knows the factors.
+
+    - ``excess_subject``: the part of the excess error in the span of the design's subject-level maps
+      (S_1, S_2, C_1, C_2, C_3 and a constant; least squares per subject), the part MRI-only subjects
+      can act on through the latent; ``excess_rest``: the remainder (local terms, voxel detail).
+    - ``r2_a1 ... r2_b3`` (networks): 5-fold cross-validated R^2 of a linear map from the latent means
+      (the joint latent's, or every VAE's shallow means) to the Bayes posterior means of the factors
+      given the inputs (semisupervised_limits.factor_posterior); 1.0 is all the inputs can tell.
+    - ``excess_representation``: the excess error of the design's subject terms evaluated at that
+      linear read-out instead of at the posterior means."""
+    from inva_pyro.data.simulate import paper_patterns
+    from semisupervised_limits import factor_posterior, subject_terms
+
+    patterns = paper_patterns()
+    n = len(test.subjects)
+    pred = model.predict(test, num_samples=2, seed=0)
+    error = pred.mean - np.asarray(test.truth_mean).reshape(n, -1)
+    oracle = float(np.mean((np.asarray(test.outcome).reshape(n, -1) - np.asarray(test.truth_mean).reshape(n, -1)) ** 2))
+    maps = np.stack([*patterns["shared"], *patterns["specific"], np.ones(patterns["mu_y"].shape)]).reshape(6, -1).T
+    in_span = maps @ np.linalg.lstsq(maps, error.T, rcond=None)[0]
+    row = {"excess_subject": float(np.mean(in_span ** 2) / oracle),
+           "excess_rest": float(np.mean((error - in_span.T) ** 2) / oracle)}
+    module = getattr(model, "module", None)
+    if module is not None:
+        from sklearn.linear_model import LinearRegression
+        from sklearn.model_selection import cross_val_predict
+
+        from inva_pyro.criticism.latents import latent_table
+        table = latent_table(model, test)
+        kind = "joint_mean_" if module.joint else "_mean_"
+        latent = table[[c for c in table.columns if kind in c]].to_numpy(float)
+        deviations = [np.asarray(test.inputs[f"x{k + 1}"]).reshape(n, -1) - patterns["base"][k].ravel()
+                      for k in range(3)]
+        factors = factor_posterior(deviations, patterns)[0]
+        fitted = cross_val_predict(LinearRegression(), latent, factors, cv=5)
+        r2 = 1 - ((fitted - factors) ** 2).sum(0) / ((factors - factors.mean(0)) ** 2).sum(0)
+        row.update({f"r2_{name}": float(v) for name, v in zip(("a1", "a2", "b1", "b2", "b3"), r2)})
+        # The excess a perfect predictor would still have if it read the factors from this latent
+        # instead of from the inputs themselves: the most that a better latent (more MRI-only
+        # subjects) can remove.
+        term_maps = np.stack([*patterns["shared"], *patterns["specific"][:2]]).reshape(4, -1)
+        shift = (subject_terms(fitted) - subject_terms(factors)) @ term_maps
+        row["excess_representation"] = float(np.mean(shift ** 2) / oracle)
+    return row
+
+
 def run(args) -> pd.DataFrame:
     from inva_pyro.data.cohort import Cohort
     from inva_pyro.data.missing import input_presence, outcome_presence
@@ -158,6 +205,8 @@ def run(args) -> pd.DataFrame:
                 for pattern in patterns:
                     subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
                     new.append({**base, **score(model, subset, pattern, seed)})
+                if dropped is None and name not in ("bart", "ridge"):
+                    new[0].update(representation(model, test))
                 runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
                 runs.to_csv(runs_csv, index=False)
                 r = new[0]
@@ -187,6 +236,18 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
             lines += ["", "inva-joint-semi's excess error against each model's (negative: lower):", ""]
             for _, r in group[group["model"] != "inva-joint-semi"].iterrows():
                 lines.append(f"- {r['model']}: {100 * (e / r['excess'] - 1):+.1f}%")
+        lines.append("")
+    if "excess_subject" in complete:
+        lines += ["### Where the error lies, and what the subject latent knows (complete test subjects)", "",
+                  "Excess error split into the span of the subject-level maps and the rest; R^2 of the Bayes "
+                  "posterior means of the factors from the joint latent means (1.0: all the inputs can tell).", "",
+                  "| N labeled | model | excess | in the subject maps | rest | R^2 a1 / a2 / b1 / b2 / b3 | "
+                  "excess due to the latent |", "|---|---|---|---|---|---|---|"]
+        for _, r in mean.dropna(subset=["excess_subject"]).iterrows():
+            r2 = " / ".join(f"{r[f'r2_{f}']:.3f}" for f in ("a1", "a2", "b1", "b2", "b3")) if "r2_a1" in r and not pd.isna(r["r2_a1"]) else "—"
+            due = f"{r['excess_representation']:.3f}" if r2 != "—" else "—"
+            lines.append(f"| {int(r['size'])} | {r['model']} | {r['excess']:.3f} | {r['excess_subject']:.3f} | "
+                         f"{r['excess_rest']:.3f} | {r2} | {due} |")
         lines.append("")
     joint = runs[runs["model"].str.startswith("inva-joint")]
     if len(joint):

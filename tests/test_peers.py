@@ -399,3 +399,24 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert np.isclose(runs["excess"], (runs["mse"] - runs["oracle_mse"]) / runs["oracle_mse"]).all()
     summary = (out / "summary.md").read_text()
     assert "--scenario semisupervised" in summary and "ridge: " in summary
+    # where the error lies and what the latent knows (the networks only)
+    complete = semi[semi["pattern"] == "complete"].iloc[0]
+    assert complete["excess_subject"] >= 0 and complete["excess_rest"] >= 0 and complete["excess_representation"] >= 0
+    assert all(complete[f"r2_{f}"] <= 1 for f in ("a1", "a2", "b1", "b2", "b3"))
+    assert runs.loc[runs["model"] == "ridge", "excess_subject"].isna().all()
+    assert "Where the error lies" in summary
+
+
+def test_the_bayes_limit_matches_simulated_outcomes():
+    """E[m | x] from the exact factor posterior: its MSE on simulated outcomes is oracle MSE + E Var(m | x)
+    subject by subject (z within 4 of 0 at a fixed seed), and the floor lies above the oracle."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "semisupervised_limits.py"
+    spec = importlib.util.spec_from_file_location("semisupervised_limits", path)
+    limits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(limits)
+    result = limits.bayes_limit(200, seed=3, draws=500)
+    assert abs(result["check_z"]) < 4
+    assert 0 < result["bayes_excess"] < 0.2
+    assert all(0 < s < 1 for s in result["posterior_sd"])

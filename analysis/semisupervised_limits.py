@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""The lowest excess error any model can reach on the ``paper`` design from the inputs: the Bayes limit.
+
+Issue 14 asks how far MRI-only subjects can lower InVA's excess error, (MSE - oracle MSE) / oracle MSE.
+The oracle of that ratio knows each subject's true factors (a_1, a_2, b_1, b_2, b_3); a model only sees
+the input images, and the images show the factors through noise (a smooth field and white noise,
+docs/simulation.md). What no model can learn, however many subjects with or without PET it is given,
+is the spread of the true mean m_i given the inputs x_i. The best possible prediction is E[m_i | x_i], with
+
+    MSE(Bayes) = oracle MSE + E_i mean_v Var(m_i(v) | x_i)
+
+so its excess, E Var(m | x) / oracle MSE, is the floor under every row of the study's tables.
+
+In this design the inputs are linear in the factors with Gaussian noise,
+
+    d_k = x_k - mu_k = F_k theta + 0.5 e_k + 0.2 eps_k,    theta = (a_1, a_2, b_1, b_2, b_3) ~ N(0, I),
+
+so theta | x is Normal with precision I + sum_k F_k' Sigma^-1 F_k (Sigma = 0.25 R + 0.04 I, R the smooth
+field's correlation) and a mean that is linear in the deviations. The local terms of m (tanh(d_1),
+d_1 d_3) are known from x; the subject terms (tanh(1.5 a_1) S_1, 0.5 (a_2^2 - 1) S_2, 0.6 b_1 C_1,
+0.6 tanh(2 b_2) C_2) are averaged over draws of theta | x.
+
+R is the exact correlation of white noise smoothed with a Gaussian of 1.5 pixels on the periodic grid;
+the design rescales each subject's field by its own sample sd instead, a difference of a few percent in
+one scale factor. The script checks the whole computation against the data: the Bayes prediction's
+empirical MSE on the simulated outcomes must match oracle MSE + E Var(m | x), subject by subject, within
+the standard error of their paired difference (``check_z``).
+
+    python analysis/semisupervised_limits.py --pool 2000 --out DIR
+
+Writes DIR/bayes_limit_paper.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pool", type=int, default=2000, help="simulated subjects scored")
+    p.add_argument("--draws", type=int, default=4000, help="posterior draws of the factors per subject")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: float = 0.5,
+                     white_sd: float = 0.2, field_sigma: float = 1.5):
+    """theta | x for every subject: means (n, 5) and the common covariance (5, 5)."""
+    from inva_pyro.data.simulate.common import smooth_noise_covariance
+    from inva_pyro.data.simulate.paper import LOADINGS
+
+    grid = patterns["coords"].shape[:2]
+    noise_cov = field_sd ** 2 * smooth_noise_covariance(grid, field_sigma) + white_sd ** 2 * np.eye(int(np.prod(grid)))
+    chol = np.linalg.cholesky(noise_cov)
+    precision, linear = np.eye(5), 0.0
+    for k, dev in enumerate(deviations):
+        design = np.zeros((int(np.prod(grid)), 5))
+        for j in range(2):
+            design[:, j] = LOADINGS[k, j] * patterns["shared"][j].ravel()
+        design[:, 2 + k] = patterns["specific"][k].ravel()
+        whitened = np.linalg.solve(chol, design)                          # Sigma^-1/2 F_k
+        precision = precision + whitened.T @ whitened
+        linear = linear + np.linalg.solve(chol, dev.reshape(len(dev), -1).T).T @ whitened  # d' Sigma^-1 F_k
+    covariance = np.linalg.inv(precision)
+    return linear @ covariance, covariance
+
+
+def subject_terms(theta: np.ndarray) -> np.ndarray:
+    """The factor terms of the true mean, (..., 4): the coefficients of S_1, S_2, C_1, C_2."""
+    a1, a2, b1, b2 = theta[..., 0], theta[..., 1], theta[..., 2], theta[..., 3]
+    return np.stack([np.tanh(1.5 * a1), 0.5 * (a2 ** 2 - 1), 0.6 * b1, 0.6 * np.tanh(2 * b2)], axis=-1)
+
+
+def bayes_limit(n: int, seed: int, draws: int) -> dict:
+    from inva_pyro.data.simulate.paper import paper_patterns, simulate_paper
+
+    sim = simulate_paper(n, seed)
+    patterns = paper_patterns()
+    deviations = [sim["inputs"][f"x{k + 1}"] - patterns["base"][k] for k in range(3)]
+    means, covariance = factor_posterior(deviations, patterns)
+    maps = np.stack([patterns["shared"][0], patterns["shared"][1], patterns["specific"][0],
+                     patterns["specific"][1]]).reshape(4, -1)                 # (4, V)
+    truth, outcome = sim["true_mean"].reshape(n, -1), sim["outcome"].reshape(n, -1)
+    rng = np.random.default_rng([seed, 14])
+    root = np.linalg.cholesky(covariance)
+    true_terms = _true_terms(sim, deviations, patterns, maps)
+    bayes = np.empty_like(truth)
+    spread = np.empty(n)                                                       # mean_v Var(m(v) | x) per subject
+    for i in range(n):
+        terms = subject_terms(means[i] + rng.standard_normal((draws, 5)) @ root.T)   # (draws, 4)
+        centred = terms - terms.mean(0)
+        term_cov = centred.T @ centred / (draws - 1)
+        spread[i] = np.einsum("tv,ts,sv->v", maps, term_cov, maps).mean()
+        bayes[i] = truth[i] + (terms.mean(0) - true_terms[i]) @ maps            # swap the true terms for their mean
+    oracle_sq = ((outcome - truth) ** 2).mean(1)
+    oracle_mse = float(oracle_sq.mean())
+    bayes_sq = ((outcome - bayes) ** 2).mean(1)
+    # Paired per subject: Bayes MSE - oracle MSE - predicted spread has mean 0 if the posterior is right.
+    check = bayes_sq - oracle_sq - spread
+    return {"n_subjects": n, "seed": seed, "draws": draws,
+            "posterior_sd": np.sqrt(np.diag(covariance)).round(4).tolist(),
+            "oracle_mse": oracle_mse,
+            "expected_spread": float(spread.mean()), "expected_spread_se": float(spread.std(ddof=1) / np.sqrt(n)),
+            "bayes_excess": float(spread.mean() / oracle_mse),
+            "bayes_mse_empirical": float(bayes_sq.mean()), "bayes_mse_se": float(bayes_sq.std(ddof=1) / np.sqrt(n)),
+            "bayes_mse_predicted": oracle_mse + float(spread.mean()),
+            "check_z": float(check.mean() / (check.std(ddof=1) / np.sqrt(n)))}
+
+
+def _true_terms(sim: dict, deviations: list[np.ndarray], patterns: dict, maps: np.ndarray) -> np.ndarray:
+    """Each subject's true factor terms, (n, 4). simulate_paper does not return the factors, but
+    m - mu_y - the local terms is linear in the four terms with known maps: least squares on the
+    noiseless true mean gives them to rounding error."""
+    n = len(deviations[0])
+    d1, d3 = deviations[0], deviations[2]
+    rest = (sim["true_mean"] - patterns["mu_y"] - 0.6 * np.tanh(d1) - 0.3 * d1 * d3).reshape(n, -1)
+    return np.linalg.lstsq(maps.T, rest.T, rcond=None)[0].T
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = bayes_limit(args.pool, args.seed, args.draws)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bayes_limit_paper.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("| subjects | posterior sd of a1, a2, b1, b2, b3 | oracle MSE | E Var(m given x) | Bayes excess | "
+          "Bayes MSE predicted / empirical (se) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {result['n_subjects']} | {', '.join(f'{s:.3f}' for s in result['posterior_sd'])} | "
+          f"{result['oracle_mse']:.4f} | {result['expected_spread']:.4f} ({result['expected_spread_se']:.4f}) | "
+          f"{result['bayes_excess']:.3f} | {result['bayes_mse_predicted']:.4f} / "
+          f"{result['bayes_mse_empirical']:.4f} ({result['bayes_mse_se']:.4f}) |")
+    print(f"paired check, (Bayes MSE - oracle MSE - E Var) / se: z = {result['check_z']:+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
