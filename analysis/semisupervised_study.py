@@ -102,35 +102,36 @@ def drop_input(subset, name: str):
     return dataclasses.replace(subset, inputs=inputs).subset(kept)
 
 
-def score(model, test, pattern: str, seed: int) -> dict:
+def score(model, test, pattern: str, seed: int) -> tuple[dict, object]:
+    """The row of metrics and the prediction it came from."""
     pred = model.predict(test, levels=LEVELS, seed=seed)
     m = pred.metrics(calibrated=True, truth_mean=test.truth_mean, truth_sd=test.truth_sd)
     row = {"pattern": pattern, "mse": m["mse"], "oracle_mse": m["oracle_mse"],
            "excess": (m["mse"] - m["oracle_mse"]) / m["oracle_mse"], "crps": m["crps"]}
     row.update({f"cov{round(100 * lv)}": m["coverage"][format(lv, "g")] for lv in LEVELS})
-    return row
+    return row, pred
 
 
-def representation(model, test) -> dict:
+def representation(model, test, pred) -> dict:
     """Where a complete test subject's error lies, and how well the subject latent knows the factors.
 
-    - ``excess_subject``: the part of the excess error in the span of the design's subject-level maps
-      (S_1, S_2, C_1, C_2, C_3 and a constant; least squares per subject), the part MRI-only subjects
-      can act on through the latent; ``excess_rest``: the remainder (local terms, voxel detail).
+    - ``excess_subject``: the part of the predictive mean's excess error in the span of the design's
+      spatial patterns (error_decomposition.pattern_basis; least squares per subject), the error in the
+      subject factors' effects; ``excess_rest``: the remainder (local terms, voxel detail).
     - ``r2_a1 ... r2_b3`` (networks): 5-fold cross-validated R^2 of a linear map from the latent means
       (the joint latent's, or every VAE's shallow means) to the Bayes posterior means of the factors
       given the inputs (semisupervised_limits.factor_posterior); 1.0 is all the inputs can tell.
     - ``excess_representation``: the excess error of the design's subject terms evaluated at that
       linear read-out instead of at the posterior means."""
     from inva_pyro.data.simulate import paper_patterns
+    from error_decomposition import pattern_basis
     from semisupervised_limits import factor_posterior, subject_terms
 
     patterns = paper_patterns()
     n = len(test.subjects)
-    pred = model.predict(test, num_samples=2, seed=0)
     error = pred.mean - np.asarray(test.truth_mean).reshape(n, -1)
     oracle = float(np.mean((np.asarray(test.outcome).reshape(n, -1) - np.asarray(test.truth_mean).reshape(n, -1)) ** 2))
-    maps = np.stack([*patterns["shared"], *patterns["specific"], np.ones(patterns["mu_y"].shape)]).reshape(6, -1).T
+    maps = pattern_basis()[1]
     in_span = maps @ np.linalg.lstsq(maps, error.T, rcond=None)[0]
     row = {"excess_subject": float(np.mean(in_span ** 2) / oracle),
            "excess_rest": float(np.mean((error - in_span.T) ** 2) / oracle)}
@@ -204,9 +205,10 @@ def run(args) -> pd.DataFrame:
                 new = []
                 for pattern in patterns:
                     subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
-                    new.append({**base, **score(model, subset, pattern, seed)})
-                if dropped is None and name not in ("bart", "ridge"):
-                    new[0].update(representation(model, test))
+                    row, pred = score(model, subset, pattern, seed)
+                    if pattern == "complete" and name not in ("bart", "ridge"):
+                        row.update(representation(model, test, pred))
+                    new.append({**base, **row})
                 runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
                 runs.to_csv(runs_csv, index=False)
                 r = new[0]
