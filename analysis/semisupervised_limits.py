@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=4000, help="posterior draws of the factors per subject")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="smoke test: 100 subjects, 200 draws")
     return p.parse_args(argv)
 
 
@@ -125,6 +126,8 @@ def _true_terms(sim: dict, deviations: list[np.ndarray], patterns: dict, maps: n
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.quick:
+        args.pool, args.draws = 100, 200
     result = bayes_limit(args.pool, args.seed, args.draws)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bayes_limit_paper.json").write_text(json.dumps(result, indent=2) + "\n")

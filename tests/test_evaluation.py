@@ -154,7 +154,7 @@ def _script(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["calibration_study", "ppc", "region_calibration_limits"])
+@pytest.mark.parametrize("name", ["calibration_study", "ppc", "region_calibration_limits", "semisupervised_limits"])
 def test_analysis_scripts_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _script(name).main(["--help"])
