@@ -242,12 +242,14 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
     if "excess_subject" in complete:
         lines += ["### Where the error lies, and what the subject latent knows (complete test subjects)", "",
                   "Excess error split into the span of the subject-level maps and the rest; R^2 of the Bayes "
-                  "posterior means of the factors from the joint latent means (1.0: all the inputs can tell).", "",
+                  "posterior means of the factors from the latent means (1.0: all the inputs can tell); the excess "
+                  "a perfect predictor would have if it read the factors from the latent.", "",
                   "| N labeled | model | excess | in the subject maps | rest | R^2 a1 / a2 / b1 / b2 / b3 | "
                   "excess due to the latent |", "|---|---|---|---|---|---|---|"]
         for _, r in mean.dropna(subset=["excess_subject"]).iterrows():
-            r2 = " / ".join(f"{r[f'r2_{f}']:.3f}" for f in ("a1", "a2", "b1", "b2", "b3")) if "r2_a1" in r and not pd.isna(r["r2_a1"]) else "—"
-            due = f"{r['excess_representation']:.3f}" if r2 != "—" else "—"
+            known = "r2_a1" in r and not pd.isna(r["r2_a1"])
+            r2 = " / ".join(f"{r[f'r2_{f}']:.3f}" for f in ("a1", "a2", "b1", "b2", "b3")) if known else "—"
+            due = f"{r['excess_representation']:.3f}" if known else "—"
             lines.append(f"| {int(r['size'])} | {r['model']} | {r['excess']:.3f} | {r['excess_subject']:.3f} | "
                          f"{r['excess_rest']:.3f} | {r2} | {due} |")
         lines.append("")
