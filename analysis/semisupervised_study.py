@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="cap on the InVA-family presets' epochs")
     p.add_argument("--samples", type=int, help="predictive draws (default: each preset's)")
     p.add_argument("--input-dropout", type=float, help="set training.input_dropout of the joint presets")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting of the InVA-family presets, e.g. model.shallow_dim=8 "
+                        "(value in TOML/JSON syntax; repeatable)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--bart-jobs", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny cohort, networks and BART")
@@ -78,6 +81,12 @@ def preset_for(name: str, args):
         if args.quick:
             data["model"].update(QUICK_MODEL)
             data["training"].update(epochs=2, batch_size=8)
+        for setting in args.set:
+            key, _, value = setting.partition("=")
+            section, _, name_ = key.partition(".")
+            if section not in data or not name_ or not value:
+                raise SystemExit(f"--set {setting}: expected SECTION.KEY=VALUE with SECTION one of {sorted(data)}")
+            data[section][name_] = json.loads(value)
     if data["model"]["family"] == "bart":
         if args.bart_jobs:
             data["model"]["n_jobs"] = args.bart_jobs

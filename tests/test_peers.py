@@ -407,6 +407,23 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert "Where the error lies" in summary
 
 
+def test_semisupervised_study_overrides_the_inva_presets():
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "semisupervised_study.py"
+    spec = importlib.util.spec_from_file_location("semisupervised_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    args = argparse.Namespace(epochs=None, input_dropout=None, quick=True, bart_jobs=0, samples=None,
+                              set=["model.shallow_dim=5", "training.patience=7"])
+    preset = study.preset_for("inva-joint-semi", args)
+    assert (preset.model.shallow_dim, preset.training.patience, preset.model.structure) == (5, 7, "joint")
+    assert study.preset_for("ridge", args).model.family == "ridge"      # the peers keep their settings
+    with pytest.raises(SystemExit, match="expected SECTION.KEY=VALUE"):
+        study.preset_for("inva-joint-semi", argparse.Namespace(**{**vars(args), "set": ["shallow_dim=5"]}))
+
+
 def test_the_bayes_limit_matches_simulated_outcomes():
     """E[m | x] from the exact factor posterior: its MSE on simulated outcomes is oracle MSE + E Var(m | x)
     subject by subject (z within 4 of 0 at a fixed seed), and the floor lies above the oracle."""
