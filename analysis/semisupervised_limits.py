@@ -21,8 +21,8 @@ d_1 d_3) are known from x; the subject terms (tanh(1.5 a_1) S_1, 0.5 (a_2^2 - 1)
 0.6 tanh(2 b_2) C_2) are averaged over draws of theta | x.
 
 R is the exact correlation of white noise smoothed with a Gaussian of 1.5 pixels on the periodic grid;
-the design rescales each subject's field by its own sample sd instead, a difference of a few percent in
-one scale factor. The script checks the whole computation against the data: the Bayes prediction's
+the design instead rescales each subject's field by its own sample sd, a random factor near 1. The
+script checks the whole computation against the data: the Bayes prediction's
 empirical MSE on the simulated outcomes must match oracle MSE + E Var(m | x), subject by subject, within
 the standard error of their paired difference (``check_z``).
 
@@ -50,12 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: float = 0.5,
-                     white_sd: float = 0.2, field_sigma: float = 1.5):
-    """theta | x for every subject: means (n, 5) and the common covariance (5, 5)."""
+def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: float | None = None,
+                     white_sd: float | None = None, field_sigma: float | None = None):
+    """theta | x for every subject: means (n, 5) and the common covariance (5, 5). The noise settings
+    default to the design's (``paper.FIELD_SD``, ``WHITE_SD``, ``FIELD_SIGMA``)."""
     from inva_pyro.data.simulate.common import smooth_noise_covariance
-    from inva_pyro.data.simulate.paper import LOADINGS
+    from inva_pyro.data.simulate.paper import FIELD_SD, FIELD_SIGMA, LOADINGS, WHITE_SD
 
+    field_sd = FIELD_SD if field_sd is None else field_sd
+    white_sd = WHITE_SD if white_sd is None else white_sd
+    field_sigma = FIELD_SIGMA if field_sigma is None else field_sigma
     grid = patterns["coords"].shape[:2]
     noise_cov = field_sd ** 2 * smooth_noise_covariance(grid, field_sigma) + white_sd ** 2 * np.eye(int(np.prod(grid)))
     chol = np.linalg.cholesky(noise_cov)
@@ -72,14 +76,8 @@ def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: flo
     return linear @ covariance, covariance
 
 
-def subject_terms(theta: np.ndarray) -> np.ndarray:
-    """The factor terms of the true mean, (..., 4): the coefficients of S_1, S_2, C_1, C_2."""
-    a1, a2, b1, b2 = theta[..., 0], theta[..., 1], theta[..., 2], theta[..., 3]
-    return np.stack([np.tanh(1.5 * a1), 0.5 * (a2 ** 2 - 1), 0.6 * b1, 0.6 * np.tanh(2 * b2)], axis=-1)
-
-
 def bayes_limit(n: int, seed: int, draws: int) -> dict:
-    from inva_pyro.data.simulate.paper import paper_patterns, simulate_paper
+    from inva_pyro.data.simulate.paper import paper_patterns, simulate_paper, subject_terms
 
     sim = simulate_paper(n, seed)
     patterns = paper_patterns()
@@ -90,7 +88,7 @@ def bayes_limit(n: int, seed: int, draws: int) -> dict:
     truth, outcome = sim["true_mean"].reshape(n, -1), sim["outcome"].reshape(n, -1)
     rng = np.random.default_rng([seed, 14])
     root = np.linalg.cholesky(covariance)
-    true_terms = _true_terms(sim, deviations, patterns, maps)
+    true_terms = subject_terms(sim["factors"])
     bayes = np.empty_like(truth)
     spread = np.empty(n)                                                       # mean_v Var(m(v) | x) per subject
     for i in range(n):
@@ -112,16 +110,6 @@ def bayes_limit(n: int, seed: int, draws: int) -> dict:
             "bayes_mse_empirical": float(bayes_sq.mean()), "bayes_mse_se": float(bayes_sq.std(ddof=1) / np.sqrt(n)),
             "bayes_mse_predicted": oracle_mse + float(spread.mean()),
             "check_z": float(check.mean() / (check.std(ddof=1) / np.sqrt(n)))}
-
-
-def _true_terms(sim: dict, deviations: list[np.ndarray], patterns: dict, maps: np.ndarray) -> np.ndarray:
-    """Each subject's true factor terms, (n, 4). simulate_paper does not return the factors, but
-    m - mu_y - the local terms is linear in the four terms with known maps: least squares on the
-    noiseless true mean gives them to rounding error."""
-    n = len(deviations[0])
-    d1, d3 = deviations[0], deviations[2]
-    rest = (sim["true_mean"] - patterns["mu_y"] - 0.6 * np.tanh(d1) - 0.3 * d1 * d3).reshape(n, -1)
-    return np.linalg.lstsq(maps.T, rest.T, rcond=None)[0].T
 
 
 def main(argv=None) -> int:

@@ -134,7 +134,8 @@ def representation(model, test, pred) -> dict:
       linear read-out instead of at the posterior means."""
     from inva_pyro.data.simulate import paper_patterns
     from error_decomposition import pattern_basis
-    from semisupervised_limits import factor_posterior, subject_terms
+    from inva_pyro.data.simulate.paper import subject_terms
+    from semisupervised_limits import factor_posterior
 
     patterns = paper_patterns()
     n = len(test.subjects)

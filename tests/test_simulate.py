@@ -42,6 +42,21 @@ def test_paper_design_files_match_its_arrays(tmp_path):
     np.testing.assert_allclose(np.asarray(img.dataobj)[..., 0], sim["true_mean"][4], rtol=1e-6)
 
 
+def test_paper_design_returns_the_factors_behind_its_true_mean():
+    """The true mean is mu_y + the subject terms of the returned factors on their patterns + the local terms."""
+    from inva_pyro.data.simulate.paper import paper_patterns, subject_terms
+
+    sim, p = simulate_paper(40, 5), paper_patterns()
+    factors = sim["factors"]
+    assert factors.shape == (40, 5)
+    assert np.corrcoef(factors[:, 0], sim["covariates"]["age"])[0, 1] > 0.6   # a_1 = 0.8 age_z + 0.6 u
+    d1, d3 = sim["inputs"]["x1"] - p["base"][0], sim["inputs"]["x3"] - p["base"][2]
+    terms = subject_terms(factors)
+    rebuilt = p["mu_y"] + np.einsum("it,thw->ihw", terms, np.stack([*p["shared"], *p["specific"][:2]])) \
+        + 0.6 * np.tanh(d1) + 0.3 * d1 * d3
+    np.testing.assert_allclose(rebuilt, sim["true_mean"], atol=1e-12)
+
+
 def test_volume_design_writes_a_masked_cohort_with_truth(volume_dir):
     spec = json.loads((volume_dir / "cohort.json").read_text())
     assert spec["design"] == "volume" and spec["inputs"] == ["gm", "wm", "t1"] and spec["outcome"] == "pet"

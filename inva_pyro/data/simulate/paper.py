@@ -13,6 +13,13 @@ from .common import NOISE_KINDS, smooth_noise
 PAPER_GRID = (32, 32)
 NOISE_SIGMA = 1.5   # pixels: the Gaussian PSF of ``noise="smooth"`` (3 mm at 2 mm pixels)
 LOADINGS = np.array([[1.0, 0.5], [0.6, -0.8], [0.8, 0.8]])
+FIELD_SD, FIELD_SIGMA, WHITE_SD = 0.5, 1.5, 0.2   # an input's smooth field (sd, pixels) and white noise
+
+
+def subject_terms(factors: np.ndarray) -> np.ndarray:
+    """(..., 4) coefficients of S_1, S_2, C_1, C_2 in the true mean, from factors (..., 5) = (a_1, a_2, b_1, b_2, b_3)."""
+    a1, a2, b1, b2 = (factors[..., j] for j in range(4))
+    return np.stack([np.tanh(1.5 * a1), 0.5 * (a2 ** 2 - 1), 0.6 * b1, 0.6 * np.tanh(2 * b2)], axis=-1)
 
 
 def _bump(coords: np.ndarray, centre: tuple[float, float], width: float) -> np.ndarray:
@@ -41,7 +48,8 @@ def paper_patterns(grid: tuple[int, int] = PAPER_GRID) -> dict:
 
 def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER_GRID,
                    noise: str = "independent") -> dict:
-    """Arrays of the ``paper`` design: inputs (n, H, W) each, outcome, true mean and sd, covariates.
+    """Arrays of the ``paper`` design: inputs (n, H, W) each, outcome, true mean and sd, covariates, and
+    the subject factors (n, 5) = (a_1, a_2, b_1, b_2, b_3).
 
     ``noise="smooth"``: eta is white noise smoothed by a Gaussian of NOISE_SIGMA pixels (periodic
     edges), unit variance per pixel (``common.smooth_noise``; exact covariance
@@ -60,14 +68,17 @@ def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER
     for k in range(3):
         dev = (sum(LOADINGS[k, j] * expand(a[:, j]) * shared[j] for j in range(2))
                + expand(b[k]) * specific[k]
-               + 0.5 * _smooth_field(rng, n_subjects, grid, 1.5)
-               + 0.2 * rng.standard_normal((n_subjects, *grid)))
+               + FIELD_SD * _smooth_field(rng, n_subjects, grid, FIELD_SIGMA)
+               + WHITE_SD * rng.standard_normal((n_subjects, *grid)))
         deviations.append(dev)
         inputs[f"x{k + 1}"] = base[k] + dev
     d1, d2, d3 = deviations
-    mean = (mu_y + 1.0 * np.tanh(1.5 * expand(a[:, 0])) * shared[0] + 0.5 * (expand(a[:, 1]) ** 2 - 1) * shared[1]
-            + 0.6 * expand(b[0]) * specific[0] + 0.6 * np.tanh(2 * expand(b[1])) * specific[1]
-            + 0.6 * np.tanh(d1) + 0.3 * d1 * d3)
+    factors = np.concatenate([a, b.T], axis=1)
+    terms = subject_terms(factors)
+    mean = mu_y
+    for t, pattern in enumerate([*shared, *specific[:2]]):   # summed in this order: cohorts stay bit-identical
+        mean = mean + expand(terms[:, t]) * pattern
+    mean = mean + 0.6 * np.tanh(d1) + 0.3 * d1 * d3
     sd = 0.5 * np.exp(0.25 * d2) * (0.7 + 0.6 * shared[0])
     if noise == "smooth":
         eta = smooth_noise(rng, n_subjects, tuple(grid), NOISE_SIGMA)
@@ -77,4 +88,5 @@ def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     outcome = mean + sd * eta
     covariates = pd.DataFrame({"age": 70 + 8 * age, "site": site})
-    return {"inputs": inputs, "outcome": outcome, "true_mean": mean, "true_sd": sd, "covariates": covariates}
+    return {"inputs": inputs, "outcome": outcome, "true_mean": mean, "true_sd": sd, "covariates": covariates,
+            "factors": factors}
