@@ -83,8 +83,7 @@ def bayes_limit(n: int, seed: int, draws: int) -> dict:
     patterns = paper_patterns()
     deviations = [sim["inputs"][f"x{k + 1}"] - patterns["base"][k] for k in range(3)]
     means, covariance = factor_posterior(deviations, patterns)
-    maps = np.stack([patterns["shared"][0], patterns["shared"][1], patterns["specific"][0],
-                     patterns["specific"][1]]).reshape(4, -1)                 # (4, V)
+    maps = np.stack(patterns["terms"]).reshape(4, -1)                         # (4, V)
     truth, outcome = sim["true_mean"].reshape(n, -1), sim["outcome"].reshape(n, -1)
     rng = np.random.default_rng([seed, 14])
     root = np.linalg.cholesky(covariance)

@@ -132,10 +132,10 @@ def representation(model, test, pred) -> dict:
       given the inputs (semisupervised_limits.factor_posterior); 1.0 is all the inputs can tell.
     - ``excess_representation``: the excess error of the design's subject terms evaluated at that
       linear read-out instead of at the posterior means."""
-    from inva_pyro.data.simulate import paper_patterns
     from error_decomposition import pattern_basis
-    from inva_pyro.data.simulate.paper import subject_terms
     from semisupervised_limits import factor_posterior
+
+    from inva_pyro.data.simulate.paper import paper_patterns, subject_terms
 
     patterns = paper_patterns()
     n = len(test.subjects)
@@ -163,8 +163,7 @@ def representation(model, test, pred) -> dict:
         # The excess a perfect predictor would still have if it read the factors from this latent
         # instead of from the inputs themselves: the most that a better latent (more MRI-only
         # subjects) can remove.
-        term_maps = np.stack([*patterns["shared"], *patterns["specific"][:2]]).reshape(4, -1)
-        shift = (subject_terms(fitted) - subject_terms(factors)) @ term_maps
+        shift = (subject_terms(fitted) - subject_terms(factors)) @ np.stack(patterns["terms"]).reshape(4, -1)
         row["excess_representation"] = float(np.mean(shift ** 2) / oracle)
     return row
 

@@ -401,7 +401,8 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert "--scenario semisupervised" in summary and "ridge: " in summary
     # where the error lies and what the latent knows: reported for the networks only
     complete = semi[semi["pattern"] == "complete"].iloc[0]
-    columns = ["excess_subject", "excess_rest", "excess_representation"] + [f"r2_{f}" for f in ("a1", "a2", "b1", "b2", "b3")]
+    columns = ["excess_subject", "excess_rest", "excess_representation",
+               *(f"r2_{f}" for f in ("a1", "a2", "b1", "b2", "b3"))]
     assert np.isfinite(complete[columns].astype(float)).all()
     assert runs.loc[runs["model"] == "ridge", "excess_subject"].isna().all()
     assert "Where the error lies" in summary

@@ -52,7 +52,7 @@ def test_paper_design_returns_the_factors_behind_its_true_mean():
     assert np.corrcoef(factors[:, 0], sim["covariates"]["age"])[0, 1] > 0.6   # a_1 = 0.8 age_z + 0.6 u
     d1, d3 = sim["inputs"]["x1"] - p["base"][0], sim["inputs"]["x3"] - p["base"][2]
     terms = subject_terms(factors)
-    rebuilt = p["mu_y"] + np.einsum("it,thw->ihw", terms, np.stack([*p["shared"], *p["specific"][:2]])) \
+    rebuilt = p["mu_y"] + np.einsum("it,thw->ihw", terms, np.stack(p["terms"])) \
         + 0.6 * np.tanh(d1) + 0.3 * d1 * d3
     np.testing.assert_allclose(rebuilt, sim["true_mean"], atol=1e-12)
 

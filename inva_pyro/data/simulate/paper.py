@@ -17,7 +17,8 @@ FIELD_SD, FIELD_SIGMA, WHITE_SD = 0.5, 1.5, 0.2   # an input's smooth field (sd,
 
 
 def subject_terms(factors: np.ndarray) -> np.ndarray:
-    """(..., 4) coefficients of S_1, S_2, C_1, C_2 in the true mean, from factors (..., 5) = (a_1, a_2, b_1, b_2, b_3)."""
+    """(..., 4) coefficients of ``paper_patterns()["terms"]`` (S_1, S_2, C_1, C_2) in the true mean,
+    from factors (..., 5) = (a_1, a_2, b_1, b_2, b_3)."""
     a1, a2, b1, b2 = (factors[..., j] for j in range(4))
     return np.stack([np.tanh(1.5 * a1), 0.5 * (a2 ** 2 - 1), 0.6 * b1, 0.6 * np.tanh(2 * b2)], axis=-1)
 
@@ -35,15 +36,15 @@ def _smooth_field(rng: np.random.Generator, n: int, shape: tuple[int, ...], sigm
 
 def paper_patterns(grid: tuple[int, int] = PAPER_GRID) -> dict:
     """The ``paper`` design's fixed maps on ``grid``: coordinates, the shared bumps S_j, the specific
-    bumps C_k, the input means mu_k and the outcome mean mu_y."""
+    bumps C_k, the input means mu_k, the outcome mean mu_y and ``terms``, the maps (S_1, S_2, C_1, C_2)
+    that the subject terms (``subject_terms``) multiply in the true mean."""
     axes = [np.linspace(-1, 1, g) for g in grid]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    return {"coords": coords,
-            "shared": [_bump(coords, (-0.4, 0.3), 0.35), _bump(coords, (0.4, -0.2), 0.4)],
-            "specific": [_bump(coords, (0.5, 0.55), 0.3), _bump(coords, (-0.5, -0.5), 0.3),
-                         _bump(coords, (0.0, 0.0), 0.3)],
+    shared = [_bump(coords, (-0.4, 0.3), 0.35), _bump(coords, (0.4, -0.2), 0.4)]
+    specific = [_bump(coords, (0.5, 0.55), 0.3), _bump(coords, (-0.5, -0.5), 0.3), _bump(coords, (0.0, 0.0), 0.3)]
+    return {"coords": coords, "shared": shared, "specific": specific,
             "base": [1.0 + 0.3 * coords[..., 0], 0.5 - 0.2 * coords[..., 1], 0.3 * coords[..., 0] * coords[..., 1]],
-            "mu_y": 1.0 + 0.4 * coords[..., 1]}
+            "mu_y": 1.0 + 0.4 * coords[..., 1], "terms": [*shared, *specific[:2]]}
 
 
 def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER_GRID,
@@ -76,7 +77,7 @@ def simulate_paper(n_subjects: int, seed: int = 0, grid: tuple[int, int] = PAPER
     factors = np.concatenate([a, b.T], axis=1)
     terms = subject_terms(factors)
     mean = mu_y
-    for t, pattern in enumerate([*shared, *specific[:2]]):   # summed in this order: cohorts stay bit-identical
+    for t, pattern in enumerate(patterns["terms"]):   # summed in this order: cohorts stay bit-identical
         mean = mean + expand(terms[:, t]) * pattern
     mean = mean + 0.6 * np.tanh(d1) + 0.3 * d1 * d3
     sd = 0.5 * np.exp(0.25 * d2) * (0.7 + 0.6 * shared[0])
