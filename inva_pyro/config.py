@@ -48,6 +48,10 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     bayesian_output: bool = True
     output_prior_scale: float = Field(1.0, gt=0.0)
+    spatial_smoothing: float = Field(0.0, ge=0.0, description="lambda: prior precision of the differences "
+                                     "between neighbouring voxels' predictor parameters, relative to the "
+                                     "output layer's (model/smoothing.py); 0: none. Needs a volume outcome or "
+                                     "an fsaverage5 surface")
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
     # The VAE tutorial's toolkit (docs/toolkit.md)
     network: Literal["mlp", "conv"] = Field("mlp", description="encoders/decoders: MLPs on masked vectors, or "

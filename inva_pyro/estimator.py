@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,15 @@ class InVA:
             space = space_from_dict(spaces[name]) if name in spaces else None
             shape = getattr(space, "grid_shape", None)
             grids.append((shape, np.flatnonzero(space.mask)) if shape and len(shape) in (2, 3) else None)
-        self.module = InVAModule(input_names, input_sizes, n_outcome, self.preset.model, grids).to(self.device)
+        self.module = InVAModule(input_names, input_sizes, n_outcome, self.preset.model, grids,
+                                 self._neighbour_pairs()).to(self.device)
+
+    def _neighbour_pairs(self) -> np.ndarray | None:
+        """The outcome space's neighbour graph, where ``spatial_smoothing`` asks for one (model/smoothing.py)."""
+        space = self.info.get("space")
+        if self.preset.model.spatial_smoothing <= 0 or not space:
+            return None
+        return space_from_dict(space).neighbour_pairs()
 
     def _tensors(self, subset: Subset, with_outcome: bool = True):
         inputs = self.standardizer.transform_inputs(subset)
@@ -146,6 +155,12 @@ class InVA:
                          "n_train": len(train_set), "n_val": len(val), "n_calibration": len(calibration),
                          "n_train_labeled": int(outcome_presence(train_set).sum()), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
+        self.info["neighbour_pairs"] = len(self.module.neighbour_pairs)
+        if self.preset.model.spatial_smoothing > 0 and not len(self.module.neighbour_pairs):
+            kind = (self.info.get("space") or {}).get("kind", "unknown")
+            warnings.warn(f"spatial_smoothing = {self.preset.model.spatial_smoothing:g} has no effect: the outcome "
+                          f"space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)",
+                          RuntimeWarning, stacklevel=2)
         writes = run_dir is not None and distributed.rank() == 0
         if writes and not resume:
             self._write_config(Path(run_dir))

@@ -55,6 +55,7 @@ from .covariance import OutcomeCovariance
 from .experts import product_of_experts, stack_experts
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
+from .smoothing import smoothness_log_prior
 
 
 def weighted(weight: float | torch.Tensor):
@@ -79,8 +80,9 @@ def masked(mask):
 
 class InVAModule(nn.Module):
     def __init__(self, input_names: list[str], input_sizes: list[int], n_outcome: int, cfg: ModelConfig,
-                 input_grids: list | None = None):
-        """``input_grids[k]``: (grid shape, flat mask indices) of input k's image, or None (no grid)."""
+                 input_grids: list | None = None, neighbour_pairs=None):
+        """``input_grids[k]``: (grid shape, flat mask indices) of input k's image, or None (no grid).
+        ``neighbour_pairs``: (E, 2) outcome features that touch, for ``spatial_smoothing`` (None: no graph)."""
         super().__init__()
         if not input_names:
             raise ValueError("InVA needs at least one input modality")
@@ -127,6 +129,10 @@ class InVAModule(nn.Module):
             self.output_weight = nn.Parameter(0.01 * torch.randn(shape))
             self.output_bias = nn.Parameter(torch.zeros(n_outcome))
         self.outcome_covariance = OutcomeCovariance(n_outcome)  # low-rank spatial error, fitted after training
+        # Not saved with the weights: rebuilt from the outcome space whenever the module is built.
+        pairs = torch.as_tensor(neighbour_pairs if neighbour_pairs is not None else torch.zeros(0, 2),
+                                dtype=torch.long).reshape(-1, 2)
+        self.register_buffer("neighbour_pairs", pairs, persistent=False)
 
     # ---- deterministic pieces shared by model, guide and prediction -------------------------------
     def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -214,6 +220,15 @@ class InVAModule(nn.Module):
             return self.output_weight_q.loc, self.output_bias_q.loc
         return self.output_weight, self.output_bias
 
+    def smoothness_prior(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """The GMRF prior of every per-voxel predictor map on the outcome's neighbour graph (smoothing.py),
+        as the named factor ``predictor_smoothness``; nothing without a strength or a graph."""
+        if self.cfg.spatial_smoothing <= 0 or not len(self.neighbour_pairs):
+            return
+        maps = [weight, bias, *self.predictor.voxel_maps()]
+        pyro.factor("predictor_smoothness", smoothness_log_prior(
+            maps, self.neighbour_pairs, self.cfg.spatial_smoothing, self.cfg.output_prior_scale))
+
     # ---- the Pyro program --------------------------------------------------------------------------
     # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:
     # the predictor conditions on the same summaries of x that parameterise q(h | x).
@@ -224,6 +239,7 @@ class InVAModule(nn.Module):
             bias = pyro.sample("output_bias", self.output_prior(self.output_bias_q.loc).to_event(1))
         else:
             weight, bias = self.output_weight, self.output_bias
+        self.smoothness_prior(weight, bias)
         hidden, local_mean, sd = self.outcome_parts(xs, encoded)
         xs, present = self.split_missing(xs)
         outcome_mask = None

@@ -97,6 +97,14 @@ class Predictor(nn.Module):
     def hidden(self, features: torch.Tensor) -> torch.Tensor:
         return self.trunk(features)
 
+    def voxel_maps(self) -> list[torch.Tensor]:
+        """The per-voxel parameters (voxels on dim 0) other than the output layer: what the spatial
+        smoothing prior (smoothing.py) acts on, with W and b."""
+        maps = [self.scale_head.weight, self.scale_head.bias]
+        if self.n_local_inputs:
+            maps += [self.voxel_code, self.mean_mix, self.scale_mix]
+        return maps
+
     def deterministic_parts(self, hidden: torch.Tensor, local_x: torch.Tensor | None):
         """Everything but the output layer: (local mean term, sd). Shapes (B, V)."""
         raw_scale = self.scale_head(hidden)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..spaces.surface import mesh_edges
 from .common import P1_CENTRES, P2_CENTRES, bumps, sigmoid, softplus, subject_factors, subject_rng
 
 
@@ -12,10 +13,9 @@ def _mesh_smoother(faces: np.ndarray, n_vertices: int):
     """Row-normalised (A + I) of the mesh graph: one step of neighbour averaging."""
     from scipy import sparse
 
-    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
-    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
+    edges = mesh_edges(faces)
+    i, j = np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])
     adjacency = sparse.coo_matrix((np.ones(i.size), (i, j)), shape=(n_vertices, n_vertices)).tocsr()
-    adjacency.data[:] = 1.0  # an edge shared by two faces counts once
     step = adjacency + sparse.identity(n_vertices, format="csr")
     return sparse.diags(1.0 / np.asarray(step.sum(axis=1)).ravel()) @ step
 

@@ -45,6 +45,10 @@ class RegionSpace:
         """None: regions are not on a grid (no SSIM, no slice figures)."""
         return None
 
+    def neighbour_pairs(self) -> None:
+        """None: a table says nothing of which regions touch (no spatial smoothing prior)."""
+        return None
+
     def _columns(self, table, path: Path, what: str) -> np.ndarray:
         """Positions of this space's regions in ``table`` (cached per column layout)."""
         columns = self._index.get(table.regions)

@@ -18,6 +18,26 @@ HEMISPHERES = {"lh": "CortexLeft", "rh": "CortexRight"}
 _LABEL_OF_STRUCTURE = {structure: label for label, structure in HEMISPHERES.items()}
 
 
+# Vertices per hemisphere of the one mesh nilearn ships (no download): fsaverage5.
+FSAVERAGE5_VERTICES = 10242
+
+
+def mesh_edges(faces: np.ndarray) -> np.ndarray:
+    """(E, 2) int64 vertex pairs (i < j) joined by an edge of a triangle mesh, each edge once."""
+    faces = np.asarray(faces, dtype=np.int64)
+    pairs = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    return np.unique(np.sort(pairs, axis=1), axis=0)
+
+
+def fsaverage5_edges(hemisphere: str) -> np.ndarray:
+    """Edges of nilearn's fsaverage5 mesh of one hemisphere ("lh" or "rh"), read from nilearn's
+    installed data."""
+    from nilearn import datasets
+
+    mesh = datasets.load_fsaverage("fsaverage5")
+    return mesh_edges(mesh["pial"].parts["left" if hemisphere == "lh" else "right"].faces)
+
+
 def surface_sources(source: str | Path | tuple) -> tuple[Path, ...]:
     """A surface image's files: one path, or the (left, right) pair of paths."""
     if isinstance(source, (tuple, list)):
@@ -73,6 +93,18 @@ class SurfaceSpace:
     def grid_shape(self) -> None:
         """None: vertices are not on a grid (no SSIM, no slice figures)."""
         return None
+
+    def neighbour_pairs(self) -> np.ndarray | None:
+        """(E, 2) int64 feature indices joined by a mesh edge, for the parts that are fsaverage5
+        hemispheres (10242 vertices, left or right); None when no part is. Other meshes are not
+        known here: GIfTI maps carry values, not the surface they lie on."""
+        pairs, offset = [], 0
+        for (label, n), structure in zip(self.parts, self.structures):
+            hemisphere = _LABEL_OF_STRUCTURE.get(structure)
+            if n == FSAVERAGE5_VERTICES and hemisphere is not None:
+                pairs.append(fsaverage5_edges(hemisphere) + offset)
+            offset += n
+        return np.concatenate(pairs) if pairs else None
 
     @property
     def n_vertices(self) -> dict[str, int]:

@@ -83,6 +83,21 @@ class VolumeSpace:
         ijk = np.argwhere(np.asarray(self.mask, dtype=bool)).astype(np.float64)
         return ijk @ np.asarray(self.affine)[:3, :3].T
 
+    def neighbour_pairs(self) -> np.ndarray:
+        """(E, 2) int64 feature indices of the mask voxels that share a face (6-connectivity), each
+        pair once: the graph of the predictor's spatial smoothing prior (model/smoothing.py)."""
+        mask = np.asarray(self.mask, dtype=bool)
+        index = np.full(mask.shape, -1, dtype=np.int64)
+        index[mask] = np.arange(int(mask.sum()))
+        pairs = []
+        for axis in range(3):
+            n = mask.shape[axis]
+            first = np.take(index, np.arange(n - 1), axis=axis)
+            second = np.take(index, np.arange(1, n), axis=axis)
+            both = (first >= 0) & (second >= 0)
+            pairs.append(np.stack([first[both], second[both]], axis=1))
+        return np.concatenate(pairs).reshape(-1, 2)
+
     def _mask_image(self) -> nib.Nifti1Image:
         if self._mask_img is None:
             self._mask_img = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
