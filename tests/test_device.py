@@ -52,7 +52,9 @@ class MetaHost(TorchDispatchMode):
 
 def build(make_preset, model=None, sizes=(20, 12), n_outcome=20) -> InVAModule:
     cfg = make_preset(model=model).model
-    return InVAModule([f"x{k}" for k in range(len(sizes))], list(sizes), n_outcome, cfg)
+    # the outcome's features as a line graph, for the spatial smoothing prior's index tensor
+    pairs = [[v, v + 1] for v in range(n_outcome - 1)] if cfg.spatial_smoothing > 0 else None
+    return InVAModule([f"x{k}" for k in range(len(sizes))], list(sizes), n_outcome, cfg, neighbour_pairs=pairs)
 
 
 def data(sizes=(20, 12), n_outcome=20, n=6, device=META):
@@ -62,7 +64,8 @@ def data(sizes=(20, 12), n_outcome=20, n=6, device=META):
 
 
 MODELS = [None, {"bayesian_output": False}, {"predictor": "paper"}, {"structure": "separate"},
-          {"structure": "concatenated", "predictor": "paper"}, {"mmd_weight": 1.0, "reconstruction": "laplace"}]
+          {"structure": "concatenated", "predictor": "paper"}, {"mmd_weight": 1.0, "reconstruction": "laplace"},
+          {"structure": "joint", "spatial_smoothing": 10.0}]
 
 
 @pytest.mark.parametrize("model", MODELS)

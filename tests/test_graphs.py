@@ -7,7 +7,9 @@ issue 13 met) nor a synchronisation with the host (``.item()``, ``bool(tensor)``
 
 - ``HostTensors`` (a torch-function mode) sees every ``torch.tensor`` / ``torch.as_tensor`` that
   builds a device tensor from host data, and every copy of a CPU tensor to the device;
-- ``Syncs`` (a dispatch mode) sees every operation that reads a device value on the host.
+- ``Syncs`` (a dispatch mode) sees every operation that reads a device value on the host, and every
+  operation on device tensors handed a host tensor (an index tensor kept on the CPU: checked with the
+  spatial smoothing prior's neighbour pairs made a plain attribute instead of a buffer, it fails).
 
 Checked against the code before this change: with ``dist.Normal(zeros, 1.0)`` for the latent priors
 (module.py) and ``torch.as_tensor(prior_scale, device=...)`` (experts.py), the first test fails: torch's
@@ -69,6 +71,11 @@ class Syncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # an operation on device tensors given a host tensor (an index, say) copies it at every step
+        flat = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+                if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in flat) and any(t.device.type == "cpu" and t.dim() > 0 for t in flat):
+            self.found.append(f"{func} given a host tensor at {_where()}")
         if func in SYNCS and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
             self.found.append(f"{func} at {_where()}")
             if func is aten._local_scalar_dense.default:
@@ -78,11 +85,13 @@ class Syncs(TorchDispatchMode):
 
 def _module(make_preset, model):
     cfg = make_preset(model=model).model
-    return InVAModule(["x1", "x2", "x3"], [20, 12, 20], 20, cfg)
+    pairs = [[v, v + 1] for v in range(19)] if cfg.spatial_smoothing > 0 else None  # a line graph
+    return InVAModule(["x1", "x2", "x3"], [20, 12, 20], 20, cfg, neighbour_pairs=pairs)
 
 
 STRUCTURES = [None, {"structure": "separate"}, {"structure": "concatenated", "predictor": "paper"},
-              {"structure": "joint"}, {"mmd_weight": 1.0, "bayesian_output": False}]
+              {"structure": "joint"}, {"mmd_weight": 1.0, "bayesian_output": False},
+              {"structure": "joint", "spatial_smoothing": 10.0}]
 
 
 @pytest.mark.parametrize("model", STRUCTURES)
@@ -104,7 +113,7 @@ def test_the_training_step_copies_nothing_from_the_host_and_never_syncs(make_pre
                                             preset.training)
     assert loss.device == META and grad_norm.device == META
     assert host.found == [], f"host tensors copied to the device: {host.found}"
-    assert syncs.found == [], f"host synchronisations: {syncs.found}"
+    assert syncs.found == [], f"host synchronisations or host tensors in device work: {syncs.found}"
 
 
 def test_the_checks_see_a_host_tensor_and_a_sync():
@@ -116,8 +125,9 @@ def test_the_checks_see_a_host_tensor_and_a_sync():
             torch.distributions.Normal(x, 1.0, validate_args=False)  # broadcast_all: torch.tensor(1.0, device=meta)
             torch.ones(3).to(META)
             bool((x > 0).all())
+            x[torch.tensor([0, 2])]  # a host index into device work: the copy happens inside the kernel call
     assert len(host.found) == 2 and "tensor" in host.found[0] and "to from the host" in host.found[1]
-    assert len(syncs.found) == 1
+    assert len(syncs.found) == 2 and "given a host tensor" in syncs.found[1]
 
 
 def test_graphs_are_used_only_on_cuda_with_the_cohort_in_memory(make_preset):

@@ -192,7 +192,7 @@ def test_default_space_is_valid_for_the_default_preset():
     space = load_space(None, load_preset("inva"))
     assert {"model.shallow_dim", "model.deep_dim", "training.kl_weight", "training.kl_anneal_epochs",
             "model.mmd_weight", "training.learning_rate", "model.hidden", "training.batch_size",
-            "model.dropout", "training.weight_decay"} <= set(space)
+            "model.dropout", "training.weight_decay", "model.spatial_smoothing"} <= set(space)
 
 
 @pytest.mark.parametrize("name", preset_names())
