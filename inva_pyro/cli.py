@@ -289,8 +289,8 @@ def _tune(args) -> None:
     if base.model.family != "inva":
         raise InputError(f"--model {args.model}: a '{base.model.family}' preset has none of the settings "
                          "tune searches")
-    space = load_space(args.space, base)
     cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed)
+    space = load_space(args.space, base, cohort.spaces[args.outcome].neighbour_pairs() is not None)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"{args.out}: exists and is not a folder")
     created = not args.out.exists()

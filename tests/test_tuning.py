@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from inva_pyro import cli
 from inva_pyro.config import load_preset, parse_preset, preset_names, preset_to_toml
 from inva_pyro.tune import tuning
-from inva_pyro.tune.search_space import Range, load_space
+from inva_pyro.tune.search_space import Fixed, Range, load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -193,6 +193,8 @@ def test_default_space_is_valid_for_the_default_preset():
     assert {"model.shallow_dim", "model.deep_dim", "training.kl_weight", "training.kl_anneal_epochs",
             "model.mmd_weight", "training.learning_rate", "model.hidden", "training.batch_size",
             "model.dropout", "training.weight_decay", "model.spatial_smoothing"} <= set(space)
+    # a region table has no neighbour graph: the spatial prior is fixed off rather than searched
+    assert load_space(None, load_preset("inva"), neighbour_graph=False)["model.spatial_smoothing"] == Fixed(0.0)
 
 
 @pytest.mark.parametrize("name", preset_names())

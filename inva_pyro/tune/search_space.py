@@ -71,9 +71,13 @@ DEFAULT_SPACE: dict[str, Param] = {
 _TABLES = {"model": ModelConfig, "training": TrainingConfig}
 
 
-def load_space(path: Path | None, base: Preset) -> dict[str, Param]:
-    """The default space with the TOML file's keys replacing or adding entries; every value checked."""
+def load_space(path: Path | None, base: Preset, neighbour_graph: bool = True) -> dict[str, Param]:
+    """The default space with the TOML file's keys replacing or adding entries; every value checked.
+    Without a neighbour graph on the outcome (region tables) the spatial prior does nothing, so unless
+    the file asks for it, ``spatial_smoothing`` is fixed at 0 instead of searched."""
     space = dict(DEFAULT_SPACE)
+    if not neighbour_graph:
+        space["model.spatial_smoothing"] = Fixed(0.0)
     if path is not None:
         space.update(_read_space_file(Path(path)))
     where = str(path) if path is not None else "search space"
