@@ -346,13 +346,16 @@ def across_runs(cohort, idx, cfg, args, first_model, out: Path) -> dict:
     """M fits (seeds 0..M-1) on the first data seed at the largest size, as chains."""
     from inva_pyro import InVA
     from inva_pyro.criticism.inference import across_run_diagnostics
+    from inva_pyro.data.spaces import space_from_dict
 
     size, seed = max(cfg["sizes"]), cfg["seeds"][0]
     models = [first_model]
+    space = space_from_dict(first_model.info["space"])  # the same model as the first chain, prior included
     for fit_seed in range(1, cfg["chains"]):
         train, val = cohort.all.subset(idx["train"][:size]), cohort.all.subset(idx["val"])
         models.append(InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False,
-                                                             outcome_name="y"))
+                                                             outcome_name=first_model.info["outcome"],
+                                                             space=space))
     test = cohort.all.subset(idx["test"])
     diag = across_run_diagnostics(models, test, num_draws=min(200, cfg["samples"]), seed=0)
     diag.update(size=size, data_seed=seed, chains=len(models))

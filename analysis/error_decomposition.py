@@ -48,8 +48,9 @@ def main(argv=None) -> None:
                seeds=[args.seed])
     cohort = study.cohort_for("paper", args.seed, cfg, args.out)
     train = cohort.train.subset(np.arange(min(args.size, len(cohort.train))))
-    model = model_from_preset(study.make_preset(args.model, cfg)).fit(train, cohort.val, seed=args.seed,
-                                                                     device="cpu", progress=False)
+    model = model_from_preset(study.make_preset(args.model, cfg)).fit(
+        train, cohort.val, seed=args.seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
+        space=cohort.spaces[cohort.outcome_name])
     test = cohort.test
     error = model.predict(test, seed=args.seed).mean - test.truth_mean
     names, basis = pattern_basis()

@@ -155,11 +155,12 @@ class InVA:
                          "n_train": len(train_set), "n_val": len(val), "n_calibration": len(calibration),
                          "n_train_labeled": int(outcome_presence(train_set).sum()), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
-        self.info["neighbour_pairs"] = len(self.module.neighbour_pairs)
-        if self.preset.model.spatial_smoothing > 0 and not len(self.module.neighbour_pairs):
-            kind = (self.info.get("space") or {}).get("kind", "unknown")
-            warnings.warn(f"spatial_smoothing = {self.preset.model.spatial_smoothing:g} has no effect: the outcome "
-                          f"space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)",
+        self.info["neighbour_pairs"] = self.module.n_neighbour_pairs
+        if self.preset.model.spatial_smoothing > 0 and not self.module.n_neighbour_pairs:
+            kind = (self.info.get("space") or {}).get("kind")
+            why = (f"the outcome space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)"
+                   if kind else "fit was given no outcome space (space=cohort.spaces[outcome])")
+            warnings.warn(f"spatial_smoothing = {self.preset.model.spatial_smoothing:g} has no effect: {why}",
                           RuntimeWarning, stacklevel=2)
         writes = run_dir is not None and distributed.rank() == 0
         if writes and not resume:

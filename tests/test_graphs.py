@@ -9,7 +9,7 @@ issue 13 met) nor a synchronisation with the host (``.item()``, ``bool(tensor)``
   builds a device tensor from host data, and every copy of a CPU tensor to the device;
 - ``Syncs`` (a dispatch mode) sees every operation that reads a device value on the host, and every
   operation on device tensors handed a host tensor (an index tensor kept on the CPU: checked with the
-  spatial smoothing prior's neighbour pairs made a plain attribute instead of a buffer, it fails).
+  spatial smoothing prior's neighbour table made a plain attribute instead of a buffer, it fails).
 
 Checked against the code before this change: with ``dist.Normal(zeros, 1.0)`` for the latent priors
 (module.py) and ``torch.as_tensor(prior_scale, device=...)`` (experts.py), the first test fails: torch's

@@ -13,7 +13,7 @@ from inva_pyro.data.spaces import RegionSpace, SurfaceSpace, VolumeSpace
 from inva_pyro.data.spaces.surface import FSAVERAGE5_VERTICES, mesh_edges
 from inva_pyro.estimator import InVA
 from inva_pyro.model.module import InVAModule
-from inva_pyro.model.smoothing import roughness
+from inva_pyro.model.smoothing import neighbour_table, roughness
 
 GRID_SPACE = VolumeSpace(shape=(8, 8, 1), affine=np.eye(4), header=None, mask=np.ones((8, 8, 1), bool))
 
@@ -67,13 +67,28 @@ def test_the_factor_is_minus_lambda_over_two_tau_squared_times_the_roughness(mak
     by_hand = sum(float(((m.detach().numpy()[pairs[:, 0]] - m.detach().numpy()[pairs[:, 1]]) ** 2).sum())
                   for m in maps)
     assert site["fn"].log_prob(site["value"]).item() == pytest.approx(-strength / (2 * tau ** 2) * by_hand, rel=1e-5)
-    # a constant map has no roughness; without a strength or a graph there is no site
-    assert roughness(torch.ones(64, 3), torch.as_tensor(pairs)).item() == 0.0
+    # without a strength or a graph there is no site
     for module_off in (InVAModule(["gm", "wm"], [64, 24], 64, make_preset({"bayesian_output": bayesian}).model,
                                   neighbour_pairs=pairs),
                        InVAModule(["gm", "wm"], [64, 24], 64, preset.model)):
         off = poutine.trace(module_off.model).get_trace(xs, y, **kwargs)
         assert "predictor_smoothness" not in off.nodes
+
+
+def test_roughness_and_its_gradient_match_the_sum_over_pairs():
+    mask = np.random.default_rng(0).random((5, 4, 3)) < 0.7        # a ragged mask: degrees 0 to 6
+    space = VolumeSpace(shape=(5, 4, 3), affine=np.eye(4), header=None, mask=mask)
+    pairs = torch.as_tensor(space.neighbour_pairs())
+    table, degree = neighbour_table(pairs, space.n_features)
+    assert degree.sum().item() == 2 * len(pairs) and table.shape == (space.n_features, int(degree.max()))
+    values = torch.randn(space.n_features, 3, dtype=torch.float64, requires_grad=True)
+    by_pairs = (values[pairs[:, 0]] - values[pairs[:, 1]]).pow(2).sum()
+    expected, = torch.autograd.grad(by_pairs, values)
+    value = roughness(values, table, degree)
+    got, = torch.autograd.grad(value, values)
+    torch.testing.assert_close(value, by_pairs)
+    torch.testing.assert_close(got, expected)      # the hand-written backward, 2 L m
+    assert roughness(torch.ones(space.n_features), table, degree).item() == 0.0   # a constant map is smooth
 
 
 def _fit(make_preset, make_cohort, strength, space=GRID_SPACE, **fit_kwargs):
@@ -85,11 +100,12 @@ def _fit(make_preset, make_cohort, strength, space=GRID_SPACE, **fit_kwargs):
 
 def test_a_strong_prior_makes_the_fitted_maps_smooth(make_preset, make_cohort):
     pairs = torch.as_tensor(GRID_SPACE.neighbour_pairs())
+    table, degree = neighbour_table(pairs, 64)
     rough = {}
     for strength in (0.0, 1e4):
         _, model = _fit(make_preset, make_cohort, strength)
         assert model.info["neighbour_pairs"] == (len(pairs) if strength else 0)
-        rough[strength] = [roughness(m.detach(), pairs).item()
+        rough[strength] = [roughness(m.detach(), table, degree).item()
                            for m in (model.module.output_weight_q.loc, model.module.predictor.mean_mix)]
     # the same seed and steps: the prior alone takes most of the differences between neighbours away
     for smooth, free in zip(rough[1e4], rough[0.0]):
@@ -99,7 +115,8 @@ def test_a_strong_prior_makes_the_fitted_maps_smooth(make_preset, make_cohort):
 def test_a_run_folder_rebuilds_the_graph_and_predicts_alike(make_preset, make_cohort, tmp_path):
     cohort, model = _fit(make_preset, make_cohort, 100.0, run_dir=tmp_path / "run")
     loaded = InVA.load(tmp_path / "run")
-    assert torch.equal(loaded.module.neighbour_pairs, model.module.neighbour_pairs)
+    assert torch.equal(loaded.module.neighbour_table, model.module.neighbour_table)
+    assert loaded.info["neighbour_pairs"] == model.module.n_neighbour_pairs == len(GRID_SPACE.neighbour_pairs())
     a, b = model.predict(cohort.test, seed=1), loaded.predict(cohort.test, seed=1)
     np.testing.assert_array_equal(a.mean, b.mean)
 
@@ -109,3 +126,5 @@ def test_a_space_without_a_graph_warns_that_the_prior_is_off(make_preset, make_c
     with pytest.warns(RuntimeWarning, match=r"spatial_smoothing = 100 has no effect: the outcome space \(regions\)"):
         _, model = _fit(make_preset, make_cohort, 100.0, space=regions)
     assert model.info["neighbour_pairs"] == 0
+    with pytest.warns(RuntimeWarning, match=r"no effect: fit was given no outcome space"):
+        _fit(make_preset, make_cohort, 100.0, space=None)

@@ -55,7 +55,7 @@ from .covariance import OutcomeCovariance
 from .experts import product_of_experts, stack_experts
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
-from .smoothing import smoothness_log_prior
+from .smoothing import neighbour_table, smoothness_log_prior
 
 
 def weighted(weight: float | torch.Tensor):
@@ -130,9 +130,10 @@ class InVAModule(nn.Module):
             self.output_bias = nn.Parameter(torch.zeros(n_outcome))
         self.outcome_covariance = OutcomeCovariance(n_outcome)  # low-rank spatial error, fitted after training
         # Not saved with the weights: rebuilt from the outcome space whenever the module is built.
-        pairs = torch.as_tensor(neighbour_pairs if neighbour_pairs is not None else torch.zeros(0, 2),
-                                dtype=torch.long).reshape(-1, 2)
-        self.register_buffer("neighbour_pairs", pairs, persistent=False)
+        table, degree = neighbour_table(neighbour_pairs if neighbour_pairs is not None else [], n_outcome)
+        self.register_buffer("neighbour_table", table, persistent=False)
+        self.register_buffer("neighbour_degree", degree, persistent=False)
+        self.n_neighbour_pairs = int(degree.sum().item()) // 2  # a host int: no device read per step
 
     # ---- deterministic pieces shared by model, guide and prediction -------------------------------
     def vae_inputs(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -223,11 +224,12 @@ class InVAModule(nn.Module):
     def smoothness_prior(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """The GMRF prior of every per-voxel predictor map on the outcome's neighbour graph (smoothing.py),
         as the named factor ``predictor_smoothness``; nothing without a strength or a graph."""
-        if self.cfg.spatial_smoothing <= 0 or not len(self.neighbour_pairs):
+        if self.cfg.spatial_smoothing <= 0 or not self.n_neighbour_pairs:
             return
         maps = [weight, bias, *self.predictor.voxel_maps()]
         pyro.factor("predictor_smoothness", smoothness_log_prior(
-            maps, self.neighbour_pairs, self.cfg.spatial_smoothing, self.cfg.output_prior_scale))
+            maps, self.neighbour_table, self.neighbour_degree, self.cfg.spatial_smoothing,
+            self.cfg.output_prior_scale))
 
     # ---- the Pyro program --------------------------------------------------------------------------
     # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:

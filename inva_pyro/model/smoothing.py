@@ -12,21 +12,61 @@ on top of the output layer's Normal(0, tau^2): together, the Gaussian with preci
 L the graph Laplacian. Its normaliser does not depend on m, so the ELBO changes by a constant only. The
 term is not scaled with the minibatch: like the output layer's own prior it is counted once per step,
 and the likelihood of N subjects outweighs it as N grows.
+
+The sum over pairs is m^T L m, computed from each voxel's neighbours (a padded (V, max degree) table) by
+gathers only; its gradient 2 L m comes with it. Differences over an edge list need a scatter in the
+backward pass: on one CPU thread at 65,536 voxels, 640 ms per step for the predictor's maps, against
+220 ms this way.
 """
 from __future__ import annotations
 
 import torch
 
 
-def roughness(values: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+def neighbour_table(pairs, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, degree) of a graph given as (E, 2) index pairs (each edge once): ``table`` (V, max degree)
+    lists each feature's neighbours, padded with V (a zero row appended when gathering); ``degree`` (V,)."""
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    both = torch.cat([pairs, pairs.flip(1)])
+    both = both[torch.argsort(both[:, 0], stable=True)]
+    degree = torch.bincount(both[:, 0], minlength=n_features)
+    table = torch.full((n_features, int(degree.max()) if len(both) else 0), n_features, dtype=torch.long)
+    slot = torch.arange(len(both)) - (torch.cumsum(degree, 0) - degree)[both[:, 0]]
+    table[both[:, 0], slot] = both[:, 1]
+    return table, degree.to(torch.get_default_dtype())
+
+
+def laplacian_times(values: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
+    """L @ values for ``values`` (..., V, k): degree times the value minus the sum of the neighbours'."""
+    padded = torch.cat([values, values.new_zeros(*values.shape[:-2], 1, values.shape[-1])], dim=-2)
+    neighbours = padded.index_select(-2, table.reshape(-1)).view(*values.shape[:-2], *table.shape, values.shape[-1])
+    return degree.to(values.dtype).unsqueeze(-1) * values - neighbours.sum(-2)
+
+
+class _Roughness(torch.autograd.Function):
+    """m^T L m, with the gradient 2 L m kept from the forward pass (no scatter in the backward)."""
+
+    @staticmethod
+    def forward(ctx, values, table, degree):
+        lm = laplacian_times(values, table, degree)
+        ctx.save_for_backward(lm)
+        return (values * lm).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        lm, = ctx.saved_tensors
+        return 2 * grad * lm, None, None
+
+
+def roughness(values: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
     """Sum over neighbour pairs (u, v) of ||values_u - values_v||^2; ``values`` is (..., V, k) or (V,)."""
     if values.dim() == 1:
         values = values.unsqueeze(-1)
-    return (values[..., pairs[:, 0], :] - values[..., pairs[:, 1], :]).pow(2).sum()
+    return _Roughness.apply(values, table, degree)
 
 
-def smoothness_log_prior(maps: list[torch.Tensor], pairs: torch.Tensor, strength: float,
+def smoothness_log_prior(maps: list[torch.Tensor], table: torch.Tensor, degree: torch.Tensor, strength: float,
                          prior_scale: float) -> torch.Tensor:
     """-lambda / (2 tau^2) times the summed roughness of ``maps`` (each with voxels on dim -2, or (V,))."""
-    total = sum(roughness(m, pairs) for m in maps)
+    total = sum(roughness(m, table, degree) for m in maps)
     return total * (-strength / (2.0 * prior_scale ** 2))
