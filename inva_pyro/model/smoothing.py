@@ -15,8 +15,8 @@ and the likelihood of N subjects outweighs it as N grows.
 
 The sum over pairs is m^T L m, computed from each voxel's neighbours (a padded (V, max degree) table) by
 gathers only; its gradient 2 L m comes with it. Differences over an edge list need a scatter in the
-backward pass: on one CPU thread at 65,536 voxels, 640 ms per step for the predictor's maps, against
-220 ms this way.
+backward pass, which cost about three times as much on the CPU at 65,536 voxels
+(``benchmarks/smoothing_cost.py`` times this term).
 """
 from __future__ import annotations
 
