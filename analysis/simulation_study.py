@@ -62,14 +62,15 @@ VARIANTS = {"vae-concat-paper": ("vae-concat", {"model": {"predictor": "paper"}}
             "inva-deep2": ("inva", {"model": {"deep_dim": 2}}),
             "inva-deep4": ("inva", {"model": {"deep_dim": 4}}),
             "inva-deep2-kl0.3": ("inva", {"model": {"deep_dim": 2, "deep_kl_weight": 0.3}}),
-            # the spatial smoothing prior of the predictor's maps (docs/model.md): off in inva, on in the peers
+            # the spatial smoothing prior of the predictor's maps (docs/model.md): off, or stronger, in inva; on in the peers
             "inva-nosmooth": ("inva", {"model": {"spatial_smoothing": 0.0}}),
+            "inva-smooth1000": ("inva", {"model": {"spatial_smoothing": 1000.0}}),
             "vae-concat-smooth": ("vae-concat", {"model": {"spatial_smoothing": 1000.0}}),
             "vae-separate-smooth": ("vae-separate", {"model": {"spatial_smoothing": 1000.0}})}
-ORDER = ["inva", "inva-nosmooth", "vae-concat", "vae-separate", "vae-concat-smooth", "vae-separate-smooth",
+ORDER = ["inva", "inva-nosmooth", "inva-smooth1000", "vae-concat", "vae-separate", "vae-concat-smooth", "vae-separate-smooth",
          "inva-paper", "vae-concat-paper", "vae-separate-paper", "bart", "ridge", "tensor"]
 DEFAULT_INVA = "inva"
-NOT_PEERS = {"inva", "inva-paper", "inva-nosmooth"}   # InVA's own presets; every other model is a peer
+NOT_PEERS = {"inva", "inva-paper", "inva-nosmooth", "inva-smooth1000"}   # InVA's own presets; every other model is a peer
 LEVELS = [0.5, 0.8, 0.9, 0.95]
 TRAIN_SHARE = 0.6                           # simulate.default_split: 60% train, 20% val, 20% test
 

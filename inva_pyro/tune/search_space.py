@@ -59,7 +59,7 @@ DEFAULT_SPACE: dict[str, Param] = {
     "model.dropout": Range(0.0, 0.5),
     # InfoVAE's lambda per subject: useful values are 100s to 1000s (docs/toolkit.md), 0 is off.
     "model.mmd_weight": Choice((0.0, 100.0, 1000.0)),
-    # lambda of the predictor's spatial smoothing prior (model/smoothing.py): 0 is off; inva and inva-joint use 1000.
+    # lambda of the predictor's spatial smoothing prior (model/smoothing.py): 0 is off; inva uses 100, inva-joint 1000.
     "model.spatial_smoothing": Choice((0.0, 100.0, 1000.0, 10000.0)),
     "training.kl_weight": Range(0.05, 1.0, log=True),
     "training.kl_anneal_epochs": Range(0, 50),
