@@ -23,7 +23,7 @@ import torch
 from inva_pyro.config import load_preset
 from inva_pyro.data.spaces import VolumeSpace
 from inva_pyro.model.module import InVAModule
-from inva_pyro.model.smoothing import neighbour_table, smoothness_log_prior
+from inva_pyro.model.smoothing import smoothness_log_prior
 from inva_pyro.train.elbo import DeviceTrace_ELBO
 from inva_pyro.train.loop import Batchable, _svi_step, make_optimizer
 
@@ -59,11 +59,10 @@ def measure(shape: tuple[int, int, int], steps: int, device: torch.device) -> di
             optimizer.step()
         with pyro.validation_enabled(False):
             row[f"step_ms_lambda_{strength:g}"] = 1000 * timed(step, steps, device)
-    table, degree = (t.to(device) for t in neighbour_table(pairs, n))
     maps = [p.detach().clone().requires_grad_() for p in
             (module.output_weight_q.loc, module.output_bias_q.loc, *module.predictor.voxel_maps())]
-    row["prior_term_ms"] = 1000 * timed(
-        lambda: smoothness_log_prior(maps, table, degree, 1000.0, 1.0).backward(), max(steps, 10), device)
+    row["prior_term_ms"] = 1000 * timed(lambda: smoothness_log_prior(
+        maps, module.neighbour_table, module.neighbour_degree, 1000.0, 1.0).backward(), max(steps, 10), device)
     return row
 
 
