@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--unlabeled", type=int, default=600, help="MRI-only training subjects (default 600)")
     p.add_argument("--n-subjects", type=int, default=500, help="labeled subjects of the design's 60/20/20 split")
     p.add_argument("--seeds", default="0", help="replicate seeds, comma-separated (default 0)")
+    p.add_argument("--fit-seeds", help="training seeds per cohort, comma-separated (default: the cohort's "
+                   "seed): refits on the same cohort measure how much a comparison moves with the training draw")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--epochs", type=int, help="cap on the InVA-family presets' epochs")
     p.add_argument("--samples", type=int, help="predictive draws (default: each preset's)")
@@ -178,7 +181,9 @@ def run(args) -> pd.DataFrame:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     runs_csv = args.out / "runs.csv"
     runs = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
-    done = set(zip(runs["seed"], runs["size"], runs["model"])) if len(runs) else set()
+    if len(runs) and "fit_seed" not in runs:  # written before --fit-seeds: fitted with the cohort's seed
+        runs.insert(1, "fit_seed", runs["seed"])
+    done = set(zip(runs["seed"], runs["fit_seed"], runs["size"], runs["model"])) if len(runs) else set()
     for seed in [int(s) for s in args.seeds.split(",")]:
         folder = args.out / "cohorts" / f"paper-n{args.n_subjects}-u{args.unlabeled}-s{seed}"
         if not (folder / "cohort.json").exists():
@@ -188,41 +193,41 @@ def run(args) -> pd.DataFrame:
         test = cohort.test.subset(np.flatnonzero(input_presence(cohort.test).all(1)))
         has_y = outcome_presence(train)
         labeled_rows, unlabeled_rows = np.flatnonzero(has_y), np.flatnonzero(~has_y)
-        for size in sizes:
-            for name in models:
-                if (seed, size, name) in done:
-                    continue
-                rows = labeled_rows[:size]
-                semi = name.split("-no-")[0].endswith("-semi")
-                fit_set = train.subset(np.sort(np.concatenate([rows, unlabeled_rows])) if semi else rows)
-                fit_val, fit_test, dropped = val, test, None
-                if "-no-" in name:  # never saw input `dropped`: trained and scored without it
-                    dropped = name.split("-no-")[1]
-                    fit_set, fit_val, fit_test = (drop_input(s, dropped) for s in (fit_set, val, test))
-                start, cpu = time.perf_counter(), time.process_time()
-                model = model_from_preset(preset_for(name, args)).fit(
-                    fit_set, fit_val, seed=seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
-                    space=cohort.spaces[cohort.outcome_name])
-                fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
-                epochs = len(model.history["epoch"]) if model.history and model.history.get("epoch") else np.nan
-                base = {"seed": seed, "size": size, "model": name, "n_fit": len(fit_set),
-                        "n_unlabeled": len(unlabeled_rows) if semi else 0, "n_test": len(test),
-                        "fit_seconds": round(fit_s, 1), "fit_cpu_seconds": round(fit_cpu, 1), "epochs": epochs}
-                patterns = ["complete"] if dropped is None else [f"no {dropped}"]
-                if dropped is None and getattr(getattr(model, "module", None), "joint", False):
-                    patterns += [f"no {n}" for n in cohort.input_names]
-                new = []
-                for pattern in patterns:
-                    subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
-                    row, pred = score(model, subset, pattern, seed)
-                    if pattern == "complete" and name not in ("bart", "ridge"):
-                        row.update(representation(model, test, pred))
-                    new.append({**base, **row})
-                runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
-                runs.to_csv(runs_csv, index=False)
-                r = new[0]
-                print(f"seed {seed} N={size} {name:20s} MSE {r['mse']:.4f} excess {r['excess']:.3f} "
-                      f"cov90 {r['cov90']:.3f} fit {fit_s:.0f} s ({fit_cpu:.0f} CPU s, {epochs} epochs)", flush=True)
+        fit_seeds = [int(s) for s in args.fit_seeds.split(",")] if args.fit_seeds else [seed]
+        for size, name, fit_seed in itertools.product(sizes, models, fit_seeds):
+            if (seed, fit_seed, size, name) in done:
+                continue
+            rows = labeled_rows[:size]
+            semi = name.split("-no-")[0].endswith("-semi")
+            fit_set = train.subset(np.sort(np.concatenate([rows, unlabeled_rows])) if semi else rows)
+            fit_val, fit_test, dropped = val, test, None
+            if "-no-" in name:  # never saw input `dropped`: trained and scored without it
+                dropped = name.split("-no-")[1]
+                fit_set, fit_val, fit_test = (drop_input(s, dropped) for s in (fit_set, val, test))
+            start, cpu = time.perf_counter(), time.process_time()
+            model = model_from_preset(preset_for(name, args)).fit(
+                fit_set, fit_val, seed=fit_seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
+                space=cohort.spaces[cohort.outcome_name])
+            fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
+            epochs = len(model.history["epoch"]) if model.history and model.history.get("epoch") else np.nan
+            base = {"seed": seed, "fit_seed": fit_seed, "size": size, "model": name, "n_fit": len(fit_set),
+                    "n_unlabeled": len(unlabeled_rows) if semi else 0, "n_test": len(test),
+                    "fit_seconds": round(fit_s, 1), "fit_cpu_seconds": round(fit_cpu, 1), "epochs": epochs}
+            patterns = ["complete"] if dropped is None else [f"no {dropped}"]
+            if dropped is None and getattr(getattr(model, "module", None), "joint", False):
+                patterns += [f"no {n}" for n in cohort.input_names]
+            new = []
+            for pattern in patterns:
+                subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
+                row, pred = score(model, subset, pattern, fit_seed)
+                if pattern == "complete" and name not in ("bart", "ridge"):
+                    row.update(representation(model, test, pred))
+                new.append({**base, **row})
+            runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
+            runs.to_csv(runs_csv, index=False)
+            r = new[0]
+            print(f"seed {seed} (fit {fit_seed}) N={size} {name:20s} MSE {r['mse']:.4f} excess {r['excess']:.3f} "
+                  f"cov90 {r['cov90']:.3f} fit {fit_s:.0f} s ({fit_cpu:.0f} CPU s, {epochs} epochs)", flush=True)
     return runs
 
 

@@ -165,6 +165,10 @@ class TrainingConfig(_Strict):
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="structure 'joint' only: each training "
                                  "step hides each input of each subject with this probability (never every input "
                                  "of a subject), so the model learns to predict from any subset of its inputs")
+    input_dropout_scheme: Literal["each", "one"] = Field(
+        "each", description="'each': every input of a subject is hidden with probability input_dropout; "
+        "'one': with probability input_dropout one input of the subject, chosen at random, is hidden "
+        "(each one-input-missing pattern then gets input_dropout / K of the steps; docs/model.md)")
 
 
 class PredictionConfig(_Strict):

@@ -280,6 +280,34 @@ def test_hide_inputs_hides_at_the_rate_asked_and_never_every_input(device):
             assert abs(lost - expected) < 4 * np.sqrt(expected * (1 - expected) / rows.sum().item())
 
 
+def test_hide_inputs_one_scheme_hides_one_input_chosen_uniformly():
+    from inva_pyro.data.missing import hide_inputs
+    n, share = 30000, 0.75
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 4, generator=gen) for _ in range(3)]
+    xs[1][: n // 4] = float("nan")                        # a quarter lack x2
+    xs[1][n // 4: n // 4 + 100] = float("nan")
+    xs[2][n // 4: n // 4 + 100] = float("nan")            # 100 have x1 alone: they keep it
+    torch.manual_seed(0)
+    out = hide_inputs(xs, share, scheme="one")
+    before = torch.stack([~torch.isnan(x).all(-1) for x in xs], -1)
+    after = torch.stack([~torch.isnan(x).all(-1) for x in out], -1)
+    assert not (after & ~before).any() and after.any(-1).all()
+    lost = (before & ~after).sum(-1)
+    assert lost.max() == 1                                              # never more than one input
+    assert torch.equal(after[n // 4: n // 4 + 100], before[n // 4: n // 4 + 100])
+    # Binomial rates: with K present inputs each is hidden with probability share / K.
+    for k, rows in ((3, before.all(-1)), (2, before.sum(-1) == 2)):
+        m = rows.sum().item()
+        hidden = 1 - after[rows].float().mean(0)
+        for j in range(3):
+            if before[rows, j].all():
+                p = share / k
+                assert abs(hidden[j].item() - p) < 4 * np.sqrt(p * (1 - p) / m)
+    with pytest.raises(ValueError, match="unknown input dropout scheme 'some'"):
+        hide_inputs(xs, share, scheme="some")
+
+
 def test_input_dropout_is_for_the_joint_structure_and_trains(make_preset, make_arrays):
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="input_dropout needs model.structure = 'joint'"):
@@ -291,3 +319,7 @@ def test_input_dropout_is_for_the_joint_structure_and_trains(make_preset, make_a
         cohort.train, cohort.val, seed=0, progress=False, device="cpu") for p in (0.0, 0.5, 0.5)]
     loss = [f.history["train_loss"] for f in fits]
     assert loss[1] == loss[2] and loss[1] != loss[0]   # seeded: the hidden inputs are drawn the same way
+    one = InVA(make_preset({"structure": "joint"}, {"epochs": 2, "input_dropout": 0.5,
+                                                    "input_dropout_scheme": "one"})).fit(
+        cohort.train, cohort.val, seed=0, progress=False, device="cpu")
+    assert one.history["train_loss"] != loss[1]         # the scheme reaches the training loop

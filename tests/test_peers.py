@@ -406,6 +406,12 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert np.isfinite(complete[columns].astype(float)).all()
     assert runs.loc[runs["model"] == "ridge", "excess_subject"].isna().all()
     assert "Where the error lies" in summary
+    # refits on the same cohort with other training seeds: new rows, the rows already there are kept
+    assert study.main(["--scenario", "semisupervised", "--quick", "--out", str(out), "--models", "ridge",
+                       "--fit-seeds", "0,1"]) == 0
+    again = pd.read_csv(out / "runs.csv")
+    assert sorted(again.loc[again["model"] == "ridge", "fit_seed"]) == [0, 1]
+    assert (again.loc[again["model"] == "inva-joint-semi", "fit_seed"] == 0).all() and len(again) == len(runs) + 1
 
 
 def test_the_error_split_puts_a_pattern_error_in_the_subject_part():

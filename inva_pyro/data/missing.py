@@ -88,17 +88,30 @@ def fill_missing(x):
     return torch.nan_to_num(x, nan=0.0), present
 
 
-def hide_inputs(xs: list, share: float, generator=None) -> list:
-    """The inputs with each present one of each subject hidden (a NaN row) with probability ``share``,
-    never every input of a subject (a random present one is kept): training on random subsets of the
-    inputs, as MVAE does (Wu & Goodman 2018), teaches a joint model to predict from any subset.
+def hide_inputs(xs: list, share: float, generator=None, scheme: str = "each") -> list:
+    """The inputs with some present ones of each subject hidden (NaN rows), never every input of a
+    subject: training on random subsets of the inputs, as MVAE does (Wu & Goodman 2018), teaches a
+    joint model to predict from any subset.
+
+    ``scheme`` "each": every present input is hidden with probability ``share`` (a random present one
+    is kept where all would go). "one": with probability ``share`` one present input, chosen uniformly,
+    is hidden (subjects with a single input keep it). Under "each" a given one-input-missing pattern
+    gets at most share (1 - share)^(K-1) of the steps (0.148 at K = 3); under "one" it gets share / K.
     Drawn on the inputs' device, without a host synchronisation."""
     import torch
     present = torch.stack([~torch.isnan(x).all(dim=-1) for x in xs], dim=-1)              # (B, K)
     draws = torch.rand(present.shape, device=present.device, generator=generator)
-    hide = present & (draws < share)
-    # the present input with the largest draw is kept where every present one would be hidden
-    keep = torch.where(present, draws, torch.full_like(draws, -1.0)).argmax(dim=-1, keepdim=True)
-    lost = ~(present & ~hide).any(dim=-1, keepdim=True)
-    hide &= ~(lost & torch.zeros_like(hide).scatter(-1, keep, True))
+    # the present input with the largest draw: a uniform choice among the present ones
+    pick = torch.where(present, draws, torch.full_like(draws, -1.0)).argmax(dim=-1, keepdim=True)
+    chosen = torch.zeros_like(present).scatter(-1, pick, True)
+    if scheme == "one":
+        subject_draw = torch.rand(present.shape[:1] + (1,), device=present.device, generator=generator)
+        hide = chosen & (subject_draw < share) & (present.sum(dim=-1, keepdim=True) >= 2)
+    elif scheme == "each":
+        hide = present & (draws < share)
+        lost = ~(present & ~hide).any(dim=-1, keepdim=True)
+        hide &= ~(lost & chosen)  # the chosen one is kept where every present one would be hidden
+    else:
+        raise ValueError(f"unknown input dropout scheme {scheme!r} (known: each, one)")
     return [torch.where(h[:, None], torch.full_like(x, float("nan")), x) for x, h in zip(xs, hide.unbind(-1))]
+
