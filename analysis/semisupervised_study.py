@@ -277,7 +277,39 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
             lines.append(f"| {int(r['size'])} | {r['model']} | {r['pattern']} | {r['mse']:.4f} | {r['excess']:.3f} | "
                          f"{r['cov50']:.3f} | {r['cov80']:.3f} | {r['cov90']:.3f} | {r['cov95']:.3f} |")
         lines.append("")
+    lines += never_given_table(runs)
     return "\n".join(lines) + "\n"
+
+
+def never_given_table(runs: pd.DataFrame) -> list[str]:
+    """Subjects lacking input xk, predicted by inva-joint-semi, against inva-joint-semi-no-xk (a model never
+    given xk) fitted with the same cohort and training seed: the issue-14 goal "between complete subjects and
+    a model that never saw the modality". Paired per fit; the mean difference with its standard error."""
+    if "fit_seed" not in runs:
+        runs = runs.assign(fit_seed=runs["seed"])
+    keys = ["seed", "fit_seed", "size"]
+    joint = runs[runs["model"] == "inva-joint-semi"]
+    refs = runs[runs["model"].str.startswith("inva-joint-semi-no-")]
+    pairs = refs.merge(joint, on=keys + ["pattern"], suffixes=("_never", ""))
+    if not len(pairs):
+        return []
+    complete = joint[joint["pattern"] == "complete"][keys + ["mse"]].rename(columns={"mse": "mse_complete"})
+    pairs = pairs.merge(complete, on=keys)
+    pairs["diff"] = 100 * (pairs["mse"] / pairs["mse_never"] - 1)
+    lines = ["### Subjects lacking an input: inva-joint-semi against the model never given it", "",
+             "Goal: MSE between the complete subjects' and the never-given model's (difference <= 0).", "",
+             "| N labeled | seed (fit) | pattern | MSE joint | MSE never given | difference | MSE complete |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in pairs.sort_values(keys + ["pattern"]).iterrows():
+        lines.append(f"| {int(r['size'])} | {int(r['seed'])} ({int(r['fit_seed'])}) | {r['pattern']} | {r['mse']:.4f} | "
+                     f"{r['mse_never']:.4f} | {r['diff']:+.1f}% | {r['mse_complete']:.4f} |")
+    lines += ["", "| N labeled | pattern | fits | mean MSE joint | mean MSE never given | mean difference (se) |",
+              "|---|---|---|---|---|---|"]
+    for (size, pattern), g in pairs.groupby(["size", "pattern"]):
+        se = f"{g['diff'].std(ddof=1) / np.sqrt(len(g)):.1f}" if len(g) > 1 else "—"
+        lines.append(f"| {int(size)} | {pattern} | {len(g)} | {g['mse'].mean():.4f} | {g['mse_never'].mean():.4f} | "
+                     f"{g['diff'].mean():+.1f}% ({se}) |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:

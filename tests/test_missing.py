@@ -304,6 +304,8 @@ def test_hide_inputs_one_scheme_hides_one_input_chosen_uniformly():
             if before[rows, j].all():
                 p = share / k
                 assert abs(hidden[j].item() - p) < 4 * np.sqrt(p * (1 - p) / m)
+    meta = hide_inputs([x.to("meta") for x in xs], share, scheme="one")   # drawn on the inputs' device
+    assert all(o.device.type == "meta" and o.shape == (n, 4) for o in meta)
     with pytest.raises(ValueError, match="unknown input dropout scheme 'some'"):
         hide_inputs(xs, share, scheme="some")
 

@@ -414,6 +414,27 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert (again.loc[again["model"] == "inva-joint-semi", "fit_seed"] == 0).all() and len(again) == len(runs) + 1
 
 
+def test_the_never_given_table_pairs_each_fit_with_its_reference():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "semisupervised_study.py"
+    spec = importlib.util.spec_from_file_location("semisupervised_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    row = lambda fit, model, pattern, mse: {"seed": 0, "fit_seed": fit, "size": 300, "model": model,
+                                            "pattern": pattern, "mse": mse}
+    runs = pd.DataFrame([row(0, "inva-joint-semi", "complete", 0.2), row(0, "inva-joint-semi", "no x1", 0.44),
+                         row(0, "inva-joint-semi-no-x1", "no x1", 0.40), row(1, "inva-joint-semi", "complete", 0.2),
+                         row(1, "inva-joint-semi", "no x1", 0.38), row(1, "inva-joint-semi-no-x1", "no x1", 0.40),
+                         row(1, "inva-joint-semi", "no x2", 0.3)])      # no reference for x2: not in the table
+    lines = study.never_given_table(runs)
+    assert "| 300 | 0 (0) | no x1 | 0.4400 | 0.4000 | +10.0% | 0.2000 |" in lines
+    assert "| 300 | 0 (1) | no x1 | 0.3800 | 0.4000 | -5.0% | 0.2000 |" in lines
+    assert "| 300 | no x1 | 2 | 0.4100 | 0.4000 | +2.5% (7.5) |" in lines        # se = sd 10.6 / sqrt(2)
+    assert not any("no x2" in line for line in lines)
+    assert study.never_given_table(runs[runs["model"] == "inva-joint-semi"]) == []
+
+
 def test_the_error_split_puts_a_pattern_error_in_the_subject_part():
     """A prediction off the truth by c S_1 + a checkerboard: the first is all subject-level, the second local."""
     import importlib.util
