@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # sibling scripts (error_decomposition, ...)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 LEVELS = [0.5, 0.8, 0.9, 0.95]
 MODELS = ["inva-joint-semi", "inva-joint-labeled", "inva-labeled", "inva-semi", "vae-concat-semi",
           "vae-separate-semi", "vae-concat", "vae-separate", "bart", "ridge"]
@@ -171,6 +174,22 @@ def representation(model, test, pred) -> dict:
     return row
 
 
+def specific_map_read(test, pred, name: str) -> dict:
+    """For test subjects lacking input ``name`` = xk: how much the prediction varies along C_k, the map of
+    the factor b_k that only xk shows (least-squares coefficient on the design's patterns, sd across
+    subjects), and its correlation with the truth's. Without xk nothing can know b_k, so a large sd with
+    no correlation is a latent that claims what it cannot know (docs/results.md)."""
+    from error_decomposition import pattern_basis
+
+    names, maps = pattern_basis()
+    j = names.index("C" + name[1:])
+    n = len(test.subjects)
+    coef = [np.linalg.lstsq(maps, (a - a.mean(0)).T, rcond=None)[0][j]
+            for a in (pred.mean, np.asarray(test.truth_mean).reshape(n, -1))]
+    return {"specific_sd": float(coef[0].std()), "specific_sd_truth": float(coef[1].std()),
+            "specific_corr": float(np.corrcoef(coef[0], coef[1])[0, 1])}
+
+
 def run(args) -> pd.DataFrame:
     from inva_pyro.data.cohort import Cohort
     from inva_pyro.data.missing import input_presence, outcome_presence
@@ -222,6 +241,8 @@ def run(args) -> pd.DataFrame:
                 row, pred = score(model, subset, pattern, fit_seed)
                 if pattern == "complete" and name not in ("bart", "ridge"):
                     row.update(representation(model, test, pred))
+                elif pattern != "complete":
+                    row.update(specific_map_read(test, pred, pattern[3:]))
                 new.append({**base, **row})
             runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
             runs.to_csv(runs_csv, index=False)
@@ -270,12 +291,16 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
     joint = runs[runs["model"].str.startswith("inva-joint")]
     if len(joint):
         lines += ["### Per missingness pattern (joint models, the same test subjects with an input removed)", "",
-                  "| N labeled | model | pattern | MSE | excess | cov 0.5 | cov 0.8 | cov 0.9 | cov 0.95 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "C_k read: for subjects lacking xk, the sd across subjects of the prediction's coefficient on C_k "
+                  "(the map of b_k, which only xk shows) and its correlation with the truth's.", "",
+                  "| N labeled | model | pattern | MSE | excess | cov 0.5 | cov 0.8 | cov 0.9 | cov 0.95 | C_k read: sd (corr) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         per = joint.groupby(["size", "model", "pattern"], sort=False).mean(numeric_only=True).reset_index()
         for _, r in per.iterrows():
+            read = (f"{r['specific_sd']:.3f} ({r['specific_corr']:+.2f})"
+                    if "specific_sd" in r and not pd.isna(r["specific_sd"]) else "—")
             lines.append(f"| {int(r['size'])} | {r['model']} | {r['pattern']} | {r['mse']:.4f} | {r['excess']:.3f} | "
-                         f"{r['cov50']:.3f} | {r['cov80']:.3f} | {r['cov90']:.3f} | {r['cov95']:.3f} |")
+                         f"{r['cov50']:.3f} | {r['cov80']:.3f} | {r['cov90']:.3f} | {r['cov95']:.3f} | {read} |")
         lines.append("")
     lines += never_given_table(runs)
     return "\n".join(lines) + "\n"
@@ -285,8 +310,8 @@ def never_given_table(runs: pd.DataFrame) -> list[str]:
     """Subjects lacking input xk, predicted by inva-joint-semi, against inva-joint-semi-no-xk (a model never
     given xk) fitted with the same cohort and training seed: the issue-14 goal "between complete subjects and
     a model that never saw the modality". Paired per fit; the mean difference with its standard error."""
-    if "fit_seed" not in runs:
-        runs = runs.assign(fit_seed=runs["seed"])
+    # rows written before --fit-seeds were fitted with the cohort's seed
+    runs = runs.assign(fit_seed=runs["fit_seed"].fillna(runs["seed"]) if "fit_seed" in runs else runs["seed"])
     keys = ["seed", "fit_seed", "size"]
     joint = runs[runs["model"] == "inva-joint-semi"]
     refs = runs[runs["model"].str.startswith("inva-joint-semi-no-")]

@@ -169,6 +169,10 @@ class TrainingConfig(_Strict):
         "each", description="'each': every input of a subject is hidden with probability input_dropout; "
         "'one': with probability input_dropout one input of the subject, chosen at random, is hidden "
         "(each one-input-missing pattern then gets input_dropout / K of the steps; docs/model.md)")
+    reconstruct_hidden: bool = Field(
+        False, description="inputs hidden by input_dropout stay in the reconstruction terms: the encoders of "
+        "the others must then infer what those say about them (and nothing more); false: a hidden input is "
+        "treated as never acquired")
 
 
 class PredictionConfig(_Strict):

@@ -78,6 +78,30 @@ def test_elbo_with_masked_outcomes_is_the_sum_of_its_parts(make_preset, make_arr
     assert torch.isfinite(loss)
 
 
+def test_inputs_hidden_for_training_can_stay_in_the_reconstruction_terms(make_preset, make_arrays):
+    """reconstruct=: the guide and the predictor see the hidden inputs, the likelihood the full ones; the
+    loss gains exactly the hidden images' log-likelihoods under the latent drawn without them."""
+    torch.manual_seed(0)
+    inputs, y, _, _ = make_arrays(12, 3)
+    inputs, y = with_gaps(inputs, y, seed=1, p_input=0.4, p_outcome=0.5)
+    module = InVAModule(["gm", "wm"], [64, 24], 64, make_preset({"structure": "joint", "bayesian_output": False}).model).eval()
+    full = [torch.as_tensor(inputs["gm"]), torch.as_tensor(inputs["wm"])]
+    has_wm = ~torch.isnan(full[1]).all(-1)
+    hide = has_wm & (torch.arange(12) % 2 == 0)                 # gm hidden where wm can stand in
+    hidden = [torch.where(hide[:, None], torch.full_like(full[0], float("nan")), full[0]), full[1]]
+    kwargs = dict(subjects=torch.arange(12), n_subjects=50)
+    losses = []
+    for reconstruct in (None, full):
+        pyro.set_rng_seed(7)
+        losses.append(Trace_ELBO().differentiable_loss(module.model, module.guide, hidden, torch.as_tensor(y),
+                                                       reconstruct=reconstruct, **kwargs))
+    pyro.set_rng_seed(7)
+    z = poutine.trace(module.guide).get_trace(hidden, torch.as_tensor(y), **kwargs).nodes["subject_latent"]["value"]
+    gm = torch.distributions.Normal(*module.modality_decoders[0](z)).log_prob(full[0]).sum(-1)
+    assert 0 < int(hide.sum()) < 12
+    torch.testing.assert_close(losses[0] - losses[1], (50 / 12) * gm[hide].sum(), rtol=1e-5, atol=1e-3)
+
+
 def test_standardisation_uses_present_values_only(make_arrays):
     inputs, y, _, _ = make_arrays(30, 0)
     inputs, y = with_gaps(inputs, y, seed=2)
@@ -325,3 +349,7 @@ def test_input_dropout_is_for_the_joint_structure_and_trains(make_preset, make_a
                                                     "input_dropout_scheme": "one"})).fit(
         cohort.train, cohort.val, seed=0, progress=False, device="cpu")
     assert one.history["train_loss"] != loss[1]         # the scheme reaches the training loop
+    kept = InVA(make_preset({"structure": "joint"}, {"epochs": 2, "input_dropout": 0.5,
+                                                     "reconstruct_hidden": True})).fit(
+        cohort.train, cohort.val, seed=0, progress=False, device="cpu")
+    assert kept.history["train_loss"] != loss[1] and np.isfinite(kept.history["train_loss"]).all()

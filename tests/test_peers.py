@@ -406,6 +406,9 @@ def test_semisupervised_scenario_quick(tmp_path):
     assert np.isfinite(complete[columns].astype(float)).all()
     assert runs.loc[runs["model"] == "ridge", "excess_subject"].isna().all()
     assert "Where the error lies" in summary
+    missing = semi[semi["pattern"] != "complete"]
+    assert np.isfinite(missing[["specific_sd", "specific_sd_truth", "specific_corr"]].astype(float)).all().all()
+    assert (missing["specific_sd_truth"] > 0).all() and "C_k read" in summary
     # refits on the same cohort with other training seeds: new rows, the rows already there are kept
     assert study.main(["--scenario", "semisupervised", "--quick", "--out", str(out), "--models", "ridge",
                        "--fit-seeds", "0,1"]) == 0
@@ -433,6 +436,29 @@ def test_the_never_given_table_pairs_each_fit_with_its_reference():
     assert "| 300 | no x1 | 2 | 0.4100 | 0.4000 | +2.5% (7.5) |" in lines        # se = sd 10.6 / sqrt(2)
     assert not any("no x2" in line for line in lines)
     assert study.never_given_table(runs[runs["model"] == "inva-joint-semi"]) == []
+
+
+def test_the_specific_map_read_finds_a_made_up_factor():
+    import importlib.util
+    import types
+
+    from inva_pyro.data.simulate import paper_patterns
+
+    path = Path(__file__).resolve().parent.parent / "analysis" / "semisupervised_study.py"
+    spec = importlib.util.spec_from_file_location("semisupervised_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    n, rng = 200, np.random.default_rng(1)
+    maps = paper_patterns()
+    s1, c1 = maps["shared"][0].ravel(), maps["specific"][0].ravel()
+    a, b, made_up = rng.standard_normal((3, n, 1))
+    test = types.SimpleNamespace(subjects=list(range(n)), truth_mean=1.0 + a * s1 + 0.6 * b * c1)
+    read = study.specific_map_read(test, types.SimpleNamespace(mean=test.truth_mean), "x1")
+    assert read["specific_corr"] == pytest.approx(1.0) and read["specific_sd"] == pytest.approx(0.6 * b.std())
+    # b1 unknown, a made-up factor in its place: the read is that factor's sd, uncorrelated with the truth
+    read = study.specific_map_read(test, types.SimpleNamespace(mean=1.0 + a * s1 + 0.5 * made_up * c1), "x1")
+    assert read["specific_sd"] == pytest.approx(0.5 * made_up.std())
+    assert abs(read["specific_corr"]) < 4 / np.sqrt(n)   # the sample correlation of independent draws
 
 
 def test_the_error_split_puts_a_pattern_error_in_the_subject_part():

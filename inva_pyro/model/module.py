@@ -235,7 +235,9 @@ class InVAModule(nn.Module):
     # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:
     # the predictor conditions on the same summaries of x that parameterise q(h | x).
     def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
-              extra_terms=True):
+              extra_terms=True, reconstruct=None):
+        """``reconstruct`` (structure ``joint``): the inputs whose reconstruction terms count, when they differ
+        from ``xs``, the inputs the guide and the predictor see (inputs hidden for training, still observed)."""
         if self.cfg.bayesian_output:
             weight = pyro.sample("output_weight", self.output_prior(self.output_weight_q.loc).to_event(2))
             bias = pyro.sample("output_bias", self.output_prior(self.output_bias_q.loc).to_event(1))
@@ -255,9 +257,10 @@ class InVAModule(nn.Module):
             with pyro.plate("subjects", n_subjects, subsample=subjects):
                 with weighted(kl_scale):
                     z = pyro.sample("subject_latent", standard_normal(xs[0], batch, cfg.shallow_dim).to_event(1))
-                for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, xs)):
+                targets, observed = (xs, present) if reconstruct is None else self.split_missing(reconstruct)
+                for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, targets)):
                     x_mean, x_scale = decoder(z)
-                    with poutine.mask(mask=present[:, k]):
+                    with poutine.mask(mask=observed[:, k]):
                         pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
                         if extra_terms and self.dssim_terms is not None:
                             pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
@@ -296,7 +299,8 @@ class InVAModule(nn.Module):
                 pyro.factor(f"mmd_{name}", -cfg.mmd_weight * n_subjects *
                             mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
 
-    def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0):
+    def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
+              reconstruct=None):
         if self.cfg.bayesian_output:
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
