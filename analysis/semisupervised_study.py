@@ -21,8 +21,9 @@ subjects are the same for every N and model):
 Every model is scored on the complete test subjects: MSE, the oracle's MSE (the noise variance, known
 in simulation) and the excess error (MSE - oracle) / oracle, coverage of the calibrated 50/80/90/95%
 intervals. The joint models are also scored on the same test subjects with each input removed
-(pattern "no xk"), to show coverage per missingness pattern (calibrated per pattern on validation
-subjects, ``inva_pyro/predict/patterns.py``) and the MSE cost of the missing input.
+(pattern "no xk") and with all but one removed ("only xk"), to show coverage per missingness pattern
+(calibrated per pattern on validation subjects, ``inva_pyro/predict/patterns.py``) and the MSE cost of
+the missing inputs.
 
 Run (``--threads 1 --bart-jobs 1``: one core); ``--quick`` is a smoke test of a minute:
     python analysis/simulation_study.py --scenario semisupervised --out semi --threads 1 --bart-jobs 1
@@ -235,13 +236,22 @@ def run(args) -> pd.DataFrame:
             patterns = ["complete"] if dropped is None else [f"no {dropped}"]
             if dropped is None and getattr(getattr(model, "module", None), "joint", False):
                 patterns += [f"no {n}" for n in cohort.input_names]
+                if len(cohort.input_names) > 2:
+                    patterns += [f"only {n}" for n in cohort.input_names]
             new = []
             for pattern in patterns:
-                subset = fit_test if pattern == "complete" or dropped else without(test, pattern[3:])
+                if pattern == "complete" or dropped:
+                    subset = fit_test
+                elif pattern.startswith("only "):
+                    subset = test
+                    for other in (n for n in cohort.input_names if n != pattern[5:]):
+                        subset = without(subset, other)
+                else:
+                    subset = without(test, pattern[3:])
                 row, pred = score(model, subset, pattern, fit_seed)
                 if pattern == "complete" and name not in ("bart", "ridge"):
                     row.update(representation(model, test, pred))
-                elif pattern != "complete":
+                elif pattern.startswith("no "):
                     row.update(specific_map_read(test, pred, pattern[3:]))
                 new.append({**base, **row})
             runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
