@@ -26,9 +26,13 @@ script checks the whole computation against the data: the Bayes prediction's
 empirical MSE on the simulated outcomes must match oracle MSE + E Var(m | x), subject by subject, within
 the standard error of their paired difference (``check_z``).
 
-    python analysis/semisupervised_limits.py --pool 2000 --out DIR
+``--without xk``: the floor for subjects lacking input k, E[m | the other inputs]. Then d_k is unknown
+as well: given theta it is F_k theta plus input k's field and white noise, independent of the other
+inputs, so m is averaged over draws of theta and of d_k, and the same check applies.
 
-Writes DIR/bayes_limit_paper.json and prints a table.
+    python analysis/semisupervised_limits.py --pool 2000 --out DIR [--without x1]
+
+Writes DIR/bayes_limit_paper.json (bayes_limit_paper_without_xk.json) and prints a table.
 """
 from __future__ import annotations
 
@@ -46,16 +50,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=4000, help="posterior draws of the factors per subject")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--without", choices=["x1", "x2", "x3"], help="the limit for subjects lacking this input")
     p.add_argument("--quick", action="store_true", help="smoke test: 100 subjects, 200 draws")
     return p.parse_args(argv)
 
 
+def input_design(k: int, patterns: dict) -> np.ndarray:
+    """F_k (V, 5): input k's deviation is F_k theta plus noise, theta = (a_1, a_2, b_1, b_2, b_3)."""
+    from inva_pyro.data.simulate.paper import LOADINGS
+
+    design = np.zeros((patterns["coords"][..., 0].size, 5))
+    for j in range(2):
+        design[:, j] = LOADINGS[k, j] * patterns["shared"][j].ravel()
+    design[:, 2 + k] = patterns["specific"][k].ravel()
+    return design
+
+
 def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: float | None = None,
-                     white_sd: float | None = None, field_sigma: float | None = None):
+                     white_sd: float | None = None, field_sigma: float | None = None, inputs=None):
     """theta | x for every subject: means (n, 5) and the common covariance (5, 5). The noise settings
-    default to the design's (``paper.FIELD_SD``, ``WHITE_SD``, ``FIELD_SIGMA``)."""
+    default to the design's (``paper.FIELD_SD``, ``WHITE_SD``, ``FIELD_SIGMA``). ``inputs``: which inputs
+    k the deviations are (default 0, 1, 2, ...): a subset gives the posterior given those inputs only."""
     from inva_pyro.data.simulate.common import smooth_noise_covariance
-    from inva_pyro.data.simulate.paper import FIELD_SD, FIELD_SIGMA, LOADINGS, WHITE_SD
+    from inva_pyro.data.simulate.paper import FIELD_SD, FIELD_SIGMA, WHITE_SD
 
     field_sd = FIELD_SD if field_sd is None else field_sd
     white_sd = WHITE_SD if white_sd is None else white_sd
@@ -64,25 +81,33 @@ def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: flo
     noise_cov = field_sd ** 2 * smooth_noise_covariance(grid, field_sigma) + white_sd ** 2 * np.eye(int(np.prod(grid)))
     chol = np.linalg.cholesky(noise_cov)
     precision, linear = np.eye(5), 0.0
-    for k, dev in enumerate(deviations):
-        design = np.zeros((int(np.prod(grid)), 5))
-        for j in range(2):
-            design[:, j] = LOADINGS[k, j] * patterns["shared"][j].ravel()
-        design[:, 2 + k] = patterns["specific"][k].ravel()
-        whitened = np.linalg.solve(chol, design)                          # Sigma^-1/2 F_k
+    for k, dev in zip(range(len(deviations)) if inputs is None else inputs, deviations):
+        whitened = np.linalg.solve(chol, input_design(k, patterns))       # Sigma^-1/2 F_k
         precision = precision + whitened.T @ whitened
         linear = linear + np.linalg.solve(chol, dev.reshape(len(dev), -1).T).T @ whitened  # d' Sigma^-1 F_k
     covariance = np.linalg.inv(precision)
     return linear @ covariance, covariance
 
 
-def bayes_limit(n: int, seed: int, draws: int) -> dict:
-    from inva_pyro.data.simulate.paper import paper_patterns, simulate_paper, subject_terms
+def local_terms(d1: np.ndarray, d3: np.ndarray) -> np.ndarray:
+    """The true mean's voxel-wise terms (docs/simulation.md)."""
+    return 0.6 * np.tanh(d1) + 0.3 * d1 * d3
+
+
+def bayes_limit(n: int, seed: int, draws: int, without: str | None = None) -> dict:
+    """The Bayes predictor E[m | x] and its MSE. ``without`` = "xk": given the other inputs only. Then
+    d_k is unknown too: given theta it is F_k theta plus the field and white noise of input k, Normal
+    per voxel with variance FIELD_SD^2 + WHITE_SD^2, independent of the other inputs; m is averaged over
+    draws of theta and of d_k, and E Var(m | x) is their spread."""
+    from inva_pyro.data.simulate.paper import FIELD_SD, WHITE_SD, paper_patterns, simulate_paper, subject_terms
 
     sim = simulate_paper(n, seed)
     patterns = paper_patterns()
-    deviations = [sim["inputs"][f"x{k + 1}"] - patterns["base"][k] for k in range(3)]
-    means, covariance = factor_posterior(deviations, patterns)
+    deviations = [(sim["inputs"][f"x{k + 1}"] - patterns["base"][k]).reshape(n, -1) for k in range(3)]
+    given = [k for k in range(3) if f"x{k + 1}" != without]
+    if len(given) == 3 and without is not None:
+        raise ValueError(f"without must be one of x1, x2, x3, got {without!r}")
+    means, covariance = factor_posterior([deviations[k] for k in given], patterns, inputs=given)
     maps = np.stack(patterns["terms"]).reshape(4, -1)                         # (4, V)
     truth, outcome = sim["true_mean"].reshape(n, -1), sim["outcome"].reshape(n, -1)
     rng = np.random.default_rng([seed, 14])
@@ -90,18 +115,27 @@ def bayes_limit(n: int, seed: int, draws: int) -> dict:
     true_terms = subject_terms(sim["factors"])
     bayes = np.empty_like(truth)
     spread = np.empty(n)                                                       # mean_v Var(m(v) | x) per subject
+    k = next((j for j in range(3) if j not in given), None)                    # the input left out
     for i in range(n):
-        terms = subject_terms(means[i] + rng.standard_normal((draws, 5)) @ root.T)   # (draws, 4)
-        centred = terms - terms.mean(0)
-        term_cov = centred.T @ centred / (draws - 1)
-        spread[i] = np.einsum("tv,ts,sv->v", maps, term_cov, maps).mean()
-        bayes[i] = truth[i] + (terms.mean(0) - true_terms[i]) @ maps            # swap the true terms for their mean
+        theta = means[i] + rng.standard_normal((draws, 5)) @ root.T
+        terms = subject_terms(theta)                                           # (draws, 4)
+        if without is None:
+            centred = terms - terms.mean(0)
+            term_cov = centred.T @ centred / (draws - 1)
+            spread[i] = np.einsum("tv,ts,sv->v", maps, term_cov, maps).mean()
+            bayes[i] = truth[i] + (terms.mean(0) - true_terms[i]) @ maps        # swap the true terms for their mean
+            continue
+        devs = [np.broadcast_to(d[i], (draws, d.shape[1])) for d in deviations]
+        devs[k] = theta @ input_design(k, patterns).T + np.hypot(FIELD_SD, WHITE_SD) * rng.standard_normal(devs[k].shape)
+        m = terms @ maps + local_terms(devs[0], devs[2])                        # (draws, V) without mu_y
+        spread[i] = m.var(axis=0, ddof=1).mean()
+        bayes[i] = truth[i] - true_terms[i] @ maps - local_terms(deviations[0][i], deviations[2][i]) + m.mean(0)
     oracle_sq = ((outcome - truth) ** 2).mean(1)
     oracle_mse = float(oracle_sq.mean())
     bayes_sq = ((outcome - bayes) ** 2).mean(1)
     # Paired per subject: Bayes MSE - oracle MSE - predicted spread has mean 0 if the posterior is right.
     check = bayes_sq - oracle_sq - spread
-    return {"n_subjects": n, "seed": seed, "draws": draws,
+    return {"n_subjects": n, "seed": seed, "draws": draws, "without": without,
             "posterior_sd": np.sqrt(np.diag(covariance)).round(4).tolist(),
             "oracle_mse": oracle_mse,
             "expected_spread": float(spread.mean()), "expected_spread_se": float(spread.std(ddof=1) / np.sqrt(n)),
@@ -115,9 +149,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
         args.pool, args.draws = 100, 200
-    result = bayes_limit(args.pool, args.seed, args.draws)
+    result = bayes_limit(args.pool, args.seed, args.draws, args.without)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bayes_limit_paper.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "bayes_limit_paper.json" if args.without is None else f"bayes_limit_paper_without_{args.without}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"inputs: {'all' if args.without is None else 'all but ' + args.without}")
     print("| subjects | posterior sd of a1, a2, b1, b2, b3 | oracle MSE | E Var(m given x) | Bayes excess | "
           "Bayes MSE predicted / empirical (se) |")
     print("|---|---|---|---|---|---|")

@@ -516,3 +516,12 @@ def test_the_bayes_limit_matches_simulated_outcomes():
     assert abs(result["check_z"]) < 4
     assert 0 < result["bayes_excess"] < 0.2
     assert all(0 < s < 1 for s in result["posterior_sd"])
+    # Given x2 and x3 only: b_1 keeps its prior (sd 1) and d_1 is drawn too; the same check holds, and the
+    # floor rises (x1 carries b_1 C_1 and the voxel-wise tanh(d_1), so losing it costs the most).
+    without = {k: limits.bayes_limit(200, seed=3, draws=500, without=k) for k in ("x1", "x2", "x3")}
+    assert all(abs(r["check_z"]) < 4 for r in without.values())
+    assert without["x1"]["posterior_sd"][2] == pytest.approx(1.0)
+    assert result["bayes_excess"] < min(without["x2"]["bayes_excess"], without["x3"]["bayes_excess"])
+    assert max(without["x2"]["bayes_excess"], without["x3"]["bayes_excess"]) < without["x1"]["bayes_excess"]
+    with pytest.raises(ValueError, match="without must be one of x1, x2, x3"):
+        limits.bayes_limit(10, seed=3, draws=10, without="gm")
