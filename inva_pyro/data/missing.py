@@ -114,4 +114,3 @@ def hide_inputs(xs: list, share: float, generator=None, scheme: str = "each") ->
     else:
         raise ValueError(f"unknown input dropout scheme {scheme!r} (known: each, one)")
     return [torch.where(h[:, None], torch.full_like(x, float("nan")), x) for x, h in zip(xs, hide.unbind(-1))]
-
