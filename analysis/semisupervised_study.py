@@ -191,6 +191,12 @@ def specific_map_read(test, pred, name: str) -> dict:
             "specific_corr": float(np.corrcoef(coef[0], coef[1])[0, 1])}
 
 
+def with_fit_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with every row's training seed: rows written before --fit-seeds were fitted with the cohort's."""
+    fit_seed = runs["fit_seed"].fillna(runs["seed"]) if "fit_seed" in runs else runs["seed"]
+    return runs.assign(fit_seed=fit_seed.astype(int))
+
+
 def run(args) -> pd.DataFrame:
     from inva_pyro.data.cohort import Cohort
     from inva_pyro.data.missing import input_presence, outcome_presence
@@ -200,9 +206,7 @@ def run(args) -> pd.DataFrame:
     sizes = [int(s) for s in args.sizes.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     runs_csv = args.out / "runs.csv"
-    runs = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
-    if len(runs) and "fit_seed" not in runs:  # written before --fit-seeds: fitted with the cohort's seed
-        runs.insert(1, "fit_seed", runs["seed"])
+    runs = with_fit_seed(pd.read_csv(runs_csv)) if runs_csv.exists() else pd.DataFrame()
     done = set(zip(runs["seed"], runs["fit_seed"], runs["size"], runs["model"])) if len(runs) else set()
     for seed in [int(s) for s in args.seeds.split(",")]:
         folder = args.out / "cohorts" / f"paper-n{args.n_subjects}-u{args.unlabeled}-s{seed}"
@@ -320,8 +324,7 @@ def never_given_table(runs: pd.DataFrame) -> list[str]:
     """Subjects lacking input xk, predicted by inva-joint-semi, against inva-joint-semi-no-xk (a model never
     given xk) fitted with the same cohort and training seed: the issue-14 goal "between complete subjects and
     a model that never saw the modality". Paired per fit; the mean difference with its standard error."""
-    # rows written before --fit-seeds were fitted with the cohort's seed
-    runs = runs.assign(fit_seed=runs["fit_seed"].fillna(runs["seed"]) if "fit_seed" in runs else runs["seed"])
+    runs = with_fit_seed(runs)
     keys = ["seed", "fit_seed", "size"]
     joint = runs[runs["model"] == "inva-joint-semi"]
     refs = runs[runs["model"].str.startswith("inva-joint-semi-no-")]

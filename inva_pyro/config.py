@@ -215,6 +215,9 @@ class Preset(_Strict):
         if self.training.input_dropout > 0 and getattr(self.model, "structure", None) != "joint":
             raise ValueError("training.input_dropout needs model.structure = 'joint' (the only structure that "
                              "predicts from a subset of its inputs)")
+        if self.training.reconstruct_hidden and not self.training.input_dropout > 0:
+            raise ValueError("training.reconstruct_hidden needs training.input_dropout > 0 (it reconstructs the "
+                             "inputs that input dropout hides)")
         return self
 
     def to_toml_dict(self) -> dict:

@@ -338,6 +338,8 @@ def test_input_dropout_is_for_the_joint_structure_and_trains(make_preset, make_a
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="input_dropout needs model.structure = 'joint'"):
         make_preset({"structure": "integrative"}, {"input_dropout": 0.2})
+    with pytest.raises(ValidationError, match="reconstruct_hidden needs training.input_dropout > 0"):
+        make_preset({"structure": "joint"}, {"reconstruct_hidden": True})
     inputs, y, _, _ = make_arrays(40, 4)
     cohort = Cohort.from_arrays({k: v.astype(np.float32) for k, v in inputs.items()}, y,
                                 split=["train"] * 30 + ["val"] * 10)

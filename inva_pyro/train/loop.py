@@ -306,8 +306,7 @@ def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg
     loss = None
     if len(idx):
         with autocast(data.device, cfg.mixed_precision):
-            loss = _minibatch_loss(elbo, module, data, idx, rows, n, kl_scale, cfg.prediction_weight,
-                                   cfg.input_dropout, cfg.input_dropout_scheme, cfg.reconstruct_hidden)
+            loss = _minibatch_loss(elbo, module, data, idx, rows, n, kl_scale, cfg)
         if prefetch_next is not None:
             prefetch_next()
         if loss.requires_grad:
@@ -325,17 +324,16 @@ def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg
     return loss, grad_norm
 
 
-def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, prediction_scale,
-                    input_dropout: float = 0.0, dropout_scheme: str = "each",
-                    reconstruct_hidden: bool = False) -> torch.Tensor:
+def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, cfg: TrainingConfig) -> torch.Tensor:
     xs, y = data.take(rows)
     reconstruct = None
-    if input_dropout > 0:
-        xs, reconstruct = hide_inputs(xs, input_dropout, scheme=dropout_scheme), (xs if reconstruct_hidden else None)
+    if cfg.input_dropout > 0:
+        xs, reconstruct = (hide_inputs(xs, cfg.input_dropout, scheme=cfg.input_dropout_scheme),
+                           xs if cfg.reconstruct_hidden else None)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
                                         encoded=module.encode(xs), kl_scale=kl_scale,
-                                        prediction_scale=prediction_scale, reconstruct=reconstruct)
+                                        prediction_scale=cfg.prediction_weight, reconstruct=reconstruct)
     except ValueError:
         # Pyro validates distribution parameters, so non-finite weights surface here first.
         if all(torch.isfinite(p).all() for p in module.parameters()):
