@@ -53,7 +53,7 @@ class ModelConfig(_Strict):
                                      "output layer's (model/smoothing.py); 0: none. Needs a volume outcome or "
                                      "an fsaverage5 surface")
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
-    missing_local: Literal["reconstruction", "draws", "zero"] = Field(
+    missing_local: Literal["reconstruction", "draws"] = Field(
         "reconstruction", description="structure 'joint', predictor 'local': what the local pathway sees for a "
         "local input that is missing. reconstruction: g_k(E[z]); draws: x_k drawn from the model, "
         "z ~ q(z | inputs present), x_k ~ p(x_k | z), one draw per training step and the outcome's moments "

@@ -186,10 +186,6 @@ class InVAModule(nn.Module):
         values, flags = [], []
         for k in self.local_modalities:
             here = present[:, k:k + 1]
-            if self.cfg.missing_local == "zero":   # zero-filled: the standardised mean stands in
-                values.append(xs[k])
-                flags.append(here.to(xs[k].dtype).expand_as(xs[k]))
-                continue
             stand_in, scale = self.modality_decoders[k](latent)
             if noise is not None:
                 stand_in = stand_in + scale * noise(stand_in)
