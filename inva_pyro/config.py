@@ -53,13 +53,6 @@ class ModelConfig(_Strict):
                                      "output layer's (model/smoothing.py); 0: none. Needs a volume outcome or "
                                      "an fsaverage5 surface")
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
-    missing_local: Literal["reconstruction", "draws"] = Field(
-        "reconstruction", description="structure 'joint', predictor 'local': what the local pathway sees for a "
-        "local input that is missing. reconstruction: g_k(E[z]); draws: x_k drawn from the model, "
-        "z ~ q(z | inputs present), x_k ~ p(x_k | z), one draw per training step and the outcome's moments "
-        "over imputation_draws draws at prediction")
-    imputation_draws: int = Field(32, ge=1, description="missing_local 'draws': imputations averaged per "
-                                  "subject at prediction")
     # The VAE tutorial's toolkit (docs/toolkit.md)
     network: Literal["mlp", "conv"] = Field("mlp", description="encoders/decoders: MLPs on masked vectors, or "
                                             "2-D/3-D convolutions on the image grid (volumes and 2-D grids only)")
@@ -79,9 +72,6 @@ class ModelConfig(_Strict):
     def _compatible(self):
         if self.dssim_window % 2 == 0:
             raise ValueError("dssim_window must be odd")
-        if self.missing_local == "draws" and (self.structure != "joint" or self.predictor != "local"):
-            raise ValueError("missing_local 'draws' needs structure 'joint' and predictor 'local' (the only "
-                             "model whose local pathway meets a missing input)")
         if (self.network == "conv" or self.dssim_weight > 0) and self.structure == "concatenated":
             raise ValueError("network 'conv' and dssim_weight need one image per VAE; structure 'concatenated' "
                              "has none")

@@ -25,8 +25,7 @@ from .predict.calibration import Calibrator
 from .predict.joint import JointCalibration, fit_joint
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
-from .predict.predictive import posterior_predictive
-from .seeding import seeded_generator
+from .predict.predictive import posterior_predictive, seeded_generator
 from .runs import RUN_FORMAT, calibration_split, holdout, package_versions
 from .train import distributed
 from .train.loop import CHECKPOINT, Batchable, train

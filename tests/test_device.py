@@ -30,8 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from inva_pyro.criticism import diagnostics as D
 from inva_pyro.model.module import InVAModule
-from inva_pyro.predict.predictive import posterior_predictive
-from inva_pyro.seeding import seeded_generator
+from inva_pyro.predict.predictive import posterior_predictive, seeded_generator
 from inva_pyro.train.elbo import DeviceTrace_ELBO
 from inva_pyro.train.loop import Batchable, train
 
@@ -66,7 +65,7 @@ def data(sizes=(20, 12), n_outcome=20, n=6, device=META):
 
 MODELS = [None, {"bayesian_output": False}, {"predictor": "paper"}, {"structure": "separate"},
           {"structure": "concatenated", "predictor": "paper"}, {"mmd_weight": 1.0, "reconstruction": "laplace"},
-          {"structure": "joint", "spatial_smoothing": 10.0}, {"structure": "joint", "missing_local": "draws"}]
+          {"structure": "joint", "spatial_smoothing": 10.0}]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -113,28 +112,6 @@ def test_posterior_predictive_on_the_module_device(make_preset, bayesian_output)
                                        chunk_size=3, keep_samples=2, keep_draws=3, keep_features=[0, 3],
                                        generator=seeded_generator(META, 0))
     assert summary.mean.shape == (5, 20) and summary.draws.component_mean.shape == (3, 5, 2)
-
-
-class MetaHostIncomplete(MetaHost):
-    """As MetaHost, but a boolean read from the device is False (some subject lacks an input)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is aten._local_scalar_dense.default and args[0].is_meta and args[0].dtype == torch.bool:
-            return False
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def test_imputation_draws_at_prediction_on_the_module_device(make_preset):
-    """missing_local = "draws": the latent and input draws of a prediction are made on the module's device."""
-    module = build(make_preset, {"structure": "joint", "missing_local": "draws", "imputation_draws": 3},
-                   sizes=(20, 20)).to(META)
-    xs, y = data(sizes=(20, 20), n=5)
-    with MetaHostIncomplete():
-        hidden, local_mean, sd = module.outcome_parts(xs)
-        summary = posterior_predictive(module, xs, num_samples=4, probs=[0.05, 0.95], block_size=2,
-                                       generator=seeded_generator(META, 0))
-    assert local_mean.device == META and sd.device == META and local_mean.shape == (5, 20)
-    assert summary.mean.shape == (5, 20)
 
 
 def test_diagnostics_on_the_module_device(make_preset):

@@ -102,79 +102,6 @@ def test_inputs_hidden_for_training_can_stay_in_the_reconstruction_terms(make_pr
     torch.testing.assert_close(losses[0] - losses[1], (50 / 12) * gm[hide].sum(), rtol=1e-5, atol=1e-3)
 
 
-def _hide_gm(make_arrays, n=12):
-    """Inputs gm (local: as many features as the outcome) and wm, gm not acquired for every third subject."""
-    inputs, y, _, _ = make_arrays(n, 3)
-    gm = torch.as_tensor(inputs["gm"], dtype=torch.float32)
-    lacking = torch.arange(n) % 3 == 0
-    gm[lacking] = float("nan")
-    return [gm, torch.as_tensor(inputs["wm"], dtype=torch.float32)], torch.as_tensor(y, dtype=torch.float32), lacking
-
-
-@pytest.mark.parametrize("missing_local", ["reconstruction", "draws"])
-def test_a_missing_local_input_drawn_from_the_model_makes_the_outcome_depend_on_z(make_preset, make_arrays,
-                                                                                  missing_local):
-    """missing_local = "draws": in the Pyro program a missing local input is x_k ~ p(x_k | z), so the outcome's
-    mean moves with the drawn z for the subjects lacking it, and for no one else; a stand-in at E[z] does not."""
-    torch.manual_seed(0)
-    xs, y, lacking = _hide_gm(make_arrays)
-    module = InVAModule(["gm", "wm"], [64, 24], 64, make_preset(
-        {"structure": "joint", "bayesian_output": False, "missing_local": missing_local}).model).eval()
-    kwargs = dict(subjects=torch.arange(12), n_subjects=12)
-    means = []
-    for shift in (0.0, 2.0):
-        z = torch.full((12, module.cfg.shallow_dim), shift)
-        conditioned = poutine.condition(module.model, data={"subject_latent": z})
-        means.append(poutine.trace(conditioned).get_trace(xs, y, **kwargs).nodes["outcome"]["fn"].base_dist.loc)
-    moved = (means[0] - means[1]).abs().amax(-1) > 1e-4
-    assert not bool(moved[~lacking].any())
-    assert bool(moved[lacking].all()) == (missing_local == "draws")
-
-
-def test_prediction_averages_the_outcome_over_draws_of_the_missing_input(make_preset, make_arrays):
-    """The local mean and sd of a subject lacking a local input are the mixture's moments over
-    imputation_draws draws z ~ q(z | inputs present), x ~ p(x | z) (seeded: the same every call);
-    complete subjects are exactly as with the reconstruction stand-in."""
-    torch.manual_seed(0)
-    xs, _, lacking = _hide_gm(make_arrays)
-    draws = make_preset({"structure": "joint", "missing_local": "draws", "imputation_draws": 5}).model
-    module = InVAModule(["gm", "wm"], [64, 24], 64, draws).eval()
-    reference = InVAModule(["gm", "wm"], [64, 24], 64, draws.model_copy(update={"missing_local": "reconstruction"}))
-    reference.load_state_dict(module.state_dict())
-    reference.eval()
-    with torch.no_grad():
-        hidden, local_mean, sd = module.outcome_parts(xs)
-        again = module.outcome_parts(xs)
-        _, ref_mean, ref_sd = reference.outcome_parts(xs)
-        # by hand: per draw, the latent's noise then the missing input's noise, from a generator seeded 0
-        filled, present = module.split_missing(xs)
-        loc, scale = module.joint_posterior(module.encode(xs), present)
-        gen = torch.Generator().manual_seed(0)
-        means, variances = [], []
-        for _ in range(5):
-            z = loc + scale * torch.randn(loc.shape, generator=gen)
-            gm_mean, gm_scale = module.modality_decoders[0](z)
-            gm = gm_mean + gm_scale * torch.randn(gm_mean.shape, generator=gen)
-            local = torch.stack([torch.where(present[:, :1], filled[0], gm), present[:, :1].float().expand_as(gm)], -1)
-            m, s = module.predictor.deterministic_parts(hidden, local)
-            means.append(m)
-            variances.append(s.square())
-    means = torch.stack(means)
-    expected_sd = (torch.stack(variances).mean(0) + means.var(0, unbiased=False)).sqrt()
-    torch.testing.assert_close(local_mean[lacking], means.mean(0)[lacking])
-    torch.testing.assert_close(sd[lacking], expected_sd[lacking])
-    assert torch.equal(local_mean[~lacking], ref_mean[~lacking]) and torch.equal(sd[~lacking], ref_sd[~lacking])
-    assert torch.equal(again[1], local_mean) and not torch.allclose(local_mean[lacking], ref_mean[lacking])
-    assert bool((sd[lacking] > 0).all())
-
-
-def test_drawing_missing_inputs_is_for_the_joint_local_model(make_preset):
-    from pydantic import ValidationError
-    for model in ({"structure": "integrative"}, {"structure": "joint", "predictor": "paper"}):
-        with pytest.raises(ValidationError, match="missing_local 'draws' needs structure 'joint' and predictor 'local'"):
-            make_preset({**model, "missing_local": "draws"})
-
-
 def test_standardisation_uses_present_values_only(make_arrays):
     inputs, y, _, _ = make_arrays(30, 0)
     inputs, y = with_gaps(inputs, y, seed=2)
@@ -283,8 +210,7 @@ def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, 
     assert "has no input image at all" in err and len(err.splitlines()) == 1 and not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("missing_local", ["reconstruction", "draws"])
-def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_preset, make_arrays, missing_local):
+def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_preset, make_arrays):
     # y depends on gm voxel by voxel (1.2 gm + noise of sd 0.75): without gm the residual sd is about
     # sqrt(0.75^2 + 1.2^2) = 1.4, nearly twice as wide; wm carries little about y.
     inputs, y, mean, sd = make_arrays(150, 4)
@@ -293,10 +219,9 @@ def test_prediction_without_an_input_has_wider_intervals_than_with_it(make_prese
     inputs["gm"][:100][rng.random(100) < 0.3] = np.nan        # training subjects lacking gm
     split = ["train"] * 100 + ["val"] * 30 + ["test"] * 20
     cohort = Cohort.from_arrays(inputs, y, split=split)
-    model = InVA(make_preset({"structure": "joint", "missing_local": missing_local}, {"epochs": 30})).fit(
-        cohort.train, cohort.val, progress=False, device="cpu")
-    if missing_local == "reconstruction":   # the stand-in's sd knows nothing of it: calibration widens
-        assert model.calibrator.pattern_scale["no gm"] > 1.3 > model.calibrator.pattern_scale["no wm"]
+    model = InVA(make_preset({"structure": "joint"}, {"epochs": 30})).fit(cohort.train, cohort.val,
+                                                                          progress=False, device="cpu")
+    assert model.calibrator.pattern_scale["no gm"] > 1.3 > model.calibrator.pattern_scale["no wm"]
     test = cohort.test
     without = Cohort.from_arrays({"gm": np.full_like(test.inputs["gm"], np.nan), "wm": test.inputs["wm"]},
                                  test.outcome).all

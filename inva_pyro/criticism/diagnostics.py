@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from pyro.poutine.messenger import Messenger
 
-from ..seeding import seeded_generator
+from ..predict.predictive import seeded_generator
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_RATIO = 0.05

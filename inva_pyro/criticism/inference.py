@@ -51,7 +51,7 @@ import torch
 from scipy import stats
 
 from ..data.io import _umask
-from ..seeding import seeded_generator
+from ..predict.predictive import seeded_generator
 
 DEFAULT_DRAWS = 100
 DEFAULT_FEATURES = 64

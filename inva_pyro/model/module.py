@@ -50,7 +50,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.missing import fill_missing
-from ..seeding import seeded_generator
 from .conv import ConvDecoder, ConvEncoder
 from .covariance import OutcomeCovariance
 from .experts import product_of_experts, stack_experts
@@ -175,10 +174,9 @@ class InVAModule(nn.Module):
         return torch.cat(stats, dim=-1)
 
     def local_inputs(self, xs: list[torch.Tensor], present: torch.Tensor | None = None,
-                     latent: torch.Tensor | None = None, noise=None) -> torch.Tensor | None:
-        """(B, V, channels) local inputs (zero-filled ``xs``). ``joint``: where input k is missing its
-        decoder's mean at ``latent`` stands in (plus ``noise(k)``, a draw of its noise, for
-        ``missing_local = "draws"``), and presence channels follow."""
+                     joint_loc: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, V, channels) local inputs (zero-filled ``xs``). ``joint``: where input k is missing
+        its reconstruction from the joint posterior mean stands in, and presence channels follow."""
         if not self.local_modalities:
             return None
         if not self.joint:
@@ -186,50 +184,23 @@ class InVAModule(nn.Module):
         values, flags = [], []
         for k in self.local_modalities:
             here = present[:, k:k + 1]
-            stand_in, scale = self.modality_decoders[k](latent)
-            if noise is not None:
-                stand_in = stand_in + scale * noise(stand_in)
-            values.append(torch.where(here, xs[k], stand_in))
+            values.append(torch.where(here, xs[k], self.modality_decoders[k](joint_loc)[0]))
             flags.append(here.to(xs[k].dtype).expand_as(xs[k]))
         return torch.stack(values + flags, dim=-1)
 
-    def outcome_parts(self, xs: list[torch.Tensor], encoded=None, latent: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None):
-        """(H, local mean, sd): all of the outcome distribution except the output layer.
-
-        ``joint`` with ``missing_local = "draws"``: a missing local input is a latent variable of the
-        model, x_k ~ p(x_k | z). With ``latent`` (the model's draw of z, in training) it is drawn once
-        per subject; without, z ~ q(z | inputs present) and x_k are drawn ``imputation_draws`` times
-        (``generator``, default seeded 0: a prediction never touches the global RNG) and the local mean
-        and sd are the mean and sd of the mixture over the draws. Complete subjects are unchanged."""
+    def outcome_parts(self, xs: list[torch.Tensor], encoded=None):
+        """(H, local mean, sd): all of the outcome distribution except the output layer."""
         xs, present = self.split_missing(xs)
         encoded = encoded or self.encode(xs)
-        if not self.joint:
-            hidden = self.predictor.hidden(self.latent_statistics(encoded))
-            return hidden, *self.predictor.deterministic_parts(hidden, self.local_inputs(xs))
-        joint_loc, joint_scale = self.joint_posterior(encoded, present)
-        hidden = self.predictor.hidden(torch.cat([joint_loc, joint_scale], dim=-1))
-        parts = lambda z, noise=None: self.predictor.deterministic_parts(  # noqa: E731
-            hidden, self.local_inputs(xs, present, z, noise))
-        if self.cfg.missing_local != "draws" or not self.local_modalities:
-            return hidden, *parts(joint_loc)
-        if latent is not None:
-            return hidden, *parts(latent, torch.randn_like)
-        local_mean, sd = parts(joint_loc)
-        complete = present[:, self.local_modalities].all(dim=-1, keepdim=True)
-        if bool(complete.all()):   # one host read, at prediction only: nothing to draw
-            return hidden, local_mean, sd
-        generator = generator or seeded_generator(joint_loc.device, 0)
-        draw = lambda like: torch.randn(like.shape, generator=generator, device=like.device,  # noqa: E731
-                                        dtype=like.dtype)
-        first = second = variance = 0.0
-        for _ in range(self.cfg.imputation_draws):
-            mean_m, sd_m = parts(joint_loc + joint_scale * draw(joint_loc), draw)
-            first, second, variance = first + mean_m, second + mean_m.square(), variance + sd_m.square()
-        m = self.cfg.imputation_draws
-        mixture_mean = first / m
-        mixture_sd = (variance / m + (second / m - mixture_mean.square()).clamp_min(0.0)).sqrt()
-        return hidden, torch.where(complete, local_mean, mixture_mean), torch.where(complete, sd, mixture_sd)
+        joint_loc = None
+        if self.joint:
+            joint_loc, joint_scale = self.joint_posterior(encoded, present)
+            stats = torch.cat([joint_loc, joint_scale], dim=-1)
+        else:
+            stats = self.latent_statistics(encoded)
+        hidden = self.predictor.hidden(stats)
+        local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs, present, joint_loc))
+        return hidden, local_mean, sd
 
     def outcome_distribution(self, mean: torch.Tensor, sd: torch.Tensor):
         """y_i given mean and sd: independent Normal, or low-rank-plus-diagonal once fitted (covariance.py)."""
@@ -273,7 +244,7 @@ class InVAModule(nn.Module):
         else:
             weight, bias = self.output_weight, self.output_bias
         self.smoothness_prior(weight, bias)
-        inputs = xs
+        hidden, local_mean, sd = self.outcome_parts(xs, encoded)
         xs, present = self.split_missing(xs)
         outcome_mask = None
         if y is not None:  # the outcome counts where present (outside joint: with every input)
@@ -293,8 +264,6 @@ class InVAModule(nn.Module):
                         pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
                         if extra_terms and self.dssim_terms is not None:
                             pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
-                # after z: a missing local input may be drawn from p(x_k | z) (missing_local = "draws")
-                hidden, local_mean, sd = self.outcome_parts(inputs, encoded, latent=z)
                 mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
                 with masked(outcome_mask), poutine.scale(scale=prediction_scale):
                     pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
@@ -302,7 +271,6 @@ class InVAModule(nn.Module):
                 pyro.factor("mmd_subject", -cfg.mmd_weight * n_subjects *
                             mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
             return
-        hidden, local_mean, sd = self.outcome_parts(inputs, encoded)
         vae_present = self.vae_presence(present)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):

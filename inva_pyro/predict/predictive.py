@@ -34,13 +34,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..seeding import seeded_generator
 from .summaries import StreamingCRPS, StreamingMoments
 
 # Standardised histogram grid: fine enough that interpolation error (<= 1/2 bin) is well under
 # the Monte-Carlo error of a 0.025/0.975 sample quantile at a few hundred draws.
 GRID = torch.linspace(-8.0, 8.0, 321)
 GRID_LOW, GRID_STEP = -8.0, 16.0 / 320
+
+
+def seeded_generator(device, seed: int) -> torch.Generator:
+    """A generator for draws made on ``device``, seeded. Meta tensors (tests/test_device.py), which
+    have no generator of their own, draw with a CPU one."""
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(int(seed))
 
 
 @dataclass
