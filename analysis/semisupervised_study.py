@@ -271,7 +271,7 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
     mean = complete.groupby(["size", "model"], sort=False).mean(numeric_only=True).reset_index()
     lines = [f"Command: `{command}`", "",
              f"Replicates (seeds): {sorted(runs['seed'].unique().tolist())}; test: "
-             f"{int(complete['n_test'].iloc[0])} complete subjects. Excess = (MSE - oracle MSE) / oracle MSE.", ""]
+             f"{int(runs['n_test'].iloc[0])} complete subjects. Excess = (MSE - oracle MSE) / oracle MSE.", ""]
     for size, group in mean.groupby("size", sort=True):
         lines += [f"### {size} labeled training subjects", "",
                   "| model | subjects fitted (MRI-only) | MSE | oracle MSE | excess | cov 0.5 | cov 0.8 | cov 0.9 "

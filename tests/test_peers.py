@@ -437,6 +437,11 @@ def test_the_never_given_table_pairs_each_fit_with_its_reference():
     assert "| 300 | no x1 | 2 | 0.4100 | 0.4000 | +2.5% (7.5) |" in lines        # se = sd 10.6 / sqrt(2)
     assert not any("no x2" in line for line in lines)
     assert study.never_given_table(runs[runs["model"] == "inva-joint-semi"]) == []
+    # a run of the references alone (no model scored on complete subjects) still gets its summary
+    only_refs = runs[runs["model"] == "inva-joint-semi-no-x1"].assign(
+        n_test=100, excess=1.2, **{f"cov{c}": c / 100 for c in (50, 80, 90, 95)})
+    summary = study.markdown(only_refs, "analysis/simulation_study.py --models inva-joint-semi-no-x1")
+    assert "test: 100 complete subjects" in summary and "| 300 | inva-joint-semi-no-x1 | no x1 | 0.4000 |" in summary
 
 
 def test_the_specific_map_read_finds_a_made_up_factor():
