@@ -101,6 +101,8 @@ def preset_for(name: str, args):
             data["model"].update(num_trees=2, num_gfr=2, num_draws=5, n_jobs=1)
     if args.samples:
         data["prediction"]["num_samples"] = args.samples
+    if "-no-" in name:  # scored only on subjects with all its inputs: its own pattern submodels never predict
+        data["training"]["pattern_submodels"] = False
     return Preset.model_validate(data)
 
 
@@ -109,13 +111,6 @@ def without(subset, name: str):
     inputs = dict(subset.inputs)
     inputs[name] = np.full_like(np.asarray(inputs[name]), np.nan)
     return dataclasses.replace(subset, inputs=inputs)
-
-
-def drop_input(subset, name: str):
-    """The subjects of ``subset`` as if input ``name`` did not exist (rows left with no input dropped)."""
-    inputs = {k: v for k, v in subset.inputs.items() if k != name}
-    kept = np.flatnonzero(np.any([~np.isnan(np.asarray(v)).all(1) for v in inputs.values()], axis=0))
-    return dataclasses.replace(subset, inputs=inputs).subset(kept)
 
 
 def score(model, test, pattern: str, seed: int) -> tuple[dict, object]:
@@ -199,7 +194,7 @@ def with_fit_seed(runs: pd.DataFrame) -> pd.DataFrame:
 
 def run(args) -> pd.DataFrame:
     from inva_pyro.data.cohort import Cohort
-    from inva_pyro.data.missing import input_presence, outcome_presence
+    from inva_pyro.data.missing import drop_input, input_presence, outcome_presence
     from inva_pyro.data.simulate import write_cohort
     from inva_pyro.registry import model_from_preset
 

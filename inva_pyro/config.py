@@ -173,6 +173,11 @@ class TrainingConfig(_Strict):
         False, description="inputs hidden by input_dropout stay in the reconstruction terms: the encoders of "
         "the others must then infer what those say about them (and nothing more); false: a hidden input is "
         "treated as never acquired")
+    pattern_submodels: bool = Field(
+        False, description="structure 'joint' only: after training, fit the same preset once without each input "
+        "k (the pattern submodel of subjects lacking k, Fletcher Mercaldo & Blume 2020) and predict the subjects "
+        "lacking only k with it wherever it beats the joint model with k hidden on the validation subjects; "
+        "K more fits (docs/model.md, \"Pattern submodels\")")
 
 
 class PredictionConfig(_Strict):
@@ -218,6 +223,9 @@ class Preset(_Strict):
         if self.training.reconstruct_hidden and not self.training.input_dropout > 0:
             raise ValueError("training.reconstruct_hidden needs training.input_dropout > 0 (it reconstructs the "
                              "inputs that input dropout hides)")
+        if self.training.pattern_submodels and getattr(self.model, "structure", None) != "joint":
+            raise ValueError("training.pattern_submodels needs model.structure = 'joint' (the only structure that "
+                             "predicts subjects lacking an input)")
         return self
 
     def to_toml_dict(self) -> dict:

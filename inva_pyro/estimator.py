@@ -25,10 +25,11 @@ from .predict.calibration import Calibrator
 from .predict.joint import JointCalibration, fit_joint
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
-from .predict.predictive import posterior_predictive, seeded_generator
+from .predict.predictive import PatternRoutes, posterior_predictive, seeded_generator
 from .runs import RUN_FORMAT, calibration_split, holdout, package_versions
 from .train import distributed
 from .train.loop import CHECKPOINT, Batchable, train
+from .train.submodels import fit_pattern_submodels, submodel_folder
 
 VERSIONED = ("inva-pyro", "torch", "pyro-ppl", "numpy", "nibabel", "arviz")
 # Training subjects the end-of-fit collapse check reads: enough for the across-subject variance of
@@ -70,6 +71,7 @@ class InVA:
         self.calibrator: Calibrator | None = None
         self.joint: JointCalibration | None = None
         self.history: dict | None = None
+        self.submodels: dict[str, "InVA"] = {}  # pattern submodels kept, by the input each lacks (train/submodels.py)
         self.info: dict = {}
         self.device = torch.device("cpu")
 
@@ -106,14 +108,15 @@ class InVA:
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
             on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
-            devices: int = 1, input_spaces: dict | None = None) -> "InVA":
+            devices: int = 1, input_spaces: dict | None = None, standardizer: Standardizer | None = None) -> "InVA":
         """Train on ``train_set``; ``val`` drives early stopping and calibration.
 
         Without ``val`` a seeded share (``training.val_share``) of ``train_set`` is held out.
         With ``run_dir`` the run folder is written as training goes (a checkpoint per epoch), and
         ``resume=True`` continues the interrupted run found there. ``devices > 1`` trains in that
         many local processes (torch.distributed; see distributed.py); inside a ``torchrun`` job the
-        process group is joined from the environment.
+        process group is joined from the environment. ``standardizer``: use these statistics instead of
+        fitting them on ``train_set`` (a pattern submodel speaks its parent's units).
         """
         if val is None or len(val) == 0:
             train_set, val = holdout(train_set, self.preset.training.val_share, seed)
@@ -126,7 +129,7 @@ class InVA:
         if not outcome_presence(train_set).any():
             raise InputError(f"no training subject has the outcome '{outcome_name}'")
         kwargs = dict(seed=seed, device=device, resume=resume, progress=progress, outcome_name=outcome_name,
-                      space=space, extra_info=extra_info, input_spaces=input_spaces)
+                      space=space, extra_info=extra_info, input_spaces=input_spaces, standardizer=standardizer)
         if devices > 1 and not distributed.is_distributed():
             return self._fit_spawned(devices, train_set, val, run_dir, kwargs)
         self.device = resolve_device(device)
@@ -141,11 +144,13 @@ class InVA:
         if isinstance(val, DiskSubset):
             val = val.rows()  # validation subjects are used every epoch and for calibration: keep them in memory
         # (after the spawn: each worker splits alike) early stopping on one part, calibration on the other
+        val_all = val
         val, calibration = calibration_split(val, self.preset.training.calibration_share, seed)
         if resume:
             self._load_config(Path(run_dir), weights=False)
         else:
-            self.standardizer = Standardizer.fit_streaming(train_set) if on_disk else Standardizer.fit(train_set)
+            self.standardizer = standardizer or (Standardizer.fit_streaming(train_set) if on_disk
+                                                 else Standardizer.fit(train_set))
             self.info = {"format": RUN_FORMAT, "family": "inva", "inputs": names,
                          "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
                          "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
@@ -176,6 +181,10 @@ class InVA:
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
                             devices=distributed.world_size())
+        if self.preset.training.pattern_submodels and len(names) > 1:  # before calibrating: it calibrates them too
+            self._fit_submodels(train_set, val_all, val, {k: v for k, v in kwargs.items() if k not in
+                                                          ("resume", "progress", "extra_info", "standardizer")},
+                                progress)
         if calibration is not val:
             val_xs, val_y = self._tensors(calibration)
         self._calibrate(calibration, val_xs, val_y, seed)
@@ -202,12 +211,25 @@ class InVA:
         self.__dict__.update(trained.__dict__)
         return self
 
+    def _fit_submodels(self, train_set, val_all, val_early, fit_kwargs: dict, progress: bool) -> None:
+        self.submodels, choices = fit_pattern_submodels(self, train_set, val_all, val_early,
+                                                        fit_kwargs=fit_kwargs, progress=progress)
+        self.info["pattern_submodels"] = [c.to_dict() for c in choices]
+
+    @property
+    def predictive_module(self):
+        """What predicts: the module, or with pattern submodels kept, the routes to them (predictive.py)."""
+        if not self.submodels:
+            return self.module
+        names = self.info["inputs"]
+        return PatternRoutes(self.module, {names.index(n): m.module for n, m in self.submodels.items()})
+
     def _calibrate(self, val: Subset, val_xs, val_y, seed: int) -> None:
         cfg = self.preset.prediction
         # One predictive pass over every validation subject (the inputs each has) serves both calibrations.
-        summary = posterior_predictive(self.module, val_xs, num_samples=cfg.num_samples, probs=[],
+        summary = posterior_predictive(self.predictive_module, val_xs, num_samples=cfg.num_samples, probs=[],
                                        generator=self._generator(seed + 1))
-        self.calibrator = calibrate_patterns(self.module, val_xs, val_y, self.info["inputs"],
+        self.calibrator = calibrate_patterns(self.predictive_module, val_xs, val_y, self.info["inputs"],
                                              num_samples=cfg.num_samples, method=cfg.calibration,
                                              generator=self._generator(seed + 2), summary=summary)
         self.joint = None
@@ -243,7 +265,7 @@ class InVA:
         probs = sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
         xs, y = self._tensors(subset)
         joint_samples = keep_samples if self.joint is not None else 0  # then the kept draws are joint ones
-        summary = posterior_predictive(self.module, xs, num_samples=num_samples or cfg.num_samples, probs=probs,
+        summary = posterior_predictive(self.predictive_module, xs, num_samples=num_samples or cfg.num_samples, probs=probs,
                                        observed=y, keep_samples=keep_samples - joint_samples,
                                        generator=self._generator(seed))
         st = self.standardizer
@@ -288,6 +310,8 @@ class InVA:
             atomic_write_text(run_dir / "joint.json", json.dumps(self.joint.to_dict()))
         if self.history is not None:
             atomic_write_text(run_dir / "history.json", json.dumps(self.history))
+        for name, submodel in self.submodels.items():
+            submodel.save(submodel_folder(run_dir, name))
         return run_dir
 
     def _load_config(self, run_dir: Path, weights: bool = True) -> None:
@@ -327,6 +351,8 @@ class InVA:
                                                          state["factor"].cpu().numpy(), state["diag"].cpu().numpy())
             history = run_dir / "history.json"
             self.history = json.loads(history.read_text()) if history.exists() else None
+            self.submodels = {c["input"]: cls.load(submodel_folder(run_dir, c["input"]), device=device)
+                              for c in self.info.get("pattern_submodels") or [] if c["used"]}
         except Exception as exc:
             raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
         self.module.eval()

@@ -141,3 +141,21 @@ def test_device_elbo_has_the_value_and_gradient_of_trace_elbo(make_preset):
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-3)
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+def test_pattern_routes_predict_on_the_module_device(make_preset):
+    import numpy as np
+    from inva_pyro.predict.predictive import PatternRoutes
+
+    class Fixed(PatternRoutes):  # meta tensors hold no NaN to read presence from: the routes are given
+        def route(self, inputs):
+            return np.array([-1, 1, -1, 1, -1])
+
+    main = build(make_preset, {"structure": "joint"}).to(META)
+    without_x1 = build(make_preset, {"structure": "joint"}, sizes=(20,)).to(META)
+    xs, y = data(n=5)
+    with MetaHost():
+        summary = posterior_predictive(Fixed(main, {1: without_x1}), xs, num_samples=6, probs=[0.05], observed=y,
+                                       keep_samples=2, keep_draws=3, keep_features=[0, 3],
+                                       generator=seeded_generator(META, 0))
+    assert summary.mean.shape == (5, 20) and summary.draws.component_mean.shape == (3, 5, 2)

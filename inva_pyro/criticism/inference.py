@@ -106,7 +106,7 @@ def _kept_draws(model, subset, num_draws: int, features: np.ndarray, seed: int):
 
     xs, y = model._tensors(subset)
     gen = seeded_generator(model.device, seed)
-    summary = posterior_predictive(model.module, xs, num_samples=max(2, num_draws), probs=[], observed=y,
+    summary = posterior_predictive(model.predictive_module, xs, num_samples=max(2, num_draws), probs=[], observed=y,
                                    keep_draws=num_draws, keep_features=features, generator=gen)
     return xs, summary
 

@@ -8,6 +8,8 @@ masks and zero-filled tensors (``fill_missing``), so no NaN ever enters a comput
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import InputError
@@ -51,6 +53,16 @@ def complete_cases(subset, names=None, outcome: bool = True):
     if outcome:
         keep &= outcome_presence(subset)
     return subset.subset(np.flatnonzero(keep))
+
+
+def drop_input(subset, name: str):
+    """The subjects of ``subset`` as if input ``name`` did not exist: its column removed, and the subjects
+    left with no input dropped (works on in-memory and on lazily read subsets)."""
+    inputs = {k: v for k, v in subset.inputs.items() if k != name}
+    if not inputs:
+        raise ValueError(f"cannot drop '{name}': it is the only input")
+    keep = input_presence(subset, list(inputs)).any(axis=1)
+    return dataclasses.replace(subset, inputs=inputs).subset(np.flatnonzero(keep))
 
 
 def check_labeled_val(val, outcome_name: str = "outcome") -> None:

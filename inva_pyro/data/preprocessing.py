@@ -112,6 +112,12 @@ class Standardizer:
             outcome_mean, outcome_scale = _mean_and_scale(subset.outcome, "outcome")
         return cls(input_mean, input_scale, outcome_mean, outcome_scale)
 
+    def without(self, name: str) -> "Standardizer":
+        """The same statistics with input ``name`` left out (a model fitted without that input)."""
+        return Standardizer({n: m for n, m in self.input_mean.items() if n != name},
+                            {n: s for n, s in self.input_scale.items() if n != name},
+                            self.outcome_mean, self.outcome_scale)
+
     @classmethod
     def fit_streaming(cls, subset, chunk_size: int = 64) -> "Standardizer":
         """The same statistics as ``fit``, from a ``streaming.DiskSubset`` read ``chunk_size``

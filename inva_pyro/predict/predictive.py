@@ -72,6 +72,76 @@ class KeptDraws:
     image_loglik: np.ndarray | None         # (K, n) sum over every feature of log N(y | mean_s, noise_sd)
 
 
+@dataclass
+class PatternRoutes:
+    """A joint module with pattern submodels (``pattern_submodels.py``): ``submodels[k]`` was fitted without
+    input k, and predicts the subjects that lack input k and no other; every other subject goes to ``main``.
+    ``posterior_predictive`` takes it in place of a module."""
+    main: object
+    submodels: dict[int, object]
+    joint = True
+
+    @property
+    def cfg(self):
+        return self.main.cfg
+
+    def eval(self) -> "PatternRoutes":
+        for module in (self.main, *self.submodels.values()):
+            module.eval()
+        return self
+
+    def route(self, inputs: list[torch.Tensor]) -> np.ndarray:
+        """(n,) the input k whose submodel predicts subject i, or -1 for the main module."""
+        present = torch.stack([~torch.isnan(x).all(-1) for x in inputs], -1).cpu().numpy()
+        route = np.full(len(present), -1)
+        lacks_one = present.sum(1) == present.shape[1] - 1
+        for k in self.submodels:
+            route[lacks_one & ~present[:, k]] = k
+        return route
+
+
+def _routed(routes: PatternRoutes, inputs, observed, keep_samples, keep_draws, **kwargs) -> PredictiveSummary:
+    """Each group of subjects predicted by its own module; the summaries put back in subject order. Kept
+    draws of the output layer (W, b) are the main module's when it predicts any subject."""
+    route = routes.route(inputs)
+    groups = [k for k in (-1, *sorted(routes.submodels)) if (route == k).any()]
+    parts = []
+    for k in groups:
+        rows = torch.as_tensor(np.flatnonzero(route == k), device=inputs[0].device)
+        module = routes.main if k < 0 else routes.submodels[k]
+        xs = [x[rows] for j, x in enumerate(inputs) if j != k]
+        parts.append((rows.cpu().numpy(), posterior_predictive(
+            module, xs, observed=None if observed is None else observed[rows], keep_samples=keep_samples,
+            keep_draws=keep_draws, **kwargs)))
+    if len(parts) == 1:
+        return parts[0][1]
+    n = len(route)
+
+    def merged(get, axis: int = 0):
+        first = get(parts[0][1])
+        if first is None:
+            return None
+        shape = list(first.shape)
+        shape[axis] = n
+        out = np.empty(shape, dtype=first.dtype)
+        for rows, summary in parts:
+            np.moveaxis(out, axis, 0)[rows] = np.moveaxis(get(summary), axis, 0)
+        return out
+
+    draws = None
+    if keep_draws:
+        first = parts[0][1].draws  # the main module's, when it has subjects: groups start with -1
+        draws = KeptDraws(
+            features=first.features, component_mean=merged(lambda s: s.draws.component_mean, 1),
+            noise_sd=merged(lambda s: s.draws.noise_sd), outcome=merged(lambda s: s.draws.outcome, 1),
+            output_weight=first.output_weight, output_bias=first.output_bias,
+            image_loglik=merged(lambda s: s.draws.image_loglik, 1))
+    return PredictiveSummary(
+        mean=merged(lambda s: s.mean), sd=merged(lambda s: s.sd),
+        quantiles={p: merged(lambda s, p=p: s.quantiles[p]) for p in parts[0][1].quantiles},
+        crps=merged(lambda s: s.crps), samples=merged(lambda s: s.samples, 1), draws=draws)
+
+
 def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float, torch.Tensor]:
     """Quantiles (standardised units) from per-voxel counts over the bins of GRID (+2 open bins)."""
     # Cumulative counts at each bin's right edge, in float32 (exact for counts below 2^24).
@@ -100,7 +170,12 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
 
     ``keep_draws``/``keep_features`` (default: every feature): keep the first draws per draw
     (``PredictiveSummary.draws``); the other outputs do not change in distribution.
+    ``module`` may be a ``PatternRoutes``: each subject is then predicted by the module of its pattern.
     """
+    if isinstance(module, PatternRoutes):
+        return _routed(module.eval(), inputs, observed, keep_samples, keep_draws, num_samples=num_samples,
+                       probs=probs, block_size=block_size, chunk_size=chunk_size, generator=generator,
+                       keep_features=keep_features)
     module.eval()
     n, n_vox = inputs[0].shape[0], module.predictor.scale_head.out_features
     device = inputs[0].device
