@@ -53,6 +53,15 @@ def toy_cohort(n_train: int, n_val: int, n_test: int, seed: int = 0) -> Cohort:
     return Cohort.from_arrays(inputs, y, split=split, truth_mean=mean, truth_sd=sd)
 
 
+def simulated_manifest(folder, n_subjects: int = 30, seed: int = 3):
+    """``inva simulate --design paper`` into ``folder``: (its manifest path, the manifest as strings)."""
+    import pandas as pd
+    from inva_pyro import cli
+    assert cli.main(["simulate", "--design", "paper", "--n-subjects", str(n_subjects), "--seed", str(seed),
+                     "--out", str(folder)]) == 0
+    return folder / "manifest.csv", pd.read_csv(folder / "manifest.csv", dtype=str)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     # Bit-for-bit comparisons (save/load, seeds, resume) and the time budget both want one thread.
@@ -81,3 +90,8 @@ def make_cohort():
 @pytest.fixture(scope="session")
 def make_arrays():
     return toy_arrays
+
+
+@pytest.fixture(scope="session")
+def make_manifest():
+    return simulated_manifest

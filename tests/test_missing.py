@@ -166,13 +166,11 @@ num_samples = 20
 """
 
 
-def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, capsys):
+def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, capsys, make_manifest):
     import json
-    import pandas as pd
     from inva_pyro import cli
     cohort = tmp_path / "cohort"
-    assert cli.main(["simulate", "--design", "paper", "--n-subjects", "30", "--seed", "3", "--out", str(cohort)]) == 0
-    table = pd.read_csv(cohort / "manifest.csv", dtype=str)
+    table = make_manifest(cohort)[1]
     train = table.index[table["split"] == "train"]
     table.loc[train[:5], "y"] = np.nan                 # MRI-only training subjects
     table.loc[train[5:8], "x2"] = np.nan               # training subjects lacking an input

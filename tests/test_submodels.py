@@ -131,13 +131,12 @@ def test_a_submodel_is_kept_only_where_it_wins_and_the_local_pathway_falls_back(
         assert model.predictive_module is model.module
 
 
-def test_cli_fits_submodels_lazily_and_in_memory_alike(tmp_path, monkeypatch):
+def test_cli_fits_submodels_lazily_and_in_memory_alike(tmp_path, monkeypatch, make_manifest):
     import json
     import pandas as pd
     from inva_pyro import cli
     cohort = tmp_path / "cohort"
-    assert cli.main(["simulate", "--design", "paper", "--n-subjects", "30", "--seed", "3", "--out", str(cohort)]) == 0
-    table = pd.read_csv(cohort / "manifest.csv", dtype=str)
+    table = make_manifest(cohort)[1]
     train = table.index[table["split"] == "train"]
     table.loc[train[:4], "y"] = np.nan                 # MRI-only training subjects
     table.loc[train[4:6], ["x2", "x3"]] = np.nan       # left with x1 only: the submodel without x1 drops them
