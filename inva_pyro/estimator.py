@@ -1,6 +1,7 @@
 """The user-facing InVA model: fit, predict, save and load (the Python API of CONTRACT.md)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -25,7 +26,8 @@ from .predict.calibration import Calibrator
 from .predict.joint import JointCalibration, fit_joint
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
-from .predict.predictive import PatternRoutes, posterior_predictive, seeded_generator
+from .predict.predictive import posterior_predictive, seeded_generator
+from .predict.routing import PatternRoutes
 from .runs import RUN_FORMAT, calibration_split, holdout, package_versions
 from .train import distributed
 from .train.loop import CHECKPOINT, Batchable, train
@@ -71,7 +73,7 @@ class InVA:
         self.calibrator: Calibrator | None = None
         self.joint: JointCalibration | None = None
         self.history: dict | None = None
-        self.submodels: dict[str, "InVA"] = {}  # pattern submodels kept, by the input each lacks (train/submodels.py)
+        self.submodels: dict[str, "InVA"] = {}  # pattern submodels, by the input each lacks (train/submodels.py)
         self.info: dict = {}
         self.device = torch.device("cpu")
 
@@ -160,6 +162,7 @@ class InVA:
                          "n_train": len(train_set), "n_val": len(val), "n_calibration": len(calibration),
                          "n_train_labeled": int(outcome_presence(train_set).sum()), **(extra_info or {})}
         self._build(self.info["inputs"], self.info["input_sizes"], self.info["n_outcome"])
+        self.submodels = {}
         self.info["neighbour_pairs"] = self.module.n_neighbour_pairs
         if self.preset.model.spatial_smoothing > 0 and not self.module.n_neighbour_pairs:
             kind = (self.info.get("space") or {}).get("kind")
@@ -212,13 +215,13 @@ class InVA:
         return self
 
     def _fit_submodels(self, train_set, val_all, val_early, fit_kwargs: dict, progress: bool) -> None:
-        self.submodels, choices = fit_pattern_submodels(self, train_set, val_all, val_early,
+        self.submodels, records = fit_pattern_submodels(self, train_set, val_all, val_early,
                                                         fit_kwargs=fit_kwargs, progress=progress)
-        self.info["pattern_submodels"] = [c.to_dict() for c in choices]
+        self.info["pattern_submodels"] = [dataclasses.asdict(r) for r in records]
 
     @property
     def predictive_module(self):
-        """What predicts: the module, or with pattern submodels kept, the routes to them (predictive.py)."""
+        """What predicts: the module, or with pattern submodels, the routes to them (predict/routing.py)."""
         if not self.submodels:
             return self.module
         names = self.info["inputs"]
@@ -352,7 +355,7 @@ class InVA:
             history = run_dir / "history.json"
             self.history = json.loads(history.read_text()) if history.exists() else None
             self.submodels = {c["input"]: cls.load(submodel_folder(run_dir, c["input"]), device=device)
-                              for c in self.info.get("pattern_submodels") or [] if c["used"]}
+                              for c in self.info.get("pattern_submodels") or []}
         except Exception as exc:
             raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
         self.module.eval()

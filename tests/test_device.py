@@ -143,9 +143,9 @@ def test_device_elbo_has_the_value_and_gradient_of_trace_elbo(make_preset):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
 
 
-def test_pattern_routes_predict_on_the_module_device(make_preset):
+def test_pattern_routes_and_mixtures_predict_on_the_module_device(make_preset):
     import numpy as np
-    from inva_pyro.predict.predictive import PatternRoutes
+    from inva_pyro.predict.routing import PatternRoutes
 
     class Fixed(PatternRoutes):  # meta tensors hold no NaN to read presence from: the routes are given
         def route(self, inputs):

@@ -1,5 +1,5 @@
-"""Pattern submodels (train/submodels.py): fitted without one input, chosen on validation, routed to the
-subjects lacking that input only, saved and loaded with their parent."""
+"""Pattern submodels (train/submodels.py): fitted without one input, mixed with the joint model for the
+subjects lacking that input only (predict/routing.py), saved and loaded with their parent."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +14,9 @@ from inva_pyro.data.missing import drop_input
 from inva_pyro.data.subset import Subset
 from inva_pyro.estimator import InVA
 from inva_pyro.model.module import InVAModule
-from inva_pyro.predict.predictive import PatternRoutes, posterior_predictive, seeded_generator
-from inva_pyro.train import submodels as submodels_mod
+from inva_pyro.predict.predictive import mixture_predictive, posterior_predictive, seeded_generator
+from inva_pyro.predict.routing import PatternRoutes
+from inva_pyro.train.loop import predictive_mean
 
 
 def three_input_cohort(make_arrays, n_train=48, n_val=16, n_test=10, seed=0):
@@ -51,25 +52,25 @@ def test_pattern_submodels_need_the_joint_structure(make_preset):
         make_preset({"structure": "integrative"}, {"pattern_submodels": True})
 
 
-def test_routes_give_each_subject_the_module_of_its_pattern(make_preset):
+def test_routes_give_each_subject_the_model_of_its_pattern(make_preset):
     torch.manual_seed(0)
     cfg = make_preset({"structure": "joint"}).model
     main = InVAModule(["gm", "wm"], [64, 24], 64, cfg).eval()
     without_wm = InVAModule(["gm"], [64], 64, cfg).eval()
     gm, wm = torch.randn(7, 64), torch.randn(7, 24)
-    wm[[1, 4]] = float("nan")                                  # lack wm only: the submodel's
-    gm[5] = float("nan")                                       # lacks gm: no submodel for it, the main module's
+    wm[[1, 4]] = float("nan")                                  # lack wm only: the mixture with its submodel
+    gm[5] = float("nan")                                       # lacks gm: no submodel for it, the joint model alone
     routes = PatternRoutes(main, {1: without_wm})
     assert routes.route([gm, wm]).tolist() == [-1, 1, -1, -1, 1, -1, -1]
     y = torch.randn(7, 64)
-    got = posterior_predictive(routes, [gm, wm], num_samples=20, probs=[0.05, 0.95], observed=y, keep_samples=3,
-                               keep_draws=4, keep_features=[0, 5, 9], generator=seeded_generator("cpu", 3))
-    # the same draws, group by group: the main module's subjects first, then the submodel's
-    gen = seeded_generator("cpu", 3)
     kw = dict(num_samples=20, probs=[0.05, 0.95], keep_samples=3, keep_draws=4, keep_features=[0, 5, 9])
+    got = posterior_predictive(routes, [gm, wm], observed=y, generator=seeded_generator("cpu", 3), **kw)
+    # the same draws, group by group: the joint model's subjects first, then the mixture's
+    gen = seeded_generator("cpu", 3)
     rest, sub = [0, 2, 3, 5, 6], [1, 4]
     first = posterior_predictive(main, [gm[rest], wm[rest]], observed=y[rest], generator=gen, **kw)
-    second = posterior_predictive(without_wm, [gm[sub]], observed=y[sub], generator=gen, **kw)
+    second = mixture_predictive([(main, [gm[sub], wm[sub]]), (without_wm, [gm[sub]])], observed=y[sub],
+                                generator=gen, **kw)
     for rows, expected in ((rest, first), (sub, second)):
         np.testing.assert_array_equal(got.mean[rows], expected.mean)
         np.testing.assert_array_equal(got.sd[rows], expected.sd)
@@ -79,32 +80,57 @@ def test_routes_give_each_subject_the_module_of_its_pattern(make_preset):
         np.testing.assert_array_equal(got.draws.component_mean[:, rows], expected.draws.component_mean)
         np.testing.assert_array_equal(got.draws.image_loglik[:, rows], expected.draws.image_loglik)
     assert got.samples.shape == (3, 7, 64) and got.draws.outcome.shape == (4, 7, 3)
-    np.testing.assert_array_equal(got.draws.output_weight, first.draws.output_weight)  # the main module's W
-    # with no subject routed, the main module alone, exactly
+    # a mixture's kept draws alternate between its components, so their noise sd differs by draw
+    assert second.draws.noise_sd.shape == (4, 2, 3) and got.draws.noise_sd.shape == (4, 7, 3)
+    np.testing.assert_array_equal(got.draws.noise_sd[:, rest], np.broadcast_to(first.draws.noise_sd, (4, 5, 3)))
+    np.testing.assert_array_equal(got.draws.output_weight, first.draws.output_weight)  # the joint model's W
+    # with no subject routed, the joint model alone, exactly
     complete = posterior_predictive(routes, [gm[[0]], wm[[0]]], num_samples=20, probs=[], generator=seeded_generator("cpu", 1))
     alone = posterior_predictive(main, [gm[[0]], wm[[0]]], num_samples=20, probs=[], generator=seeded_generator("cpu", 1))
     np.testing.assert_array_equal(complete.mean, alone.mean)
 
 
-def test_fit_chooses_on_validation_routes_saves_and_loads(make_preset, make_arrays, tmp_path, monkeypatch):
+def test_an_equal_mixture_has_the_mean_and_variance_of_one(make_preset):
+    torch.manual_seed(1)
+    cfg = make_preset({"structure": "joint"}).model
+    joint, alone = InVAModule(["gm", "wm"], [64, 24], 64, cfg).eval(), InVAModule(["gm"], [64], 64, cfg).eval()
+    with torch.no_grad():  # move the submodel's mean well away from the joint model's
+        alone.output_bias_q.loc += 1.0
+    gm, wm = torch.randn(3, 64), torch.full((3, 24), float("nan"))
+    draws, gen = 4000, seeded_generator("cpu", 0)
+    mix = mixture_predictive([(joint, [gm, wm]), (alone, [gm])], num_samples=draws, probs=[], generator=gen)
+    one = posterior_predictive(joint, [gm, wm], num_samples=draws, probs=[], generator=gen)
+    two = posterior_predictive(alone, [gm], num_samples=draws, probs=[], generator=gen)
+    # E = (m1 + m2) / 2; Var = (v1 + v2) / 2 + (m1 - m2)^2 / 4. Each mean has Monte-Carlo sd <= sd / sqrt(S):
+    # 5 of those on each of 192 entries; the variance ratio, averaged over them, is within 3%.
+    sd = np.maximum(mix.sd, np.maximum(one.sd, two.sd))
+    assert np.abs(mix.mean - (one.mean + two.mean) / 2).max() < 5 * 2 * sd.max() / np.sqrt(draws)
+    expected = (one.sd ** 2 + two.sd ** 2) / 2 + (one.mean - two.mean) ** 2 / 4
+    assert abs((mix.sd ** 2).mean() / expected.mean() - 1) < 0.03
+    assert (mix.mean - one.mean).mean() > 0.3   # the shift is seen: half of the submodel's +1
+
+
+def test_fit_records_the_choice_routes_saves_and_loads(make_preset, make_arrays, tmp_path):
     cohort = three_input_cohort(make_arrays)
     preset = make_preset({"structure": "joint"}, {"epochs": 3, "input_dropout": 0.5, "pattern_submodels": True})
-    # every submodel kept, whatever validation says, so that routing is exercised for each input
-    monkeypatch.setattr(submodels_mod.SubmodelChoice, "used", property(lambda self: True))
     model = InVA(preset).fit(cohort.train, cohort.val, device="cpu", progress=False, run_dir=tmp_path / "run")
-    choices = {c["input"]: c for c in model.info["pattern_submodels"]}
-    assert list(choices) == ["gm", "wm", "gm2"] and set(model.submodels) == {"gm", "wm", "gm2"}
-    assert all(c["n_val"] == 16 and np.isfinite(c["val_mse_joint"]) and np.isfinite(c["val_mse_submodel"])
-               for c in choices.values())
-    assert [choices[n]["predictor"] for n in ("gm", "wm", "gm2")] == ["local", "local", "local"]
+    records = {c["input"]: c for c in model.info["pattern_submodels"]}
+    assert list(records) == ["gm", "wm", "gm2"] and set(model.submodels) == {"gm", "wm", "gm2"}
+    for c in records.values():
+        assert c["n_val"] == 16 and c["predictor"] == "local"
+        # the mixture's mean: its squared error is at most the average of the two
+        assert c["val_mse_mixture"] <= (c["val_mse_joint"] + c["val_mse_submodel"]) / 2 + 1e-9
     assert model.submodels["wm"].info["inputs"] == ["gm", "gm2"]
     # the submodel speaks its parent's units
     np.testing.assert_array_equal(model.submodels["wm"].standardizer.outcome_mean, model.standardizer.outcome_mean)
     test = lacking(cohort.test, "wm")
     routed = model.predict(test, seed=4)
-    alone = model.submodels["wm"].predict(drop_input(cohort.test, "wm"), seed=4)
-    np.testing.assert_allclose(routed.mean, alone.mean, rtol=1e-6)
-    # per-pattern calibration scales the submodel's raw intervals by its own pattern factor
+    # the routed mean is the mixture's: the average of the two models' means, up to Monte-Carlo error
+    xs = model._tensors(test)[0]
+    halves = [predictive_mean(model.module, xs), predictive_mean(model.submodels["wm"].module, [xs[0], xs[2]])]
+    expected = model.standardizer.inverse_outcome_mean(((halves[0] + halves[1]) / 2).numpy())
+    z = (routed.mean - expected) / (routed.raw_sd / np.sqrt(preset.prediction.num_samples))
+    assert np.abs(z).max() < 5.5
     assert "no wm" in model.calibrator.pattern_scale
     loaded = InVA.load(tmp_path / "run")
     assert set(loaded.submodels) == {"gm", "wm", "gm2"}
@@ -114,24 +140,23 @@ def test_fit_chooses_on_validation_routes_saves_and_loads(make_preset, make_arra
     assert (tmp_path / "run" / "submodels" / "without-wm" / "weights.safetensors").exists()
 
 
-def test_a_submodel_is_kept_only_where_it_wins_and_the_local_pathway_falls_back(make_preset, make_arrays):
+def test_the_submodel_without_the_only_local_input_uses_the_paper_predictor(make_preset, make_arrays):
     inputs, y, mean, sd = make_arrays(60, 2)
     cohort = Cohort.from_arrays(inputs, y, split=["train"] * 44 + ["val"] * 16)
     preset = make_preset({"structure": "joint"}, {"epochs": 3, "pattern_submodels": True})
     model = InVA(preset).fit(cohort.train, cohort.val, device="cpu", progress=False)
-    choices = {c["input"]: c for c in model.info["pattern_submodels"]}
-    assert choices["gm"]["predictor"] == "paper"   # wm alone has no voxel on the outcome's grid
-    for name, c in choices.items():
-        assert c["used"] == (c["val_mse_submodel"] < c["val_mse_joint"]) == (name in model.submodels)
-    # complete subjects never leave the main module
-    if model.submodels:
-        xs = [torch.as_tensor(np.asarray(cohort.val.inputs[n])) for n in ("gm", "wm")]
-        assert (model.predictive_module.route(xs) == -1).all()
-    else:
-        assert model.predictive_module is model.module
+    records = {c["input"]: c for c in model.info["pattern_submodels"]}
+    assert records["gm"]["predictor"] == "paper" and records["wm"]["predictor"] == "local"
+    assert model.submodels["gm"].preset.model.predictor == "paper"
+    xs = [torch.as_tensor(np.asarray(cohort.val.inputs[n])) for n in ("gm", "wm")]
+    assert (model.predictive_module.route(xs) == -1).all()   # complete subjects: the joint model alone
+    # refitting without pattern submodels leaves none behind
+    model.preset.training.pattern_submodels = False
+    model.fit(cohort.train, cohort.val, device="cpu", progress=False)
+    assert model.submodels == {} and model.predictive_module is model.module
 
 
-def test_cli_fits_submodels_lazily_and_in_memory_alike(tmp_path, monkeypatch, make_manifest):
+def test_cli_fits_submodels_lazily_and_in_memory_alike(tmp_path, make_manifest):
     import json
     import pandas as pd
     from inva_pyro import cli
@@ -147,7 +172,6 @@ def test_cli_fits_submodels_lazily_and_in_memory_alike(tmp_path, monkeypatch, ma
     preset.write_text('name = "tiny"\n[model]\nstructure = "joint"\nshallow_dim = 4\nhidden = 16\npredictor_hidden = 8\n'
                       'local_hidden = 8\n[training]\nepochs = 2\nbatch_size = 8\npattern_submodels = true\n'
                       '[prediction]\nnum_samples = 20\n')
-    monkeypatch.setattr(submodels_mod.SubmodelChoice, "used", property(lambda self: True))  # each one routed
     means = {}
     for mode in ("memory", "lazy"):
         run = tmp_path / f"run-{mode}"

@@ -65,81 +65,11 @@ class KeptDraws:
     """The first K posterior predictive draws, per draw (standardised units; F = kept features)."""
     features: np.ndarray                    # (F,) indices of the kept features
     component_mean: np.ndarray              # (K, n, F) mean of the outcome given draw s of (W, b)
-    noise_sd: np.ndarray                    # (n, F) sd of the outcome given (W, b) (the same for every s)
+    noise_sd: np.ndarray                    # (n, F) sd of the outcome given (W, b) (the same for every s; a mixture's: (K, n, F))
     outcome: np.ndarray                     # (K, n, F) replicated outcomes y_rep
     output_weight: np.ndarray | None        # (K, F, D) draws of W at the kept features (Bayesian output layer)
     output_bias: np.ndarray | None          # (K, F)
     image_loglik: np.ndarray | None         # (K, n) sum over every feature of log N(y | mean_s, noise_sd)
-
-
-@dataclass
-class PatternRoutes:
-    """A joint module with pattern submodels (``pattern_submodels.py``): ``submodels[k]`` was fitted without
-    input k, and predicts the subjects that lack input k and no other; every other subject goes to ``main``.
-    ``posterior_predictive`` takes it in place of a module."""
-    main: object
-    submodels: dict[int, object]
-    joint = True
-
-    @property
-    def cfg(self):
-        return self.main.cfg
-
-    def eval(self) -> "PatternRoutes":
-        for module in (self.main, *self.submodels.values()):
-            module.eval()
-        return self
-
-    def route(self, inputs: list[torch.Tensor]) -> np.ndarray:
-        """(n,) the input k whose submodel predicts subject i, or -1 for the main module."""
-        present = torch.stack([~torch.isnan(x).all(-1) for x in inputs], -1).cpu().numpy()
-        route = np.full(len(present), -1)
-        lacks_one = present.sum(1) == present.shape[1] - 1
-        for k in self.submodels:
-            route[lacks_one & ~present[:, k]] = k
-        return route
-
-
-def _routed(routes: PatternRoutes, inputs, observed, keep_samples, keep_draws, **kwargs) -> PredictiveSummary:
-    """Each group of subjects predicted by its own module; the summaries put back in subject order. Kept
-    draws of the output layer (W, b) are the main module's when it predicts any subject."""
-    route = routes.route(inputs)
-    groups = [k for k in (-1, *sorted(routes.submodels)) if (route == k).any()]
-    parts = []
-    for k in groups:
-        rows = torch.as_tensor(np.flatnonzero(route == k), device=inputs[0].device)
-        module = routes.main if k < 0 else routes.submodels[k]
-        xs = [x[rows] for j, x in enumerate(inputs) if j != k]
-        parts.append((rows.cpu().numpy(), posterior_predictive(
-            module, xs, observed=None if observed is None else observed[rows], keep_samples=keep_samples,
-            keep_draws=keep_draws, **kwargs)))
-    if len(parts) == 1:
-        return parts[0][1]
-    n = len(route)
-
-    def merged(get, axis: int = 0):
-        first = get(parts[0][1])
-        if first is None:
-            return None
-        shape = list(first.shape)
-        shape[axis] = n
-        out = np.empty(shape, dtype=first.dtype)
-        for rows, summary in parts:
-            np.moveaxis(out, axis, 0)[rows] = np.moveaxis(get(summary), axis, 0)
-        return out
-
-    draws = None
-    if keep_draws:
-        first = parts[0][1].draws  # the main module's, when it has subjects: groups start with -1
-        draws = KeptDraws(
-            features=first.features, component_mean=merged(lambda s: s.draws.component_mean, 1),
-            noise_sd=merged(lambda s: s.draws.noise_sd), outcome=merged(lambda s: s.draws.outcome, 1),
-            output_weight=first.output_weight, output_bias=first.output_bias,
-            image_loglik=merged(lambda s: s.draws.image_loglik, 1))
-    return PredictiveSummary(
-        mean=merged(lambda s: s.mean), sd=merged(lambda s: s.sd),
-        quantiles={p: merged(lambda s, p=p: s.quantiles[p]) for p in parts[0][1].quantiles},
-        crps=merged(lambda s: s.crps), samples=merged(lambda s: s.samples, 1), draws=draws)
 
 
 def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float, torch.Tensor]:
@@ -160,7 +90,6 @@ def histogram_quantiles(counts: torch.Tensor, probs: list[float]) -> dict[float,
     return out
 
 
-@torch.no_grad()
 def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int, probs: list[float],
                          observed: torch.Tensor | None = None, block_size: int | None = None,
                          chunk_size: int | None = None, keep_samples: int = 0,
@@ -169,26 +98,83 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
     """Posterior predictive summaries of ``num_samples`` draws for every subject (see the module doc).
 
     ``keep_draws``/``keep_features`` (default: every feature): keep the first draws per draw
-    (``PredictiveSummary.draws``); the other outputs do not change in distribution.
-    ``module`` may be a ``PatternRoutes``: each subject is then predicted by the module of its pattern.
+    (``PredictiveSummary.draws``); the other outputs do not change in distribution. ``module`` may also be
+    an object with a ``routed_predictive`` method taking the same arguments (``routing.PatternRoutes``).
     """
-    if isinstance(module, PatternRoutes):
-        return _routed(module.eval(), inputs, observed, keep_samples, keep_draws, num_samples=num_samples,
-                       probs=probs, block_size=block_size, chunk_size=chunk_size, generator=generator,
-                       keep_features=keep_features)
-    module.eval()
-    n, n_vox = inputs[0].shape[0], module.predictor.scale_head.out_features
+    kwargs = dict(num_samples=num_samples, probs=probs, observed=observed, block_size=block_size,
+                  chunk_size=chunk_size, keep_samples=keep_samples, generator=generator, keep_draws=keep_draws,
+                  keep_features=keep_features)
+    routed = getattr(module, "routed_predictive", None)
+    if routed is not None:
+        return routed(inputs, **kwargs)
+    return mixture_predictive([(module, inputs)], **kwargs)
+
+
+@dataclass
+class _Component:
+    """One module's predictive for a block of subjects, all but the output layer's draws: (B, V) tensors."""
+    module: object
+    hidden: torch.Tensor
+    local_mean: torch.Tensor
+    noise_sd: torch.Tensor
+    reference: torch.Tensor      # the mean, at the output layer's posterior mean
+    total_sd: torch.Tensor       # noise and output-layer spread together (local reparameterisation)
+
+    @classmethod
+    def of(cls, module, xs: list[torch.Tensor]) -> "_Component":
+        hidden, local_mean, noise_sd = module.outcome_parts(xs)
+        w_mean, b_mean = module.output_layer_mean()
+        total_sd = noise_sd
+        if module.cfg.bayesian_output:  # local reparameterisation: the output layer's spread per entry
+            w_sd, b_sd = module.output_weight_q.scale, module.output_bias_q.scale
+            total_sd = torch.sqrt(hidden.square() @ w_sd.square().T + b_sd.square() + noise_sd.square())
+        return cls(module, hidden, local_mean, noise_sd, hidden @ w_mean.T + b_mean + local_mean, total_sd)
+
+    def kept_means(self, s: int, generator, features: torch.Tensor):
+        """(s, B, V) means given s joint draws of (W, b) (shared by the subjects), and those draws at
+        ``features`` (None without a Bayesian output layer)."""
+        if not self.module.cfg.bayesian_output:
+            return self.reference.expand(s, -1, -1), None, None
+        weight_q, bias_q = self.module.output_layer_posterior()
+        weight, bias = _sample(weight_q, s, generator), _sample(bias_q, s, generator)  # (s, V, D), (s, V)
+        mean = torch.einsum("bd,svd->sbv", self.hidden, weight) + bias[:, None, :] + self.local_mean
+        return mean, weight[:, features], bias[:, features]
+
+
+def _pick(values: list[torch.Tensor], choice: torch.Tensor) -> torch.Tensor:
+    """values[choice] elementwise: ``choice`` broadcasts against the (B, V) values."""
+    out = values[0].expand(torch.broadcast_shapes(values[0].shape, choice.shape))
+    for c, value in enumerate(values[1:], start=1):
+        out = torch.where(choice == c, value, out)
+    return out
+
+
+@torch.no_grad()
+def mixture_predictive(components: list[tuple[object, list[torch.Tensor]]], *, num_samples: int,
+                       probs: list[float], observed: torch.Tensor | None = None, block_size: int | None = None,
+                       chunk_size: int | None = None, keep_samples: int = 0,
+                       generator: torch.Generator | None = None, keep_draws: int = 0,
+                       keep_features=None) -> PredictiveSummary:
+    """``posterior_predictive`` of the equal-weight mixture of the predictives of ``components``, (module, its
+    inputs) for the same subjects; one component: that module's predictive. A draw of subject i comes from a
+    component chosen uniformly for that draw and subject; kept draw s comes from component s mod C for every
+    subject (with that module's draw of (W, b); ``KeptDraws.noise_sd`` is then (K, n, F), and the kept
+    (W, b) are the first component's)."""
+    for module, _ in components:
+        module.eval()
+    mixed = len(components) > 1
+    first, inputs = components[0]
+    n, n_vox = inputs[0].shape[0], first.predictor.scale_head.out_features
     device = inputs[0].device
     # Keep a block's histogram (block x V x bins, int32) and a chunk of draws near 64 MiB each.
     block_size = block_size or max(1, min(n, (16 << 20) // (n_vox * (len(GRID) + 1))))
-    hidden_dim = module.cfg.predictor_hidden
+    hidden_dim = max(module.cfg.predictor_hidden for module, _ in components)
     # Draws cost (chunk x block x V); only the kept draws also sample W, at (chunk x V x D).
     chunk_size = chunk_size or max(2, min(num_samples, (16 << 20) // (n_vox * block_size)))
     kept_chunk = max(1, min(chunk_size, (16 << 20) // (n_vox * hidden_dim)))
     grid = GRID.to(device)
     means, sds, crps_maps, kept = [], [], [], []
     quantiles = {p: [] for p in probs}
-    w_mean, b_mean = module.output_layer_mean()
     keep_draws = min(int(keep_draws), num_samples)
     kept_seed = None
     if keep_draws:
@@ -198,13 +184,10 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         kd = {"mean": [], "noise_sd": [], "outcome": [], "loglik": []}
         kept_w = kept_b = None
     for start in range(0, n, block_size):
-        xs = [x[start:start + block_size] for x in inputs]
-        hidden, local_mean, noise_sd = module.outcome_parts(xs)
-        reference = hidden @ w_mean.T + b_mean + local_mean
-        total_sd = noise_sd
-        if module.cfg.bayesian_output:  # local reparameterisation: the output layer's spread per entry
-            w_sd, b_sd = module.output_weight_q.scale, module.output_bias_q.scale
-            total_sd = torch.sqrt(hidden.square() @ w_sd.square().T + b_sd.square() + noise_sd.square())
+        parts = [_Component.of(module, [x[start:start + block_size] for x in xs]) for module, xs in components]
+        # the histogram's grid: around the (mixture's) mean, in units of the noise sd
+        reference = parts[0].reference if not mixed else torch.stack([c.reference for c in parts]).mean(0)
+        scale = parts[0].noise_sd if not mixed else torch.stack([c.noise_sd for c in parts]).mean(0)
         moments = StreamingMoments()
         crps = StreamingCRPS(observed[start:start + block_size]) if observed is not None else None
         counts = torch.zeros(*reference.shape, len(grid) + 1, dtype=torch.int32, device=device)
@@ -212,29 +195,30 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         if keep_draws:
             # the same (W, b) draws for the kept draws of every block
             kept_gen = seeded_generator(device, kept_seed)
-            block_draws = {"mean": [], "outcome": [], "loglik": [], "w": [], "b": []}
+            block_draws = {"mean": [], "noise_sd": [], "outcome": [], "loglik": [], "w": [], "b": []}
         while drawn < num_samples:
             s = min(chunk_size, num_samples - drawn)
             if drawn < keep_draws:
                 s = min(s, keep_draws - drawn, kept_chunk)   # a chunk is either wholly kept or not
             if drawn < keep_draws:  # joint draws of (W, b), shared by every subject, for ArviZ
-                if module.cfg.bayesian_output:
-                    weight_q, bias_q = module.output_layer_posterior()
-                    weight = _sample(weight_q, s, kept_gen)                    # (s, V, D)
-                    bias = _sample(bias_q, s, kept_gen)                        # (s, V)
-                    mean = torch.einsum("bd,svd->sbv", hidden, weight) + bias[:, None, :] + local_mean
-                else:
-                    mean = reference.expand(s, -1, -1)
+                drawn_means = [c.kept_means(s, kept_gen, features) for c in parts]
+                which = (torch.arange(drawn, drawn + s, device=device) % len(parts))[:, None, None]
+                mean = _pick([m for m, _, _ in drawn_means], which)
+                noise_sd = _pick([c.noise_sd for c in parts], which)
                 noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
                 draws = mean + noise_sd * noise                                 # (s, B, V)
             else:
                 noise = torch.randn((s, *reference.shape), generator=generator, device=device, dtype=reference.dtype)
-                draws = reference + total_sd * noise
+                if mixed:
+                    which = torch.randint(len(parts), (s, reference.shape[0], 1), generator=generator, device=device)
+                    draws = _pick([c.reference for c in parts], which) + _pick([c.total_sd for c in parts], which) * noise
+                else:
+                    draws = reference + parts[0].total_sd * noise
             moments.update(draws)
             if crps is not None:
                 crps.update(draws)
             # GRID is uniform, so a draw's bin is arithmetic (no binary search): 0 below, len(GRID) above
-            bins = ((draws - reference) / noise_sd).sub_(GRID_LOW).div_(GRID_STEP).floor_().add_(1)
+            bins = ((draws - reference) / scale).sub_(GRID_LOW).div_(GRID_STEP).floor_().add_(1)
             bins = bins.clamp_(0, len(grid)).to(torch.int64)
             counts.view(-1, counts.shape[-1]).scatter_add_(
                 1, bins.permute(1, 2, 0).reshape(-1, s), torch.ones(1, dtype=torch.int32, device=device).expand(bins.numel() // s, s))
@@ -242,19 +226,20 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
                 block_kept.append(draws[: keep_samples - drawn].cpu())
             if drawn < keep_draws:
                 block_draws["mean"].append(mean[..., features].cpu())
+                block_draws["noise_sd"].append(noise_sd.expand_as(mean)[..., features].cpu())
                 block_draws["outcome"].append(draws[..., features].cpu())
                 if observed is not None:
                     y_block = observed[start:start + block_size]
                     block_draws["loglik"].append(torch.distributions.Normal(mean, noise_sd).log_prob(y_block)
                                                  .double().sum(-1).cpu())
-                if module.cfg.bayesian_output and start == 0:
-                    block_draws["w"].append(weight[:, features].cpu())
-                    block_draws["b"].append(bias[:, features].cpu())
+                if drawn_means[0][1] is not None and start == 0:
+                    block_draws["w"].append(drawn_means[0][1].cpu())
+                    block_draws["b"].append(drawn_means[0][2].cpu())
             drawn += s
         means.append(moments.mean.float().cpu())
         sds.append(moments.sd().float().cpu())
         for p, q in histogram_quantiles(counts, probs).items():
-            quantiles[p].append((reference + noise_sd * q.to(reference.dtype)).cpu())
+            quantiles[p].append((reference + scale * q.to(reference.dtype)).cpu())
         if crps is not None:
             crps_maps.append(torch.as_tensor(crps.value(average=False)).float().cpu())
         if keep_samples:
@@ -262,7 +247,8 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
         if keep_draws:
             kd["mean"].append(torch.cat(block_draws["mean"], 0))
             kd["outcome"].append(torch.cat(block_draws["outcome"], 0))
-            kd["noise_sd"].append(noise_sd[:, features].cpu())
+            # the noise sd is the same for every draw of one module: (B, F) then, (K, B, F) for a mixture
+            kd["noise_sd"].append(torch.cat(block_draws["noise_sd"], 0) if mixed else block_draws["noise_sd"][0][0])
             if block_draws["loglik"]:
                 kd["loglik"].append(torch.cat(block_draws["loglik"], 0))
             if block_draws["w"]:
@@ -271,7 +257,8 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
     kept_draws = None
     if keep_draws:
         kept_draws = KeptDraws(
-            features=features.cpu().numpy(), component_mean=cat(kd["mean"], 1), noise_sd=cat(kd["noise_sd"]),
+            features=features.cpu().numpy(), component_mean=cat(kd["mean"], 1),
+            noise_sd=cat(kd["noise_sd"], 1 if mixed else 0),
             outcome=cat(kd["outcome"], 1), output_weight=None if kept_w is None else kept_w.numpy(),
             output_bias=None if kept_b is None else kept_b.numpy(),
             image_loglik=cat(kd["loglik"], 1) if kd["loglik"] else None)

@@ -90,17 +90,22 @@ def _param_groups(module: torch.nn.Module, weight_decay: float):
 
 
 @torch.no_grad()
+def predictive_mean(module, xs: list[torch.Tensor]) -> torch.Tensor:
+    """(B, V) the predictive mean with the output layer at its posterior mean, standardised units."""
+    weight, bias = module.output_layer_mean()
+    hidden, local_mean, _ = module.outcome_parts(xs)
+    return hidden @ weight.T + bias + local_mean
+
+
+@torch.no_grad()
 def validation_mse(module, data: Batchable, batch_size: int = 256) -> float:
     """MSE of the predictive mean (output layer at its posterior mean), standardised units."""
     module.eval()
-    weight, bias = module.output_layer_mean()
-    total, count = torch.zeros((), dtype=torch.float64, device=weight.device), 0
+    total, count = torch.zeros((), dtype=torch.float64, device=data.device), 0
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         xs, y = data.take(idx)
-        hidden, local_mean, _ = module.outcome_parts(xs)
-        mean = hidden @ weight.T + bias + local_mean
-        total += ((mean - y) ** 2).sum().double()  # on the device: one synchronisation at the end
+        total += ((predictive_mean(module, xs) - y) ** 2).sum().double()  # on the device: one synchronisation at the end
         count += y.numel()
     return float(total) / count
 
