@@ -237,7 +237,7 @@ def run(args) -> pd.DataFrame:
                 patterns += [f"no {n}" for n in cohort.input_names]
                 if len(cohort.input_names) > 2:
                     patterns += [f"only {n}" for n in cohort.input_names]
-            used = {c["input"] for c in getattr(model, "info", {}).get("pattern_submodels") or [] if c["used"]}
+            mixed = {c["input"] for c in getattr(model, "info", {}).get("pattern_submodels") or []}
             new = []
             for pattern in patterns:
                 if pattern == "complete" or dropped:
@@ -253,7 +253,7 @@ def run(args) -> pd.DataFrame:
                     row.update(representation(model, test, pred))
                 elif pattern.startswith("no "):
                     row.update(specific_map_read(test, pred, pattern[3:]))
-                    row["submodel"] = pattern[3:] in used  # predicted by the pattern submodel without it
+                    row["submodel"] = pattern[3:] in mixed  # the mixture with the pattern submodel without it
                 new.append({**base, **row})
             runs = pd.concat([runs, pd.DataFrame(new)], ignore_index=True)
             runs.to_csv(runs_csv, index=False)

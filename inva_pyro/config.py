@@ -175,9 +175,9 @@ class TrainingConfig(_Strict):
         "treated as never acquired")
     pattern_submodels: bool = Field(
         False, description="structure 'joint' only: after training, fit the same preset once without each input "
-        "k (the pattern submodel of subjects lacking k, Fletcher Mercaldo & Blume 2020) and predict the subjects "
-        "lacking only k with it wherever it beats the joint model with k hidden on the validation subjects; "
-        "K more fits (docs/model.md, \"Pattern submodels\")")
+        "k (the pattern submodel, Fletcher Mercaldo & Blume 2020); a subject lacking only k is then predicted by "
+        "the equal-weight mixture of the joint model and that submodel. K more fits (docs/model.md, "
+        "\"Pattern submodels\")")
 
 
 class PredictionConfig(_Strict):
