@@ -132,6 +132,12 @@ def test_fit_records_the_choice_routes_saves_and_loads(make_preset, make_arrays,
     z = (routed.mean - expected) / (routed.raw_sd / np.sqrt(preset.prediction.num_samples))
     assert np.abs(z).max() < 5.5
     assert "no wm" in model.calibrator.pattern_scale
+    # ArviZ: the mixture's kept draws carry a noise sd per draw, and the log-likelihood follows it
+    from inva_pyro.criticism.inference import build_inference_data
+    idata = build_inference_data(model, test, routed, num_draws=4, n_features=5)
+    loglik = idata.log_likelihood["outcome"].values
+    assert loglik.shape == (1, 4, len(test), 5) and np.isfinite(loglik).all()
+    assert not np.allclose(loglik[0, 0], loglik[0, 1])  # draws 0 and 1 come from different models
     loaded = InVA.load(tmp_path / "run")
     assert set(loaded.submodels) == {"gm", "wm", "gm2"}
     again = loaded.predict(test, seed=4)
