@@ -1,4 +1,5 @@
 """Multi-process training (torch.distributed, gloo, 2 CPU processes)."""
+import dataclasses
 import json
 import os
 
@@ -86,8 +87,13 @@ def test_two_processes_fit_a_cohort_with_empty_cells(tmp_path):
     inputs["x2"][[2, 5, 20, 40]] = np.nan
     cohort = Cohort.from_arrays(inputs, y, split=["train"] * 32 + ["val"] * 16)
     preset = Preset.model_validate({**PRESET, "model": {**PRESET["model"], "structure": "joint"},
-                                    "training": {**PRESET["training"], "epochs": 3}})
+                                    "training": {**PRESET["training"], "epochs": 3, "pattern_submodels": True}})
     model = InVA(preset).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False,
                              run_dir=tmp_path / "run", devices=2)
     assert np.isfinite(model.history["train_loss"]).all() and model.info["n_train_labeled"] == 27
     assert np.isfinite(model.predict(cohort.val, num_samples=10).mean).all()
+    # the pattern submodels were fitted in the same process group, saved by rank 0 and loaded with the run
+    assert set(model.submodels) == {"x1", "x2"} and model.submodels["x2"].history["devices"] == 2
+    lacking_x2 = dataclasses.replace(cohort.val, inputs={**cohort.val.inputs,
+                                                         "x2": np.full_like(cohort.val.inputs["x2"], np.nan)})
+    assert np.isfinite(model.predict(lacking_x2, num_samples=10).mean).all()
