@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data.missing import drop_input, input_presence
 from ..predict.patterns import impose
