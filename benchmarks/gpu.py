@@ -165,11 +165,10 @@ def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
 
     from inva_pyro.config import TrainingConfig
     from inva_pyro.train.elbo import DeviceTrace_ELBO
-    from inva_pyro.train.loop import make_optimizer
+    from inva_pyro.train.optimizer import clip_and_guard, make_optimizer
 
     params = list(module.parameters())
     cfg = TrainingConfig()
-    foreach = True if device.type == "cuda" else None
     new_opt, old_opt = make_optimizer(module, cfg, device), torch.optim.AdamW(params, lr=cfg.learning_rate)
     device_elbo, pyro_elbo = DeviceTrace_ELBO(), Trace_ELBO()
     kwargs = dict(subjects=idx, n_subjects=n_subjects)
@@ -178,7 +177,7 @@ def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
         new_opt.zero_grad(set_to_none=True)
         loss = device_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode(xs), **kwargs)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=foreach)
+        clip_and_guard(new_opt, params, loss, cfg.grad_clip)
         new_opt.step()
         return loss
 
@@ -192,10 +191,11 @@ def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
         bool(torch.isfinite(norm))
         old_opt.step()
 
-    def torch_step():
+    def torch_step():  # the same update as inva_step, the loss written by hand
         new_opt.zero_grad(set_to_none=True)
-        torch_elbo_loss(module, xs, y, n_subjects).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=foreach)
+        loss = torch_elbo_loss(module, xs, y, n_subjects)
+        loss.backward()
+        clip_and_guard(new_opt, params, loss, cfg.grad_clip)
         new_opt.step()
 
     arms = {"eager inva step": inva_step, "Pyro Trace_ELBO step (before)": pyro_step,
@@ -212,7 +212,8 @@ def _graph_step(module, xs, y, n_subjects, cfg):
 
     from inva_pyro.train.elbo import DeviceTrace_ELBO
     from inva_pyro.train.graphs import StepGraphs
-    from inva_pyro.train.loop import Batchable, _svi_step, make_optimizer
+    from inva_pyro.train.loop import Batchable, _svi_step
+    from inva_pyro.train.optimizer import make_optimizer
 
     params = list(module.parameters())
     data = Batchable(xs, y)  # the minibatch is the cohort: the graph gathers all of it each step

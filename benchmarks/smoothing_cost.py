@@ -25,7 +25,8 @@ from inva_pyro.data.spaces import VolumeSpace
 from inva_pyro.model.module import InVAModule
 from inva_pyro.model.smoothing import smoothness_log_prior
 from inva_pyro.train.elbo import DeviceTrace_ELBO
-from inva_pyro.train.loop import Batchable, _svi_step, make_optimizer
+from inva_pyro.train.loop import Batchable, _svi_step
+from inva_pyro.train.optimizer import make_optimizer
 
 
 def timed(fn, steps: int, device: torch.device) -> float:

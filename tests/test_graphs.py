@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from inva_pyro.model.module import InVAModule
 from inva_pyro.train.elbo import DeviceTrace_ELBO
-from inva_pyro.train.loop import Batchable, _svi_step, make_optimizer, uses_cuda_graphs
+from inva_pyro.train.loop import Batchable, _svi_step, uses_cuda_graphs
+from inva_pyro.train.optimizer import make_optimizer
 
 META = torch.device("meta")
 aten = torch.ops.aten
@@ -94,15 +95,15 @@ STRUCTURES = [None, {"structure": "separate"}, {"structure": "concatenated", "pr
               {"structure": "joint", "spatial_smoothing": 10.0}]
 
 
-@pytest.mark.parametrize("model", STRUCTURES)
-def test_the_training_step_copies_nothing_from_the_host_and_never_syncs(make_preset, model):
+def _two_steps_on_meta(make_preset, model, capturable=False):
+    """Two training steps (the update included) on the meta device: (loss, norm, host copies, syncs)."""
     preset = make_preset(model=model, training={"input_dropout": 0.3} if model == {"structure": "joint"} else {})
     module = _module(make_preset, model).to(META)
     g = torch.Generator().manual_seed(0)
     data = Batchable([torch.randn(10, v, generator=g).to(META) for v in (20, 12, 20)],
                      torch.randn(10, 20, generator=g).to(META))
     params = list(module.parameters())
-    optimizer = make_optimizer(module, preset.training, META)
+    optimizer = make_optimizer(module, preset.training, META, capturable=capturable)
     elbo, idx = DeviceTrace_ELBO(), torch.arange(4, device=META)
     kl_weight = torch.full((), 0.5, device=META)  # as the graphs pass it
     with pyro.validation_enabled(False):
@@ -112,6 +113,26 @@ def test_the_training_step_copies_nothing_from_the_host_and_never_syncs(make_pre
                 loss, grad_norm = _svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl_weight,
                                             preset.training)
     assert loss.device == META and grad_norm.device == META
+    return optimizer, host, syncs
+
+
+@pytest.mark.parametrize("model", STRUCTURES)
+def test_the_training_step_copies_nothing_from_the_host_and_never_syncs(make_preset, model):
+    _, host, syncs = _two_steps_on_meta(make_preset, model)
+    assert host.found == [], f"host tensors copied to the device: {host.found}"
+    assert syncs.found == [], f"host synchronisations or host tensors in device work: {syncs.found}"
+
+
+def test_the_fused_update_copies_nothing_from_the_host_and_never_syncs(make_preset, monkeypatch):
+    """On CPU and CUDA, AdamW is fused and takes the clipping and the non-finite guard into its kernel
+    (train/optimizer.py); its meta kernel runs here once meta is let into torch's fused devices."""
+    import torch.optim.optimizer as torch_optimizer
+
+    from inva_pyro.train import optimizer as inva_optimizer
+    monkeypatch.setattr(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: ["cpu", "cuda", "meta"])
+    monkeypatch.setattr(inva_optimizer, "FUSED_DEVICES", ("cpu", "cuda", "meta"))
+    optimizer, host, syncs = _two_steps_on_meta(make_preset, None, capturable=True)  # as graphs.py
+    assert inva_optimizer.is_fused(optimizer) and optimizer.found_inf.device == META
     assert host.found == [], f"host tensors copied to the device: {host.found}"
     assert syncs.found == [], f"host synchronisations or host tensors in device work: {syncs.found}"
 

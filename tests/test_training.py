@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from inva_pyro.errors import InputError
 from inva_pyro.estimator import InVA
 from inva_pyro.model.module import InVAModule
-from inva_pyro.train.loop import CHECKPOINT, Batchable, TrainingDiverged, _param_groups, train
+from inva_pyro.train.loop import CHECKPOINT, Batchable, TrainingDiverged, train
+from inva_pyro.train.optimizer import param_groups
 
 
 def standardised(cohort):
@@ -108,7 +109,7 @@ def test_a_training_step_reaches_every_parameter(make_preset, small_cohort, pred
 def test_weight_decay_spares_variational_parameters(make_preset, small_cohort):
     train_data, _ = standardised(small_cohort)
     module = new_module(make_preset(), train_data)
-    decay, no_decay = _param_groups(module, 1e-2)
+    decay, no_decay = param_groups(module, 1e-2)
     ids = {id(p) for p in no_decay["params"]}
     for name, p in module.named_parameters():
         if "_q." in name or name.endswith("raw_sigma") or p.ndim < 2:

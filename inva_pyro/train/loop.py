@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..model.losses import kl_schedule
 from .elbo import DeviceTrace_ELBO
 from .graphs import StepGraphs
+from .optimizer import clip_and_guard, make_optimizer, poison_gradients, poison_gradients_if
 
 CHECKPOINT = "checkpoint.pt"
 # Steps between two looks at the losses on a GPU (each look waits for the device).
@@ -77,16 +78,6 @@ def kl_scale_at(epoch: int, cfg: TrainingConfig) -> float:
     """The KL weight of ``epoch`` under the preset's schedule (linear warm-up by default)."""
     return kl_schedule(epoch, cfg.kl_schedule, max_weight=cfg.kl_weight, warmup=cfg.kl_anneal_epochs,
                        total_epochs=cfg.epochs, cycles=cfg.kl_cycles, ratio=cfg.kl_cycle_ratio)
-
-
-def _param_groups(module: torch.nn.Module, weight_decay: float):
-    # Decay network weight matrices only: variational parameters of the Bayesian output layer and
-    # noise scales have their own prior / meaning, and decaying them would bias the posterior.
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        is_variational = "_q." in name or name.endswith("raw_sigma")
-        (no_decay if is_variational or p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -167,8 +158,8 @@ def finite_check_steps(device: torch.device) -> int:
 def _check_finite(pending: list, state: TrainingState, ckpt_path: Path | None) -> None:
     """Raise TrainingDiverged at the first (loss, gradient norm) pair that is not finite; one
     host synchronisation for all of ``pending``, which is emptied. It runs before the optimiser
-    step of the last pair, so a non-finite gradient is never stepped with on the CPU (on a GPU the
-    steps between two checks may be taken; the run stops at the check, before any checkpoint)."""
+    step of the last pair. A step with a non-finite loss or gradient is never taken: the fused
+    AdamW skips it (optimizer.py), and the run stops at the next check, before any checkpoint."""
     if not pending:
         return
     losses, norms = (torch.stack(v) for v in zip(*pending))
@@ -180,16 +171,6 @@ def _check_finite(pending: list, state: TrainingState, ckpt_path: Path | None) -
     loss, norm = losses[first].item(), norms[first].item()
     what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient became {norm}"
     raise _diverged(what, state, ckpt_path)
-
-
-def make_optimizer(module, cfg: TrainingConfig, device: torch.device, capturable: bool = False) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on network weights; on CUDA the fused kernel (a few
-    launches for every parameter at once instead of several per parameter; the same update up to
-    rounding), elsewhere torch's default. ``capturable``: its step count on the device, as a CUDA
-    graph needs."""
-    fused = True if device.type == "cuda" else None
-    return torch.optim.AdamW(_param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, fused=fused,
-                             capturable=capturable)
 
 
 def uses_cuda_graphs(cfg: TrainingConfig, data) -> bool:
@@ -316,14 +297,13 @@ def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg
             prefetch_next()
         if loss.requires_grad:
             loss.backward()
-            # a non-finite loss poisons every gradient, so that every rank sees it after the all-reduce
-            _poison_gradients_if(params, ~torch.isfinite(loss))
+            poison_gradients_if(params, ~torch.isfinite(loss))  # across ranks only: every rank must skip
         else:  # Pyro refused the parameters (non-finite weights): no graph to differentiate
-            _poison_gradients(module)
+            poison_gradients(module)
         loss = loss.detach()
     distributed.average_gradients(module)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip,
-                                               foreach=True if data.device.type == "cuda" else None)
+    # Clipping and the non-finite guard go into the fused AdamW kernel (optimizer.py).
+    grad_norm = clip_and_guard(optimizer, params, loss, cfg.grad_clip)
     if update:
         optimizer.step()
     return loss, grad_norm
@@ -344,15 +324,3 @@ def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, cfg: 
         if all(torch.isfinite(p).all() for p in module.parameters()):
             raise
         return torch.full((), float("nan"), device=data.device)
-
-
-def _poison_gradients(module) -> None:
-    for p in module.parameters():
-        p.grad = torch.full_like(p, float("nan"))
-
-
-def _poison_gradients_if(params: list[torch.Tensor], bad: torch.Tensor) -> None:
-    """Gradients times NaN where ``bad`` (a device boolean), times 1 elsewhere: no synchronisation."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, torch.where(bad, float("nan"), 1.0).to(grads[0].dtype))
