@@ -7,7 +7,7 @@
 # safetensors, xarray, h5py, but not pyro, arviz, nibabel, nilearn, monai or pydantic. Before the run, here:
 #   ../shared/tools/device-wheels.sh        # wheels into .whl/ (the default list is enough: no extra names)
 # and carry `.whl` with the run. Logs and the benchmark JSON go under $OUT (the device tool's folder that
-# comes back; /tmp/gpu_out when unset): env.txt, tests.log, bench.log, gpu.json.
+# comes back; /tmp/gpu_out when unset): env.txt, tests.log, update.log, bench.log, gpu.json.
 # Budget: install ~10 s, tests <= 180 s (148 s on the loaded 2-core CPU machine with cuda -> cpu), benchmark
 # <= 340 s (its sections stop themselves at ~320 s).
 set -u
@@ -25,5 +25,7 @@ export PYTHONUNBUFFERED=1
 # GPU_TESTS / GPU_SECTIONS / GPU_BUDGET_SCALE narrow a rerun (defaults: everything).
 timeout 180 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_device.py tests/test_graphs.py tests/test_gpu.py} 2>&1 | tee "$OUT/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
+# the update alone (clipping and guard in fused AdamW against the passes before): a few seconds
+timeout 60 python3 benchmarks/update.py --device cuda --features 65536,230000 2>&1 | tee "$OUT/update.log"
 timeout 340 python3 benchmarks/gpu.py --device cuda --budget-scale ${GPU_BUDGET_SCALE:-0.7} --sections ${GPU_SECTIONS:-demo_fit,svi_step,stream_epoch,predictive} --tmp /tmp --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
 echo "benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
