@@ -96,7 +96,7 @@ STRUCTURES = [None, {"structure": "separate"}, {"structure": "concatenated", "pr
 
 
 def _two_steps_on_meta(make_preset, model, capturable=False):
-    """Two training steps (the update included) on the meta device: (loss, norm, host copies, syncs)."""
+    """Two training steps (the update included) on the meta device: (optimiser, host copies, syncs)."""
     preset = make_preset(model=model, training={"input_dropout": 0.3} if model == {"structure": "joint"} else {})
     module = _module(make_preset, model).to(META)
     g = torch.Generator().manual_seed(0)
