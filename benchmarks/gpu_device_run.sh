@@ -5,7 +5,7 @@
 #
 # That box has torch + CUDA, pytest, numpy, scipy, pandas, matplotlib, scikit-learn, statsmodels, tqdm,
 # safetensors, xarray, h5py, but not pyro, arviz, nibabel, nilearn, monai or pydantic. Before the run, here:
-#   ../shared/tools/device-wheels.sh        # wheels into .whl/ (the default list is enough: no extra names)
+#   ../shared/tools/device-wheels.sh zlib-ng   # wheels into .whl/ (zlib-ng: the fast gzip of data/gz.py)
 # and carry `.whl` with the run. Logs and the benchmark JSON go under $OUT (the device tool's folder that
 # comes back; /tmp/gpu_out when unset): env.txt, tests.log, update.log, bench.log, gpu.json.
 # Budget: install ~10 s, tests <= 180 s (148 s on the loaded 2-core CPU machine with cuda -> cpu), benchmark
@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi -L
   python3 -c "import sys, torch, pyro; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available(), '| pyro', pyro.__version__)"
-  python3 -c "import inva_pyro, os; print('inva_pyro from', os.path.dirname(inva_pyro.__file__))"
+  python3 -c "import inva_pyro, os; from inva_pyro.data import gz; print('inva_pyro from', os.path.dirname(inva_pyro.__file__), '| gzip by', gz._zlib.__name__)"
 } 2>&1 | tee "$OUT/env.txt"
 # GPU_TESTS / GPU_SECTIONS / GPU_BUDGET_SCALE narrow a rerun (defaults: everything).
 timeout 180 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_device.py tests/test_graphs.py tests/test_gpu.py} 2>&1 | tee "$OUT/tests.log"

@@ -7,7 +7,6 @@ renames it into place with ``os.replace``, which is atomic on one file system: a
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import tempfile
@@ -20,10 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
-
-# nibabel's own default; prediction writes many maps per subject, so speed beats the
-# few percent of disk a higher level would save.
-_GZIP_LEVEL = 1
+from .gz import first_member, gzip_bytes
 
 
 def _umask() -> int:
@@ -122,8 +118,7 @@ def save_nifti(array3d: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
     img.header["cal_max"] = 0
     payload = img.to_bytes()
     if path.name.endswith(".gz"):
-        # mtime=0 keeps identical maps byte-identical across runs.
-        payload = gzip.compress(payload, compresslevel=_GZIP_LEVEL, mtime=0)
+        payload = gzip_bytes(payload)
     atomic_write_bytes(path, payload, fsync=fsync)
 
 
@@ -180,9 +175,9 @@ def read_volume_data(img: nib.spatialimages.SpatialImage, path: str | Path, what
 
 
 def _read_whole_nifti(img, path) -> np.ndarray | None:
-    """The voxels of an unscaled image file as float32, decompressed in one call (which releases
-    the GIL, so several reading threads run at once; nibabel's gzip reader loops in Python, 8 KiB
-    at a time). Layout (offset, dtype, order, shape) from nibabel's array proxy. None where this
+    """The voxels of an unscaled image file as float32, decompressed in one call by zlib-ng (gz.py;
+    it releases the GIL, so several reading threads run at once; nibabel's gzip reader loops in
+    Python, 8 KiB at a time). Layout (offset, dtype, order, shape) from nibabel's array proxy. None where this
     fast path does not apply or fails: nibabel then reads the file and reports any problem."""
     proxy = img.dataobj
     if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or (float(proxy.slope), float(proxy.inter)) != (1.0, 0.0):
@@ -190,10 +185,11 @@ def _read_whole_nifti(img, path) -> np.ndarray | None:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
         shape = tuple(int(n) for n in proxy.shape)
-        array = np.frombuffer(raw, dtype=proxy.dtype, count=int(np.prod(shape)), offset=int(proxy.offset))
+        count, offset = int(np.prod(shape)), int(proxy.offset)
+        if path.suffix == ".gz":  # a first member shorter than the image makes frombuffer fail: nibabel reads it
+            raw = first_member(raw, offset + count * np.dtype(proxy.dtype).itemsize)
+        array = np.frombuffer(raw, dtype=proxy.dtype, count=count, offset=offset)
         return array.reshape(shape, order=proxy.order).astype(np.float32)
     except Exception:
         return None
