@@ -25,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inva", description="Integrative VAEs (InVA) in Pyro: predict an outcome "
                                      "image from several input images with calibrated uncertainty.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_simulate, _fit, _predict_and_evaluate, _latents, _manifest, _tune, _demo):
+        add(sub)
+    return parser
 
+
+def _simulate(sub) -> None:
+    """``inva simulate``."""
     p = sub.add_parser("simulate", help="write a simulated cohort with known truth")
     p.add_argument("--design", default="paper", help="simulation design (default: paper)")
     p.add_argument("--voxel-mm", type=int, help="voxel size in mm of the volume design (integer; default 4; "
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing", type=float, default=0.0, metavar="P",
                    help="each input cell empty with probability P (never every input of a subject)")
 
+
+def _fit(sub) -> None:
+    """``inva fit``."""
     p = sub.add_parser("fit", help="train a model; RUNDIR holds everything needed to predict later")
     p.add_argument("--manifest", type=Path, help="cohort manifest CSV")
     p.add_argument("--inputs", type=_names, help="input image columns, comma-separated")
@@ -64,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
 
+
+def _predict_and_evaluate(sub) -> None:
+    """``inva predict and inva evaluate``."""
     for name, helptext in (("predict", "posterior predictive maps for every subject of a manifest"),
                            ("evaluate", "predictions against observed outcomes: metrics.json and figures")):
         p = sub.add_parser(name, help=helptext)
@@ -86,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--psis-particles", type=int, default=1000, metavar="M",
                            help="importance particles per subject for the k-hat (default 1000)")
 
+
+def _latents(sub) -> None:
+    """``inva latents``."""
     p = sub.add_parser("latents", help="posterior mean and sd of the shallow and deep latents per subject")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--manifest", required=True, type=Path)
@@ -93,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traversal", type=Path, metavar="DIR", help="also write latent-traversal figures here")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
+
+def _manifest(sub) -> None:
+    """``inva manifest``."""
     p = sub.add_parser("manifest", help="a manifest CSV from a BIDS dataset and its derivatives (pybids)")
     p.add_argument("--bids", required=True, type=Path, help="BIDS dataset folder (derivatives/ indexed too)")
     p.add_argument("--image", required=True, action="append", metavar="NAME=ENTITIES",
@@ -102,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a derivatives dataset outside DIR/derivatives (repeatable)")
     p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
 
+
+def _tune(sub) -> None:
+    """``inva tune``."""
     p = sub.add_parser("tune", help="an Optuna hyperparameter study; STUDYDIR/best.toml is a preset for --model")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--inputs", required=True, type=_names, help="input image columns, comma-separated")
@@ -121,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True, type=Path, help="study folder: best.toml, trials.csv, figures")
 
+
+def _demo(sub) -> None:
+    """``inva demo``."""
     p = sub.add_parser("demo", help="simulate, fit, predict and evaluate on the built-in design")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n-subjects", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return parser

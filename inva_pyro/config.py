@@ -13,7 +13,7 @@ to them (they use ``training.val_share`` and the whole ``[prediction]`` table).
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,6 +21,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 
 class _Strict(BaseModel):
@@ -260,11 +265,15 @@ def load_preset(name_or_path: str | Path) -> Preset:
             raise InputError(f"--model {text_source}: no such preset (known: {', '.join(preset_names())})")
         data = candidate.read_bytes()
         where = f"models/{text_source}.toml"
+    return parse_preset(read_toml(data, where), where)
+
+
+def read_toml(data: bytes, where: str) -> dict:
+    """The TOML document in ``data``; one line naming ``where`` if it is not valid TOML (or not UTF-8)."""
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where}: not valid TOML ({exc})") from None
-    return parse_preset(raw, where)
 
 
 def preset_to_toml(preset: Preset) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from inva_pyro import InVA, cli
 from inva_pyro.data.cohort import Cohort
-from inva_pyro.config import Preset
+from inva_pyro.config import Preset, read_toml
 from inva_pyro.criticism.figures import plot_brain_maps
 
 TINY = """
@@ -49,8 +49,7 @@ def tiny_preset_file(folder: Path) -> Path:
 
 
 def tiny_preset() -> Preset:
-    import tomllib
-    return Preset.model_validate(tomllib.loads(TINY))
+    return Preset.model_validate(read_toml(TINY.encode(), "tiny.toml"))
 
 
 # ----- writing small cohorts of each kind ---------------------------------------------------------

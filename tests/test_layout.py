@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 
 import inva_pyro
+from inva_pyro.config import read_toml
 
 PACKAGE = Path(inva_pyro.__file__).parent
 LEGACY = Path(__file__).parent / "data" / "legacy_run"
@@ -113,8 +114,6 @@ def test_a_run_folder_written_before_the_layout_change_loads_and_predicts_the_sa
 def test_every_subpackage_is_installed():
     # pyproject lists packages explicitly (the presets folder is mapped in): a subpackage missing there
     # works in an editable checkout and is absent from a wheel.
-    import tomllib
-
-    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(read_toml((PACKAGE.parent / "pyproject.toml").read_bytes(), "pyproject.toml")["tool"]["setuptools"]["packages"])
     on_disk = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert on_disk <= listed, sorted(on_disk - listed)

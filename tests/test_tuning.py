@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from inva_pyro import cli
-from inva_pyro.config import load_preset, parse_preset, preset_names, preset_to_toml
+from inva_pyro.config import load_preset, parse_preset, preset_names, preset_to_toml, read_toml
 from inva_pyro.tune import tuning
 from inva_pyro.tune.search_space import Fixed, Range, load_space
 
@@ -199,6 +199,5 @@ def test_default_space_is_valid_for_the_default_preset():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_survive_a_toml_round_trip(name):
-    import tomllib
     preset = load_preset(name)
-    assert parse_preset(tomllib.loads(preset_to_toml(preset))) == preset
+    assert parse_preset(read_toml(preset_to_toml(preset).encode(), name)) == preset

@@ -17,14 +17,13 @@ A TOML file changes the space key by key (docs/bids_to_tuned.md)::
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from pydantic import ValidationError
 
-from ..config import ModelConfig, Preset, TrainingConfig
+from ..config import ModelConfig, Preset, TrainingConfig, read_toml
 from ..errors import InputError
 
 
@@ -119,11 +118,10 @@ def apply(base: Preset, values: dict[str, Any], where: str = "search space") -> 
 
 def _read_space_file(path: Path) -> dict[str, Param]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: search-space file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    raw = read_toml(data, str(path))
     space: dict[str, Param] = {}
     for table, entries in raw.items():
         if table not in _TABLES or not isinstance(entries, dict):
