@@ -98,7 +98,7 @@ def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_c
     model, cohort = fitted
     xs, y = model._tensors(cohort.test)
     trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
-    fn = trace.nodes["outcome"]["fn"]
+    fn = trace.nodes["outcome"]["fn"].base_dist  # masked where the outcome is missing
     assert type(fn).__name__ == "LowRankMultivariateNormal" and fn.event_shape == (64,)
     # the two folds' factors side by side: rank 16 by default, at most 8 - 1 from each fold's 8 subjects
     assert model.module.outcome_covariance.rank == 14
@@ -107,9 +107,20 @@ def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_c
     assert full.module.outcome_covariance.rank == 16           # each fold's 8 residuals' second moment
     fresh = InVA(make_preset(prediction={"joint": False})).fit(cohort.train, cohort.val, seed=0, progress=False)
     trace = poutine.trace(fresh.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
-    assert trace.nodes["outcome"]["fn"].event_shape == (64,) and fresh.joint is None
+    assert type(trace.nodes["outcome"]["fn"].base_dist).__name__ == "Independent" and fresh.joint is None
     # the covariance is fitted after training: the predictive mean (and so the MSE) is today's, bit for bit
     np.testing.assert_array_equal(fresh.predict(cohort.test, seed=0).mean, model.predict(cohort.test, seed=0).mean)
+
+
+def test_every_latent_structure_scores_the_fitted_covariance(make_preset, make_cohort):
+    # one outcome site for every structure: the joint (product-of-experts) one too, so the program the
+    # diagnostics score is the one that predicts
+    cohort = make_cohort(40, 16, 4, seed=2)
+    model = InVA(make_preset({"structure": "joint"}, {"epochs": 2})).fit(cohort.train, cohort.val, seed=0,
+                                                                          progress=False)
+    xs, y = model._tensors(cohort.test)
+    trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
+    assert type(trace.nodes["outcome"]["fn"].base_dist).__name__ == "LowRankMultivariateNormal"
 
 
 def test_regions_table_and_whole_mask_row(fitted):

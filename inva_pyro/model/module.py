@@ -1,4 +1,4 @@
-"""The InVA Pyro program: generative model and guide (DESIGN.md, "The model").
+"""The InVA Pyro program: generative model and guide (docs/design.md).
 
 Subjects i, input modalities k = 1..K, inputs x_ki in R^{V_k}, outcome y_i in R^{V_y}:
 
@@ -26,12 +26,16 @@ experts q_k(z | x_ki) and the prior expert (``experts.py``), so any subset of in
 the predictor conditions on its mean and sd, and the local pathway on each local input where present
 and on its reconstruction g_k(E[z]) where not, with a presence channel.
 
-Images not acquired (``data/missing.py``) arrive as rows of NaN: they are zero-filled and turned into
-presence masks here. The reconstruction term of an input counts only where it is present, and the
-latents of a modality-specific VAE only where its input is; the outcome's likelihood counts only where
-the outcome is present (and, outside ``joint``, every input too: the other predictors cannot tell a
-missing input from a zero one). Masks act inside the subsampled plate (``poutine.mask``), so the
+Images not acquired (``data/missing.py``) arrive as rows of NaN: each program splits them once into
+zero-filled values and presence. Every missingness mask is on a site's distribution (``.mask``): an
+input's reconstruction counts only where it is present, the latents of a modality-specific VAE only
+where its input is, and the outcome only where it is present (and, outside ``joint``, every input too:
+the other predictors cannot tell a missing input from a zero one). Inside the subsampled plate, the
 ELBO stays an unbiased estimate of the full-data sum of the terms present.
+
+Every structure shares one ``outcome`` site, ``outcome_distribution``: independent Normals while
+training, low-rank plus diagonal across features once the spatial covariance is fitted
+(``covariance.py``), so the program that diagnostics score is the one that predicts.
 
 Peer structures (``cfg.structure``), for comparisons: ``separate`` drops the shared level
 (h_ki ~ Normal(0, I_p), one plain VAE per modality); ``concatenated`` is one plain VAE on the
@@ -39,8 +43,6 @@ inputs concatenated into a single vector. Both keep the same predictor (the loca
 sees each input at each voxel).
 """
 from __future__ import annotations
-
-import contextlib
 
 import pyro
 import pyro.distributions as dist
@@ -71,11 +73,6 @@ def standard_normal(like: torch.Tensor, batch: int, dim: int) -> dist.Normal:
     """Normal(0, I) over (batch, dim), both parameters on ``like``'s device: a Python 1.0 would become
     a tensor copied from the host at every step (forbidden inside a CUDA graph capture)."""
     return dist.Normal(like.new_zeros(batch, dim), like.new_ones(batch, dim))
-
-
-def masked(mask):
-    """Count the sites inside only where ``mask`` (None: everywhere)."""
-    return poutine.mask(mask=mask) if mask is not None else contextlib.nullcontext()
 
 
 class InVAModule(nn.Module):
@@ -152,7 +149,9 @@ class InVAModule(nn.Module):
     def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors (the
         experts of ``joint``). Missing inputs (NaN rows) are encoded as zeros; masks drop them."""
-        xs = self.split_missing(xs)[0]
+        return self._encode_filled(self.split_missing(xs)[0])
+
+    def _encode_filled(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs))]
 
     def joint_posterior(self, encoded, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +188,11 @@ class InVAModule(nn.Module):
         return torch.stack(values + flags, dim=-1)
 
     def outcome_parts(self, xs: list[torch.Tensor], encoded=None):
-        """(H, local mean, sd): all of the outcome distribution except the output layer."""
+        """(H, local mean, sd): all of the outcome distribution except the output layer (NaN rows: missing)."""
         xs, present = self.split_missing(xs)
-        encoded = encoded or self.encode(xs)
+        return self._outcome_parts(xs, present, encoded or self._encode_filled(xs))
+
+    def _outcome_parts(self, xs: list[torch.Tensor], present: torch.Tensor, encoded):
         joint_loc = None
         if self.joint:
             joint_loc, joint_scale = self.joint_posterior(encoded, present)
@@ -232,93 +233,107 @@ class InVAModule(nn.Module):
             self.cfg.output_prior_scale))
 
     # ---- the Pyro program --------------------------------------------------------------------------
-    # ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share one encoder pass:
-    # the predictor conditions on the same summaries of x that parameterise q(h | x).
+    # Both programs take the inputs with missing rows as NaN and split them once into zero-filled
+    # values and presence. ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share
+    # one encoder pass: the predictor conditions on the same summaries of x that parameterise q(h | x).
     def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
               extra_terms=True, reconstruct=None):
-        """``reconstruct`` (structure ``joint``): the inputs whose reconstruction terms count, when they differ
-        from ``xs``, the inputs the guide and the predictor see (inputs hidden for training, still observed)."""
+        """p(W, b) p(latents) p(x | latents) p(y | x, latents; W, b) for the minibatch ``subjects`` of
+        ``n_subjects``. ``extra_terms``: the DSSIM and MMD training penalties. ``reconstruct`` (structure
+        ``joint``): the inputs whose reconstruction terms count, when they differ from ``xs``, the inputs the
+        guide and the predictor see (inputs hidden for training, still observed)."""
+        xs, present = self.split_missing(xs)
+        encoded = encoded or self._encode_filled(xs)
+        weight, bias = self._output_layer()
+        hidden, local_mean, sd = self._outcome_parts(xs, present, encoded)
+        with pyro.plate("subjects", n_subjects, subsample=subjects):
+            latents_and_inputs = self._subject_latent if self.joint else self._modality_latents
+            top_latents = latents_and_inputs(xs, present, kl_scale, extra_terms, reconstruct)
+            self._outcome(hidden @ weight.transpose(-1, -2) + bias + local_mean, sd, y, present, prediction_scale)
+        if extra_terms and self.cfg.mmd_weight > 0 and xs[0].shape[0] >= 2:
+            # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
+            for name, z in zip(["subject"] if self.joint else self.vae_names, top_latents):
+                pyro.factor(f"mmd_{name}", -self.cfg.mmd_weight * n_subjects *
+                            mmd(z, torch.randn_like(z), self.cfg.mmd_kernel, self.cfg.mmd_bandwidth))
+
+    def _output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) ~ Normal(0, tau^2) (Bayesian output layer) or the point weights, under the smoothness prior."""
         if self.cfg.bayesian_output:
             weight = pyro.sample("output_weight", self.output_prior(self.output_weight_q.loc).to_event(2))
             bias = pyro.sample("output_bias", self.output_prior(self.output_bias_q.loc).to_event(1))
         else:
             weight, bias = self.output_weight, self.output_bias
         self.smoothness_prior(weight, bias)
-        hidden, local_mean, sd = self.outcome_parts(xs, encoded)
-        xs, present = self.split_missing(xs)
-        outcome_mask = None
-        if y is not None:  # the outcome counts where present (outside joint: with every input)
-            y, outcome_mask = fill_missing(y)
-            if not self.joint:
-                outcome_mask = outcome_mask & present.all(dim=-1)
-        batch = xs[0].shape[0]
-        cfg, top_latents = self.cfg, []
-        if self.joint:
-            with pyro.plate("subjects", n_subjects, subsample=subjects):
-                with weighted(kl_scale):
-                    z = pyro.sample("subject_latent", standard_normal(xs[0], batch, cfg.shallow_dim).to_event(1))
-                targets, observed = (xs, present) if reconstruct is None else self.split_missing(reconstruct)
-                for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, targets)):
-                    x_mean, x_scale = decoder(z)
-                    with poutine.mask(mask=observed[:, k]):
-                        pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).to_event(1), obs=x)
-                        if extra_terms and self.dssim_terms is not None:
-                            pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
-                mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
-                with masked(outcome_mask), poutine.scale(scale=prediction_scale):
-                    pyro.sample("outcome", dist.Normal(mean, sd).to_event(1), obs=y)
-            if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
-                pyro.factor("mmd_subject", -cfg.mmd_weight * n_subjects *
-                            mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
-            return
+        return weight, bias
+
+    def _modality_latents(self, xs, present, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
+        """Structures ``integrative`` (z_k -> h_k -> x_k), ``separate`` and ``concatenated`` (h_k -> x_k):
+        one chain of latents per VAE, counted where its input is present. Returns the top latents."""
+        batch, cfg, top = xs[0].shape[0], self.cfg, []
         vae_present = self.vae_presence(present)
-        with pyro.plate("subjects", n_subjects, subsample=subjects):
-            for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):
-                with weighted(kl_scale), poutine.mask(mask=vae_present[:, k]):
-                    if self.hierarchical:
-                        with weighted(cfg.deep_kl_weight):
-                            z = pyro.sample(f"deep_latent_{name}",
-                                            standard_normal(x, batch, cfg.deep_dim).to_event(1))
-                        h_prior = dist.Normal(*self.shared_decoder(z))
-                    else:
-                        h_prior = standard_normal(x, batch, cfg.shallow_dim)
-                    h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1))
-                x_mean, x_scale = decoder(h)
-                observed = self._feature_presence(present, k, x)
-                pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).mask(observed).to_event(1), obs=x)
-                if extra_terms and self.dssim_terms is not None:
-                    with poutine.mask(mask=vae_present[:, k]):
-                        pyro.factor(f"dssim_{name}", -cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x))
-                top_latents.append(z if self.hierarchical else h)
-            mean = hidden @ weight.transpose(-1, -2) + bias + local_mean
-            with masked(outcome_mask), poutine.scale(scale=prediction_scale):
-                pyro.sample("outcome", self.outcome_distribution(mean, sd), obs=y)
-        if extra_terms and cfg.mmd_weight > 0 and batch >= 2:
-            # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
-            for name, z in zip(self.vae_names, top_latents):
-                pyro.factor(f"mmd_{name}", -cfg.mmd_weight * n_subjects *
-                            mmd(z, torch.randn_like(z), cfg.mmd_kernel, cfg.mmd_bandwidth))
+        for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):
+            with weighted(kl_scale):
+                if self.hierarchical:
+                    with weighted(cfg.deep_kl_weight):
+                        z = pyro.sample(f"deep_latent_{name}",
+                                        standard_normal(x, batch, cfg.deep_dim).to_event(1).mask(vae_present[:, k]))
+                    h_prior = dist.Normal(*self.shared_decoder(z))
+                else:
+                    h_prior = standard_normal(x, batch, cfg.shallow_dim)
+                h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1).mask(vae_present[:, k]))
+            self._reconstruction(name, k, decoder(h), x, self._feature_presence(present, k, x), extra_terms)
+            top.append(z if self.hierarchical else h)
+        return top
+
+    def _subject_latent(self, xs, present, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
+        """Structure ``joint``: one subject latent z -> every x_k, each counted where present."""
+        with weighted(kl_scale):
+            z = pyro.sample("subject_latent", standard_normal(xs[0], xs[0].shape[0], self.cfg.shallow_dim).to_event(1))
+        targets, observed = (xs, present) if reconstruct is None else self.split_missing(reconstruct)
+        for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, targets)):
+            self._reconstruction(name, k, decoder(z), x, observed[:, k:k + 1].expand_as(x), extra_terms)
+        return [z]
+
+    def _reconstruction(self, name: str, k: int, x_params, x, observed: torch.Tensor, extra_terms: bool) -> None:
+        """x_k ~ likelihood(g_k(latent)) on its ``observed`` (B, V) features, and its DSSIM term."""
+        x_mean, x_scale = x_params
+        pyro.sample(f"input_{name}", self.likelihood(x_mean, x_scale).mask(observed).to_event(1), obs=x)
+        if extra_terms and self.dssim_terms is not None:
+            term = -self.cfg.dssim_weight * x.shape[-1] * self.dssim_terms[k](x_mean, x)
+            pyro.factor(f"dssim_{name}", torch.where(observed.any(-1), term, torch.zeros_like(term)))
+
+    def _outcome(self, mean, sd, y, present, prediction_scale) -> None:
+        """y_i ~ outcome_distribution(mean, sd): the one outcome site of every structure, counted where the
+        outcome is present (outside ``joint``, with every input too: those predictors cannot tell a missing
+        input from a zero one)."""
+        outcome = self.outcome_distribution(mean, sd)
+        if y is not None:
+            y, observed = fill_missing(y)
+            outcome = outcome.mask(observed if self.joint else observed & present.all(dim=-1))
+        with poutine.scale(scale=prediction_scale):
+            pyro.sample("outcome", outcome, obs=y)
 
     def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
               reconstruct=None):
+        """q(W, b) q(latents | x): amortised, with the arguments of ``model``."""
         if self.cfg.bayesian_output:
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
-        encoded = encoded or self.encode(xs)
-        present = self.split_missing(xs)[1]
-        with pyro.plate("subjects", n_subjects, subsample=subjects):
+        xs, present = self.split_missing(xs)
+        encoded = encoded or self._encode_filled(xs)
+        with pyro.plate("subjects", n_subjects, subsample=subjects), weighted(kl_scale):
             if self.joint:
-                with weighted(kl_scale):
-                    pyro.sample("subject_latent", dist.Normal(*self.joint_posterior(encoded, present)).to_event(1))
+                pyro.sample("subject_latent", dist.Normal(*self.joint_posterior(encoded, present)).to_event(1))
                 return
             vae_present = self.vae_presence(present)
             for k, (name, (h_loc, h_scale)) in enumerate(zip(self.vae_names, encoded)):
-                with weighted(kl_scale), poutine.mask(mask=vae_present[:, k]):
-                    h = pyro.sample(f"shallow_latent_{name}", dist.Normal(h_loc, h_scale).to_event(1))
-                    if self.hierarchical:
-                        with weighted(self.cfg.deep_kl_weight):
-                            pyro.sample(f"deep_latent_{name}", dist.Normal(*self.shared_encoder(h)).to_event(1))
+                h = pyro.sample(f"shallow_latent_{name}",
+                                dist.Normal(h_loc, h_scale).to_event(1).mask(vae_present[:, k]))
+                if self.hierarchical:
+                    with weighted(self.cfg.deep_kl_weight):
+                        pyro.sample(f"deep_latent_{name}",
+                                    dist.Normal(*self.shared_encoder(h)).to_event(1).mask(vae_present[:, k]))
 
     def _feature_presence(self, present: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
         """(B, V) bool: which features of VAE k's input are observed (the concatenated VAE spans inputs)."""
