@@ -269,10 +269,11 @@ def _latents(args) -> None:
 
 
 def _manifest(args) -> None:
-    from .data.bids_manifest import build_manifest, parse_image_spec, write_manifest
-    manifest = build_manifest(args.bids, [parse_image_spec(text) for text in args.image], args.derivatives)
+    from .data.bids_manifest import build_manifest, parse_image_spec, plural, write_manifest
+    manifest = build_manifest(args.bids, [parse_image_spec(text) for text in args.image], args.derivatives,
+                              sessions=args.session, exclude_subjects=args.exclude_subjects, strict=args.strict)
     write_manifest(manifest, args.out)
-    print(f"wrote {len(manifest.table)} rows to {args.out}")
+    print(f"wrote {plural(len(manifest.table), 'row')} to {args.out}")
     for line in manifest.summary():
         print(f"  {line}")
 

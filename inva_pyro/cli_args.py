@@ -114,10 +114,17 @@ def _manifest(sub) -> None:
     p = sub.add_parser("manifest", help="a manifest CSV from a BIDS dataset and its derivatives (pybids)")
     p.add_argument("--bids", required=True, type=Path, help="BIDS dataset folder (derivatives/ indexed too)")
     p.add_argument("--image", required=True, action="append", metavar="NAME=ENTITIES",
-                   help="a column and the entities selecting its file, e.g. gm=space-MNI152NLin2009cAsym,label-GM,"
-                   "suffix-probseg (repeat for every image)")
+                   help="a column and the entities selecting its file, keys as in file names or pybids' names, "
+                   "e.g. gm=space-MNI152NLin2009cAsym,label-GM,suffix-probseg or t1=acq-mprage,suffix-T1w; "
+                   "KEY-none: the entity is absent (t1=suffix-T1w,desc-none: the raw T1w); repeat for every image")
     p.add_argument("--derivatives", action="append", type=Path, default=[], metavar="DIR",
-                   help="a derivatives dataset outside DIR/derivatives (repeatable)")
+                   help="a derivatives dataset, or a folder of them, outside DIR/derivatives (repeatable)")
+    p.add_argument("--session", action="append", default=[], metavar="LABEL",
+                   help="keep only this session's rows (ses- optional; repeatable)")
+    p.add_argument("--exclude-subjects", action="append", default=[], metavar="LABEL,...",
+                   help="subjects to leave out, e.g. emptyroom (sub- optional; comma-separated, repeatable)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop (exit 2, nothing written) when an image cannot be read, instead of listing it")
     p.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
 
 
