@@ -154,17 +154,18 @@ def pet(tmp_path_factory) -> Path:
     return root
 
 
-def test_pet_by_tracer_lists_unreadable_images(pet, tmp_path, capsys):
+def test_pet_by_tracer_lists_unreadable_images(pet, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.csv"
-    status, printed, _ = _run(["--bids", str(pet), "--image", "pet=trc-CIMBI36,suffix-pet", "--out", str(out)], capsys)
+    monkeypatch.chdir(pet.parent)  # the dataset named as users type it: a relative path
+    status, printed, _ = _run(["--bids", "ds", "--image", "pet=trc-CIMBI36,suffix-pet", "--out", str(out)], capsys)
     assert status == 0
     table = _read(out)
     assert list(table["subject"]) == ["sub-01_ses-baseline", "sub-01_ses-rescan"] + [f"sub-0{i}_ses-baseline"
                                                                                      for i in range(2, 6)]
     assert all(table["pet"]) and "_blood" not in "".join(table["pet"])
     lines = printed.splitlines()
-    start = lines.index("  3 images nibabel cannot read: the manifest keeps them, inva fit will refuse their rows "
-                        "(--strict: stop instead)")
+    start = lines.index("  3 images nibabel cannot read: the manifest keeps them, but inva fit will refuse these rows "
+                        "(it stops at the first); fix the files or drop the rows (--strict: stop here instead)")
     assert lines[start + 1:start + 4] == [
         "    sub-02/ses-baseline/pet/sub-02_ses-baseline_trc-CIMBI36_pet.nii.gz: empty file (0 bytes): a placeholder, "
         "not an image",

@@ -73,8 +73,9 @@ class BidsManifest:
                 lines.append(f"{name}: missing for {len(rows)} of {len(self.table)} rows ({_first(rows, 5)})")
         lines += self.mixed
         if self.unreadable:
-            lines.append(f"{plural(len(self.unreadable), 'image')} nibabel cannot read: the manifest keeps them, "
-                         "inva fit will refuse their rows (--strict: stop instead)")
+            lines.append(f"{plural(len(self.unreadable), 'image')} nibabel cannot read: the manifest keeps them, but "
+                         "inva fit will refuse these rows (it stops at the first); fix the files or drop the rows "
+                         "(--strict: stop here instead)")
             listed = list(self.unreadable.items())
             lines += [f"  {_shown_path(path, self.root)}: {why}" for path, why in listed[:SHOWN]]
             if len(listed) > SHOWN:
@@ -268,11 +269,13 @@ def _no_match_hints(layout, spec: ImageSpec, unused) -> str:
         if name not in indexed:
             hints.append(f"no indexed file has a {key}- entity")
             continue
-        values = sorted(str(v) for v in layout.get(return_type="id", target=name))
-        if value not in values:
-            same = [v for v in values if v.lower() == value.lower()]
-            known = f"did you mean {key}-{same[0]}?" if same else f"{key} values here: {_first(values, 6)}"
-            hints.append(f"no file has {key}-{value}; values are case-sensitive, {known}")
+        values = layout.get(return_type="id", target=name)
+        if not any(_same_value(v, value) for v in values):
+            shown = sorted(str(v) for v in values)
+            same = [v for v in shown if v.lower() == value.lower()]
+            known = f"did you mean {key}-{same[0]}?" if same else f"{key} values here: {_first(shown, 6)}"
+            case = "values are case-sensitive, " if value.lower() != value.upper() else ""
+            hints.append(f"no file has {key}-{value}; {case}{known}")
     if not hints:
         hints.append("no file has all of these entities" + ("" if "extension" in spec.filters
                                                              else " with an image extension (.nii, .nii.gz, .gii)"))
@@ -280,6 +283,13 @@ def _no_match_hints(layout, spec: ImageSpec, unused) -> str:
     if unused:
         hints.append("derivatives not used: " + ", ".join(f"{p.name} ({why})" for p, why in unused))
     return "; ".join(hints)
+
+
+def _same_value(indexed, typed: str) -> bool:
+    """Whether pybids' value ``indexed`` is the typed one; numbers as pybids compares them (run-1 is run-01)."""
+    if isinstance(indexed, int) and typed.isdigit():
+        return indexed == int(typed)
+    return str(indexed) == typed
 
 
 def _difference_hint(found: list) -> str:
@@ -356,7 +366,7 @@ def _portable(cell: str, folder: Path) -> str:
 
 def _shown_path(path, root: Path) -> str:
     """A path as the summary shows it: relative to the dataset when inside it."""
-    path = Path(path)
+    path, root = Path(path).resolve(), Path(root).resolve()
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
