@@ -27,9 +27,24 @@ def block_labels(grid_shape, rows: int = 4, cols: int = 2) -> np.ndarray:
     return np.broadcast_to(labels[..., None], (h, w, 1)).ravel() if len(grid_shape) == 3 else labels.ravel()
 
 
+def region_borders(labels: np.ndarray) -> list:
+    """Line segments between neighbouring pixels of different labels, in imshow's pixel coordinates."""
+    segments = []
+    rows, cols = labels.shape
+    for r in range(rows):
+        for c in range(cols):
+            if c + 1 < cols and labels[r, c] != labels[r, c + 1]:
+                segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
+            if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
+                segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
+    return segments
+
+
 def draw(path: Path, subject: str, inputs: dict[str, np.ndarray], observed: np.ndarray, mean: np.ndarray,
          sd: np.ndarray, labels: np.ndarray, table, level: float) -> Path:
     """inputs, observed, mean, sd, labels: 2-D grids; table: rows of region, mean, sd, lo, hi, observed."""
+    from matplotlib.collections import LineCollection
+
     from inva_pyro.criticism.plotting import display_slice, finite_range, new_figure, save_png
 
     panels = [(name, image, "gray", None) for name, image in inputs.items()]
@@ -40,16 +55,16 @@ def draw(path: Path, subject: str, inputs: dict[str, np.ndarray], observed: np.n
     fig = new_figure(15.5, 5.4)
     grid = fig.add_gridspec(2, 5, width_ratios=[1, 1, 1, 0.08, 2.3])
     shown_labels = display_slice(labels)
+    borders = region_borders(shown_labels)
     for k, (title, image, cmap, vrange) in enumerate(panels):
         ax = fig.add_subplot(grid[k // 3, k % 3])
         vmin, vmax = vrange if vrange is not None else finite_range(image)
         im = ax.imshow(display_slice(image), origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
-        if k >= 3:  # region outlines on the outcome maps, numbered on the observed one
-            for region in np.unique(shown_labels[np.isfinite(shown_labels) & (shown_labels > 0)]):
-                inside = shown_labels == region
-                ax.contour(inside.astype(float), levels=[0.5], colors="white", linewidths=0.7)
-                if k == 3:
-                    r, c = np.argwhere(inside).mean(axis=0)
+        if k >= 3:  # region borders on the outcome maps, numbered on the observed one
+            ax.add_collection(LineCollection(borders, colors="white", linewidths=0.8))
+            if k == 3:
+                for region in np.unique(shown_labels[np.isfinite(shown_labels) & (shown_labels > 0)]):
+                    r, c = np.argwhere(shown_labels == region).mean(axis=0)
                     ax.text(c, r, str(int(region)), color="white", ha="center", va="center", fontsize=9)
             fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(title if k >= 3 else f"input {title}")
