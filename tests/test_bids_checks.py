@@ -60,9 +60,33 @@ def test_a_gzip_of_several_members_is_not_taken_for_a_cut_file(tmp_path):
     assert image_problem(path) is None
 
 
+def test_readable_images_pass_whatever_their_extensions_hold(tmp_path):
+    """An XML NIfTI extension (CIFTI's) is no web page; .mgz is gzip without .gz in its name."""
+    image = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(32, b"<?xml version='1.0'?><CIFTI/>"))
+    nib.save(image, tmp_path / "cifti_like.nii")
+    nib.save(nib.MGHImage(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / "aseg.mgz")
+    assert image_problem(tmp_path / "cifti_like.nii") is None and image_problem(tmp_path / "aseg.mgz") is None
+
+
+def test_content_a_clone_has_not_fetched(tmp_path):
+    link = tmp_path / "sub-01_T1w.nii.gz"
+    link.symlink_to("../.git/annex/objects/XX/YY/MD5E-s1234--abc.nii.gz/MD5E-s1234--abc.nii.gz")
+    assert image_problem(link) == ("a link to a file that is not there (git-annex/DataLad content not fetched? "
+                                   "datalad get)")
+
+
 @pytest.mark.parametrize("name, content, reason", [
     ("empty.nii.gz", b"", "empty file (0 bytes): a placeholder, not an image"),
-    ("page.nii.gz", b"<html><body>404</body></html>", "a web page or XML text, not an image (29 bytes;"),
+    ("page.nii.gz", b"<html><body>404</body></html>", "a web page, not an image (29 bytes; a failed download?)"),
+    ("s3.nii", b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>",
+     "XML text, not an image (61 bytes; a file server's error message?)"),
+    ("annexed.nii.gz", b"/annex/objects/MD5E-s1234--abc.nii.gz\n",
+     "a git-annex pointer, not the image (38 bytes; content not fetched: datalad get)"),
+    ("lfs.nii.gz", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n",
+     "a Git LFS pointer, not the image (65 bytes; content not fetched: git lfs pull)"),
+    ("cut.mgz", gzip.compress(nib.MGHImage(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_bytes()[:300]),
+     "header only or cut short: the header describes 256 bytes of voxels, the file holds 16"),
     ("cut.nii", VOLUME.to_bytes()[:-8], "header only or cut short: the header describes 108 bytes of voxels, "
                                         "the file holds 100"),
     ("cut.nii.gz", gzip.compress(VOLUME.to_bytes()[:-8]), "header only or cut short: the header describes 108 "

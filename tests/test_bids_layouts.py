@@ -121,8 +121,10 @@ def test_echo_and_run_keys_select_one_of_several_files(meg_mri, tmp_path, capsys
     (["--image", "t1=sub-01,suffix-T1w"], "'sub' selects rows, not files"),
     (["--image", "t1=acq-MPRAGE,suffix-T1w"], "no file has acq-MPRAGE; values are case-sensitive, did you mean "
                                               "acq-mprage?"),
-    (["--image", "t1=suffix-T1w", "--session", "mir"], "--session mir: no subject has session ses-mir (20090409, "
-                                                       "20090410, meg, mri;"),
+    (["--image", "t1=suffix-T1w", "--session", "mir"], "--session mir: no subject has session ses-mir (sessions: "
+                                                       "20090409, 20090410, meg, mri)"),
+    (["--image", "t1=suffix-T1w", "--session", "MRI"], "(sessions: 20090409, 20090410, meg, mri; labels are "
+                                                       "case-sensitive: did you mean 'mri'?)"),
     (["--image", "t1=suffix-T1w", "--exclude-subjects", "emptyrom"], "--exclude-subjects emptyrom: no subject "
                                                                      "sub-emptyrom (did you mean 'emptyroom'?)"),
     (["--image", "t1=suffix-T1w", "--session", "meg"], "matches no file of the rows kept (only sub-01_ses-mri, "
@@ -169,7 +171,7 @@ def test_pet_by_tracer_lists_unreadable_images(pet, tmp_path, capsys, monkeypatc
     assert lines[start + 1:start + 4] == [
         "    sub-02/ses-baseline/pet/sub-02_ses-baseline_trc-CIMBI36_pet.nii.gz: empty file (0 bytes): a placeholder, "
         "not an image",
-        "    sub-03/ses-baseline/pet/sub-03_ses-baseline_trc-CIMBI36_pet.nii: a web page or XML text, not an image "
+        "    sub-03/ses-baseline/pet/sub-03_ses-baseline_trc-CIMBI36_pet.nii: a web page, not an image "
         "(60 bytes; a failed download?)",
         "    sub-04/ses-baseline/pet/sub-04_ses-baseline_trc-CIMBI36_pet.nii.gz: header only or cut short: the header "
         "describes 32 bytes of voxels, the file holds 0"]
@@ -286,3 +288,22 @@ def test_derivatives_given_outside_the_dataset(fmriprep, tmp_path, capsys):
     status, _, err = _run(["--bids", str(fmriprep), "--derivatives", str(tmp_path / "nowhere"), "--image",
                            "t1=suffix-T1w", "--out", str(out)], capsys)
     assert status == 2 and err.count("\n") == 1 and "nowhere: derivatives folder not found" in err
+
+
+def test_a_datalad_clone_without_its_content(tmp_path, capsys):
+    """Images are links into git-annex, dangling until `datalad get`: named by their BIDS path."""
+    root = tmp_path / "ds"
+    _file(root, "dataset_description.json", RAW)
+    fetched = _image(root, ".git/annex/objects/a/sub-01_T1w.nii.gz")
+    for sub, target in (("01", fetched), ("02", root / ".git/annex/objects/b/sub-02_T1w.nii.gz")):
+        (root / f"sub-{sub}/anat").mkdir(parents=True)
+        (root / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz").symlink_to(target)
+    out = root / "m.csv"
+    status, printed, _ = _run(["--bids", str(root), "--image", "t1=suffix-T1w", "--out", str(out)], capsys)
+    assert status == 0
+    assert _read(out)["t1"].tolist() == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"]
+    assert printed.splitlines()[1:] == [
+        "  1 image nibabel cannot read: the manifest keeps it, but inva fit will refuse its row; fix the file or "
+        "drop the row (--strict: stop here instead)",
+        "    sub-02/anat/sub-02_T1w.nii.gz: a link to a file that is not there (git-annex/DataLad content not "
+        "fetched? datalad get)"]

@@ -24,7 +24,17 @@ DESCRIPTION = "dataset_description.json"
 # Entities whose differing values within one column are expected, not a sign of mixed kinds:
 # rows differ by subject and session, and one image may be .nii in one subject and .nii.gz in another.
 _ROW_OR_FORMAT = ("subject", "session", "extension", "datatype")
-_HTML_MARKERS = (b"<!doctype html", b"<html", b"<?xml", b"<head")
+_XML = b"<?xml"  # how GIfTI files start, and S3's error messages
+# What a download that failed leaves under an image's name, by its first bytes: a web page (a login or
+# error page), or the pointer file a git-annex (DataLad, OpenNeuro) or Git LFS clone holds until the
+# content is fetched.
+_NOT_AN_IMAGE = {
+    (b"<!doctype html", b"<html", b"<head"): ("a web page, not an image", "a failed download?"),
+    (_XML,): ("XML text, not an image", "a file server's error message?"),
+    (b"/annex/objects/",): ("a git-annex pointer, not the image", "content not fetched: datalad get"),
+    (b"version https://git-lfs",): ("a Git LFS pointer, not the image", "content not fetched: git lfs pull"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def screen_derivatives(root: Path, extra: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -46,9 +56,11 @@ def screen_derivatives(root: Path, extra: list[Path]) -> tuple[list[Path], list[
     used: list[Path] = []
     unused: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
+    screened: set[Path] = set()
     for folder in candidates:
-        if folder.resolve() in {p.resolve() for p in used} | {p.resolve() for p, _ in unused}:
+        if folder.resolve() in screened:
             continue  # named twice (found under DIR/derivatives and given with --derivatives)
+        screened.add(folder.resolve())
         reason = _unusable_derivative(folder)
         if reason is None and folder.name in seen:
             # pybids names a derivatives dataset by its folder; two of one name cannot both be indexed.
@@ -97,32 +109,38 @@ def image_problem(path: Path) -> str | None:
     """
     import nibabel as nib
 
+    if path.is_symlink() and not path.exists():
+        return "a link to a file that is not there (git-annex/DataLad content not fetched? datalad get)"
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
-            head = handle.read(512)
+            head = handle.read(64).lstrip().lower()
     except OSError as exc:
         return f"cannot be opened ({exc.strerror or exc})"
     if size == 0:
         return "empty file (0 bytes): a placeholder, not an image"
-    if any(marker in head.lower() for marker in _HTML_MARKERS) and not path.name.endswith(".gii"):
-        return f"a web page or XML text, not an image ({size} bytes; a failed download?)"
+    for markers, (what, why) in _NOT_AN_IMAGE.items():
+        if head.startswith(markers) and not (markers == (_XML,) and path.name.endswith(".gii")):
+            return f"{what} ({plural(size, 'byte')}; {why})"
     try:
         image = nib.load(path)
     except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types; each one is reported
-        return f"nibabel cannot read it ({_plural(size, 'byte')}): {_one_line(exc)}"
-    return _missing_voxels(path, image, size)
+        return f"nibabel cannot read it ({plural(size, 'byte')}): {_one_line(exc)}"
+    return _missing_voxels(path, image, size, head.startswith(_GZIP_MAGIC))
 
 
-def _missing_voxels(path: Path, image, size: int) -> str | None:
+def _missing_voxels(path: Path, image, size: int, gzipped: bool) -> str | None:
     """A header-only or cut file: fewer voxel bytes than the header's shape and data type need."""
+    import nibabel as nib
     import numpy as np
 
-    proxy = getattr(image, "dataobj", None)
-    if not all(hasattr(proxy, name) for name in ("offset", "shape", "dtype")):
-        return None  # GIfTI and other formats nibabel reads whole: read above already
+    # Single-file formats only: an Analyze or NIfTI pair keeps its voxels in a second file, and GIfTI
+    # (XML) was read whole by nib.load already.
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image, nib.MGHImage)):
+        return None
+    proxy = image.dataobj
     needed = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    held = _uncompressed_size(path, needed) if path.name.endswith(".gz") else size
+    held = _uncompressed_size(path, needed) if gzipped else size
     if held < needed:
         return (f"header only or cut short: the header describes {needed - int(proxy.offset)} bytes of voxels, "
                 f"the file holds {max(held - int(proxy.offset), 0)}")
@@ -169,14 +187,15 @@ def mixed_kinds(column: str, entities_by_row: list[dict], typed: set[str], key_o
         if len(values) < 2 or (name == "run" and None not in values):
             continue  # one kind; or runs numbered differently per subject: the same acquisition
         key = key_of(name)
-        counts = ", ".join(f"{key}-{value if value is not None else 'none'}: {_plural(count, 'row')}"
+        counts = ", ".join(f"{key}-{value if value is not None else 'none'}: {plural(count, 'row')}"
                            for value, count in sorted(values.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
         lines.append(f"{column}: files differ in {key} ({counts}); add {key}-VALUE or {key}-none "
                      "to keep one kind")
     return lines
 
 
-def _plural(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``1 row``, ``2 rows``."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 

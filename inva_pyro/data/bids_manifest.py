@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import InputError
-from .bids_checks import mixed_kinds, screen_derivatives, unreadable_images
+from .bids_checks import mixed_kinds, plural, screen_derivatives, unreadable_images
 from .bids_entities import ABSENT, ROW_ENTITIES, entity_name, query_value, shown_key
 from .io import atomic_write_text
 
@@ -73,9 +73,10 @@ class BidsManifest:
                 lines.append(f"{name}: missing for {len(rows)} of {len(self.table)} rows ({_first(rows, 5)})")
         lines += self.mixed
         if self.unreadable:
-            lines.append(f"{plural(len(self.unreadable), 'image')} nibabel cannot read: the manifest keeps them, but "
-                         "inva fit will refuse these rows (it stops at the first); fix the files or drop the rows "
-                         "(--strict: stop here instead)")
+            lines.append(f"{plural(len(self.unreadable), 'image')} nibabel cannot read: " + (
+                "the manifest keeps it, but inva fit will refuse its row; fix the file or drop the row"
+                if len(self.unreadable) == 1 else "the manifest keeps them, but inva fit will refuse these rows "
+                "(it stops at the first); fix the files or drop the rows") + " (--strict: stop here instead)")
             listed = list(self.unreadable.items())
             lines += [f"  {_shown_path(path, self.root)}: {why}" for path, why in listed[:SHOWN]]
             if len(listed) > SHOWN:
@@ -149,7 +150,7 @@ def build_manifest(root: Path, specs: list[ImageSpec], derivatives: list[Path] |
         raise InputError(f"{root}: BIDS dataset folder not found")
     used, unused = screen_derivatives(root, [Path(p) for p in derivatives or []])
     layout = open_layout(root, used)
-    rows, left_out = _rows(layout, _labels(sessions, "ses-"), _labels(exclude_subjects, "sub-"))
+    rows, left_out = _rows(layout, root, _labels(sessions, "ses-"), _labels(exclude_subjects, "sub-"))
     columns = {spec.name: _match(layout, spec, rows, root, unused) for spec in specs}
     rows, columns, dropped = _drop_rows_without_images(rows, columns)
     manifest = BidsManifest(_table(root, rows, columns), {}, root, left_out + dropped, unused)
@@ -171,17 +172,11 @@ def write_manifest(manifest: BidsManifest, out: Path) -> Path:
     """Write the CSV atomically; image paths inside the CSV's folder become relative to it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = out.parent.resolve()
     table = manifest.table.copy()
     for name in manifest.missing:
-        table[name] = [_portable(cell, folder) for cell in table[name]]
+        table[name] = [_portable(cell, out.parent) for cell in table[name]]
     atomic_write_text(out, table.to_csv(index=False))
     return out
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 row``, ``2 rows``."""
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _labels(values: list[str] | None, prefix: str) -> list[str]:
@@ -190,20 +185,21 @@ def _labels(values: list[str] | None, prefix: str) -> list[str]:
     return list(dict.fromkeys(v[len(prefix):] if v.startswith(prefix) else v for v in labels))
 
 
-def _rows(layout, sessions: list[str], excluded: list[str]) -> tuple[list[Row], list[str]]:
+def _rows(layout, root: Path, sessions: list[str], excluded: list[str]) -> tuple[list[Row], list[str]]:
     """(subject, session or None) rows, sessions where a subject has them; and lines on who was left out."""
     subjects = sorted(layout.get_subjects())
     for label in excluded:
         if label not in subjects:
             close = difflib.get_close_matches(label, subjects, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise InputError(f"{layout.root}: --exclude-subjects {label}: no subject sub-{label}{hint}")
+            raise InputError(f"{root}: --exclude-subjects {label}: no subject sub-{label}{hint}")
     known_sessions = sorted(layout.get_sessions())
     for label in sessions:
         if label not in known_sessions:
-            listed = ", ".join(known_sessions) if known_sessions else "the dataset has no sessions"
-            raise InputError(f"{layout.root}: --session {label}: no subject has session ses-{label} ({listed}; "
-                             "labels are case-sensitive)")
+            same = [s for s in known_sessions if s.lower() == label.lower()]
+            listed = f"sessions: {', '.join(known_sessions)}" if known_sessions else "the dataset has no sessions"
+            hint = f"; labels are case-sensitive: did you mean '{same[0]}'?" if same else ""
+            raise InputError(f"{root}: --session {label}: no subject has session ses-{label} ({listed}{hint})")
     rows: list[Row] = []
     without = []
     for subject in (s for s in subjects if s not in excluded):
@@ -358,16 +354,20 @@ def _join_participants(table: pd.DataFrame, root: Path, participant_ids: list[st
 
 
 def _portable(cell: str, folder: Path) -> str:
-    if not cell:
-        return ""
-    path = Path(cell).resolve()
-    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+    return _shown_path(cell, folder) if cell else ""
 
 
-def _shown_path(path, root: Path) -> str:
-    """A path as the summary shows it: relative to the dataset when inside it."""
-    path, root = Path(path).resolve(), Path(root).resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+def _shown_path(path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when it lies inside it, else absolute.
+
+    Links in the file's own path are kept, not resolved: a DataLad dataset's image stays its BIDS
+    path rather than becoming the git-annex object it points to (or a missing one).
+    """
+    path = Path(os.path.abspath(path))
+    for base in (Path(os.path.abspath(folder)), Path(folder).resolve()):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return str(path)
 
 
 def _first(items: list[str], count: int) -> str:
