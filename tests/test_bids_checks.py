@@ -87,10 +87,10 @@ def test_content_a_clone_has_not_fetched(tmp_path):
      "a Git LFS pointer, not the image (65 bytes; content not fetched: git lfs pull)"),
     ("cut.mgz", gzip.compress(nib.MGHImage(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_bytes()[:300]),
      "header only or cut short: the header describes 256 bytes of voxels, the file holds 16"),
-    ("cut.nii", VOLUME.to_bytes()[:-8], "header only or cut short: the header describes 108 bytes of voxels, "
-                                        "the file holds 100"),
-    ("cut.nii.gz", gzip.compress(VOLUME.to_bytes()[:-8]), "header only or cut short: the header describes 108 "
-                                                          "bytes of voxels, the file holds 100"),
+    ("cut.nii", VOLUME.to_bytes()[:-8], ("header only or cut short: the header describes 108 bytes of voxels, "
+                                        "the file holds 100")),
+    ("cut.nii.gz", gzip.compress(VOLUME.to_bytes()[:-8]), ("header only or cut short: the header describes 108 "
+                                                          "bytes of voxels, the file holds 100")),
 ])
 def test_broken_images_say_why(tmp_path, name, content, reason):
     assert image_problem(_write(tmp_path / name, content)).startswith(reason)
@@ -110,8 +110,8 @@ def test_runs_numbered_differently_are_one_kind_a_missing_task_is_not():
     assert mixed_kinds("pet", rows, {"suffix"}, str) == []
     rows = [{"suffix": "pet"}, {"suffix": "pet", "task": "rest"}, {"suffix": "pet", "space": "T1w"}]
     assert mixed_kinds("pet", rows, {"suffix"}, str) == [
-        "pet: files differ in space (space-T1w: 1 row, space-none: 2 rows); add space-VALUE or space-none to keep "
-        "one kind",
+        ("pet: files differ in space (space-T1w: 1 row, space-none: 2 rows); add space-VALUE or space-none to keep "
+        "one kind"),
         "pet: files differ in task (task-rest: 1 row, task-none: 2 rows); add task-VALUE or task-none to keep one kind"]
 
 

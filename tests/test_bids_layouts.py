@@ -109,26 +109,27 @@ def test_echo_and_run_keys_select_one_of_several_files(meg_mri, tmp_path, capsys
                          "--image", "bold=task-faces,run-1,suffix-bold", "--out", str(out)], capsys)
     assert status == 0
     table = _read(out)
-    assert table["megre"].str.endswith("_echo-2_MEGRE.nii.gz").all() and table["bold"].str.endswith("_bold.nii.gz").all()
+    assert table["megre"].str.endswith("_echo-2_MEGRE.nii.gz").all()
+    assert table["bold"].str.endswith("_task-faces_run-01_bold.nii.gz").all()
 
 
 @pytest.mark.parametrize("options, problem", [
-    (["--image", "megre=suffix-MEGRE"], "matches 2 files of sub-01_ses-mri (sub-01/ses-mri/anat/sub-01_ses-mri_echo-1_"
+    (["--image", "megre=suffix-MEGRE"], ("matches 2 files of sub-01_ses-mri (sub-01/ses-mri/anat/sub-01_ses-mri_echo-1_"
                                         "MEGRE.nii.gz, sub-01/ses-mri/anat/sub-01_ses-mri_echo-2_MEGRE.nii.gz); "
-                                        "they differ in echo (1, 2): add one to select a file, e.g. echo-1"),
+                                        "they differ in echo (1, 2): add one to select a file, e.g. echo-1")),
     (["--image", "t1=acqu-mprage,suffix-T1w"], "unknown BIDS entity 'acqu' (did you mean 'acq'"),
     (["--image", "t1=ACQ-mprage,suffix-T1w"], "unknown BIDS entity 'ACQ' (entity keys are lower case: 'acq')"),
     (["--image", "t1=sub-01,suffix-T1w"], "'sub' selects rows, not files"),
-    (["--image", "t1=acq-MPRAGE,suffix-T1w"], "no file has acq-MPRAGE; values are case-sensitive, did you mean "
-                                              "acq-mprage?"),
-    (["--image", "t1=suffix-T1w", "--session", "mir"], "--session mir: no subject has session ses-mir (sessions: "
-                                                       "20090409, 20090410, meg, mri)"),
-    (["--image", "t1=suffix-T1w", "--session", "MRI"], "(sessions: 20090409, 20090410, meg, mri; labels are "
-                                                       "case-sensitive: did you mean 'mri'?)"),
-    (["--image", "t1=suffix-T1w", "--exclude-subjects", "emptyrom"], "--exclude-subjects emptyrom: no subject "
-                                                                     "sub-emptyrom (did you mean 'emptyroom'?)"),
-    (["--image", "t1=suffix-T1w", "--session", "meg"], "matches no file of the rows kept (only sub-01_ses-mri, "
-                                                       "sub-02_ses-mri); check --session"),
+    (["--image", "t1=acq-MPRAGE,suffix-T1w"], ("no image has acq-MPRAGE; values are case-sensitive, did you mean "
+                                              "acq-mprage?")),
+    (["--image", "t1=suffix-T1w", "--session", "mir"], ("--session mir: no subject has session ses-mir (sessions: "
+                                                       "20090409, 20090410, meg, mri)")),
+    (["--image", "t1=suffix-T1w", "--session", "MRI"], ("(sessions: 20090409, 20090410, meg, mri; labels are "
+                                                       "case-sensitive: did you mean 'mri'?)")),
+    (["--image", "t1=suffix-T1w", "--exclude-subjects", "emptyrom"], ("--exclude-subjects emptyrom: no subject "
+                                                                     "sub-emptyrom (did you mean 'emptyroom'?)")),
+    (["--image", "t1=suffix-T1w", "--session", "meg"], ("matches no file of the rows kept (only sub-01_ses-mri, "
+                                                       "sub-02_ses-mri); check --session")),
 ])
 def test_meg_mri_mistakes_end_with_one_line(meg_mri, tmp_path, capsys, options, problem):
     status, _, err = _run(["--bids", str(meg_mri), *options, "--out", str(tmp_path / "m.csv")], capsys)
@@ -169,12 +170,12 @@ def test_pet_by_tracer_lists_unreadable_images(pet, tmp_path, capsys, monkeypatc
     start = lines.index("  3 images nibabel cannot read: the manifest keeps them, but inva fit will refuse these rows "
                         "(it stops at the first); fix the files or drop the rows (--strict: stop here instead)")
     assert lines[start + 1:start + 4] == [
-        "    sub-02/ses-baseline/pet/sub-02_ses-baseline_trc-CIMBI36_pet.nii.gz: empty file (0 bytes): a placeholder, "
-        "not an image",
-        "    sub-03/ses-baseline/pet/sub-03_ses-baseline_trc-CIMBI36_pet.nii: a web page, not an image "
-        "(60 bytes; a failed download?)",
-        "    sub-04/ses-baseline/pet/sub-04_ses-baseline_trc-CIMBI36_pet.nii.gz: header only or cut short: the header "
-        "describes 32 bytes of voxels, the file holds 0"]
+        ("    sub-02/ses-baseline/pet/sub-02_ses-baseline_trc-CIMBI36_pet.nii.gz: empty file (0 bytes): a placeholder, "
+        "not an image"),
+        ("    sub-03/ses-baseline/pet/sub-03_ses-baseline_trc-CIMBI36_pet.nii: a web page, not an image "
+        "(60 bytes; a failed download?)"),
+        ("    sub-04/ses-baseline/pet/sub-04_ses-baseline_trc-CIMBI36_pet.nii.gz: header only or cut short: the header "
+        "describes 32 bytes of voxels, the file holds 0")]
     assert ("  pet: files differ in task (task-rest: 1 row, task-none: 5 rows); add task-VALUE or task-none "
             "to keep one kind") in lines
     assert "left out" not in printed
@@ -200,9 +201,9 @@ def test_one_session_of_pet_and_a_session_filter_in_the_image(pet, tmp_path, cap
 
 
 @pytest.mark.parametrize("image, problem", [
-    ("pet=trc-cimbi36,suffix-pet", "matches no file (no file has trc-cimbi36; values are case-sensitive, did you mean "
-                                   "trc-CIMBI36?; derivatives included)"),
-    ("pet=trc-PIB,suffix-pet", "no file has trc-PIB; values are case-sensitive, trc values here: CIMBI36, FDG;"),
+    ("pet=trc-cimbi36,suffix-pet", ("matches no file (no image has trc-cimbi36; values are case-sensitive, "
+                                   "did you mean trc-CIMBI36?; derivatives included)")),
+    ("pet=trc-PIB,suffix-pet", "no image has trc-PIB; values are case-sensitive, trc values here: CIMBI36, FDG;"),
     ("pet=suffix-pet", "matches 2 files of sub-01_ses-baseline"),
 ])
 def test_pet_mistakes_end_with_one_line(pet, tmp_path, capsys, image, problem):
@@ -249,7 +250,7 @@ def test_several_matches_say_which_entity_tells_them_apart(fmriprep, tmp_path, c
                           capsys)
     _one_line_error(status, err, tmp_path)
     assert "matches 3 files of sub-01" in err
-    assert f"they differ in desc (none, preproc), space (MNI152NLin2009cAsym, none): add one to select a file, " \
+    assert "they differ in desc (none, preproc), space (MNI152NLin2009cAsym, none): add one to select a file, " \
            "e.g. desc-none" in err
 
 
@@ -257,7 +258,7 @@ def test_an_entity_only_unused_derivatives_have_points_at_them(fmriprep, tmp_pat
     status, _, err = _run(["--bids", str(fmriprep), "--image", "aseg=desc-aseg,suffix-dseg",
                            "--out", str(tmp_path / "m.csv")], capsys)
     _one_line_error(status, err, tmp_path)
-    assert "no file has desc-aseg" in err and "derivatives not used: freesurfer (no dataset_description.json)" in err
+    assert "no image has desc-aseg" in err and "derivatives not used: freesurfer (no dataset_description.json)" in err
 
 
 def test_desc_needs_no_derivatives_to_be_known(tmp_path, capsys):
@@ -303,7 +304,7 @@ def test_a_datalad_clone_without_its_content(tmp_path, capsys):
     assert status == 0
     assert _read(out)["t1"].tolist() == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"]
     assert printed.splitlines()[1:] == [
-        "  1 image nibabel cannot read: the manifest keeps it, but inva fit will refuse its row; fix the file or "
-        "drop the row (--strict: stop here instead)",
-        "    sub-02/anat/sub-02_T1w.nii.gz: a link to a file that is not there (git-annex/DataLad content not "
-        "fetched? datalad get)"]
+        ("  1 image nibabel cannot read: the manifest keeps it, but inva fit will refuse its row; fix the file or "
+        "drop the row (--strict: stop here instead)"),
+        ("    sub-02/anat/sub-02_T1w.nii.gz: a link to a file that is not there (git-annex/DataLad content not "
+        "fetched? datalad get)")]

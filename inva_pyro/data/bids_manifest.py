@@ -182,7 +182,7 @@ def write_manifest(manifest: BidsManifest, out: Path) -> Path:
 def _labels(values: list[str] | None, prefix: str) -> list[str]:
     """Labels from repeatable, comma-separated options, with the ``sub-``/``ses-`` prefix optional."""
     labels = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
-    return list(dict.fromkeys(v[len(prefix):] if v.startswith(prefix) else v for v in labels))
+    return list(dict.fromkeys(v.removeprefix(prefix) for v in labels))
 
 
 def _rows(layout, root: Path, sessions: list[str], excluded: list[str]) -> tuple[list[Row], list[str]]:
@@ -265,13 +265,14 @@ def _no_match_hints(layout, spec: ImageSpec, unused) -> str:
         if name not in indexed:
             hints.append(f"no indexed file has a {key}- entity")
             continue
-        values = layout.get(return_type="id", target=name)
+        images = {} if "extension" in spec.filters else {"extension": list(IMAGE_EXTENSIONS)}
+        values = layout.get(return_type="id", target=name, **images)
         if not any(_same_value(v, value) for v in values):
             shown = sorted(str(v) for v in values)
             same = [v for v in shown if v.lower() == value.lower()]
             known = f"did you mean {key}-{same[0]}?" if same else f"{key} values here: {_first(shown, 6)}"
             case = "values are case-sensitive, " if value.lower() != value.upper() else ""
-            hints.append(f"no file has {key}-{value}; {case}{known}")
+            hints.append(f"no {'file' if 'extension' in spec.filters else 'image'} has {key}-{value}; {case}{known}")
     if not hints:
         hints.append("no file has all of these entities" + ("" if "extension" in spec.filters
                                                              else " with an image extension (.nii, .nii.gz, .gii)"))
