@@ -7,7 +7,7 @@ mean and sd, and a table of 8 region means (4 x 2 blocks of the 32 x 32 grid) wi
 
     python analysis/overview_figure.py --out docs/figures/overview.png
 
-About two minutes on 2 CPU cores with the defaults (500 subjects, seed 0).
+About 5 minutes on 2 CPU cores shared with other jobs, with the defaults (500 subjects, seed 0).
 """
 from __future__ import annotations
 
