@@ -87,11 +87,20 @@ def settings(args) -> dict:
                 grid=None, noise=args.noise, design=args.design, voxel_mm=args.voxel_mm, out=args.out)
 
 
+def pixel_space(grid):
+    """The paper design's 2-D grid as a volume of 2 mm pixels: its neighbours feed the smoothing prior, its
+    coordinates the spatial covariance's random regions."""
+    from inva_pyro.data.spaces import VolumeSpace
+    grid = tuple(grid)
+    return VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
+                       mask=np.ones((*grid, 1), dtype=bool))
+
+
 def study_regions(space) -> dict[str, np.ndarray]:
     """Label vectors (C order) of the regions scored: 8 blocks (4 x 2; volume design: 8 Voronoi cells of
     seeded mask voxels) and 50 Voronoi cells of seeded points (none is one of the random partitions the
     calibration fits on)."""
-    from inva_pyro.predict.joint import voronoi_labels
+    from inva_pyro.predict.spatial import voronoi_labels
     grid = space.grid_shape
     if len(grid) == 3:
         coords = np.argwhere(space.mask).astype(float)
@@ -167,7 +176,8 @@ def simulate_split(seed: int, cfg: dict):
         split[order[cfg["n_val"]:cfg["n_val"] + cfg["n_test"]]] = "test"
     cohort = Cohort.from_arrays({k: flat(v) for k, v in sim["inputs"].items()}, flat(sim["outcome"]),
                                 split=list(split), truth_mean=flat(sim["true_mean"]),
-                                truth_sd=flat(sim["true_sd"]), outcome_name="y", seed=seed)
+                                truth_sd=flat(sim["true_sd"]), outcome_name="y", seed=seed,
+                                space=pixel_space(cfg["grid"] or PAPER_GRID))
     idx = {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
     return cohort, idx
 
@@ -185,19 +195,12 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
     if args.calibration_split == "held-out":
         half = len(val) // 2
         val, calib = val.subset(np.arange(half)), val.subset(np.arange(half, len(val)))
-    from inva_pyro.data.spaces import VolumeSpace
-    grid = tuple(cfg["grid"] or (32, 32))
-    space = VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
-                        mask=np.ones((*grid, 1), dtype=bool))       # pixel coordinates for the joint calibration
-    outcome = "y"
-    if cfg.get("design") == "volume":
-        outcome = cohort.outcome_name
-        space = cohort.spaces[outcome]
+    outcome = cohort.outcome_name
+    space = cohort.spaces[outcome]
     start = time.perf_counter()
-    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False, outcome_name=outcome,
-                                                   space=space)
+    model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False)
     if calib is not None:  # refit the calibrator on subjects never seen by early stopping
-        xs, y = model._tensors(calib)
+        xs, y = model.tensors(calib)
         model._calibrate(calib, xs, y, fit_seed)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -219,8 +222,8 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"width{key}"] = cal["interval_width"][key]
         row[f"width{key}_raw"] = raw["interval_width"][key]
     row.update(region_columns(pred, space, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
-    ratios = model.joint.info["mean_square_ratio"] if model.joint is not None else {}
-    row.update(joint_alpha=model.joint.alpha if model.joint else None, joint_beta=model.joint.beta if model.joint else None,
+    ratios = model.spatial_covariance.info["mean_square_ratio"] if model.spatial_covariance is not None else {}
+    row.update(joint_alpha=model.spatial_covariance.alpha if model.spatial_covariance else None, joint_beta=model.spatial_covariance.beta if model.spatial_covariance else None,
                joint_ratio_all=ratios.get("all"), joint_ratio_voxel=ratios.get("voxel"))
     row["regions_time_ratio"] = (predict_s + row["regions_seconds_r8"] + row["regions_seconds_r50"]) / predict_s
     row["crps_ratio"] = row["crps"] / row["oracle_crps"]
@@ -230,7 +233,7 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"oracle_width{format(lv, 'g')}"] = oracle_width[lv]
     row["curve"] = json.dumps({"raw": coverage_curve(pred, False, CURVE_LEVELS),
                                "calibrated": coverage_curve(pred, True, CURVE_LEVELS)})
-    collapse = collapse_report(model.module, model._tensors(train)[0])
+    collapse = collapse_report(model.module, model.tensors(train)[0])
     row["active_units"] = json.dumps(collapse["active_units"]["count"])
     row["collapsed"] = ",".join(collapse["collapsed_modalities"])
     return row, model
@@ -346,16 +349,12 @@ def across_runs(cohort, idx, cfg, args, first_model, out: Path) -> dict:
     """M fits (seeds 0..M-1) on the first data seed at the largest size, as chains."""
     from inva_pyro import InVA
     from inva_pyro.criticism.inference import across_run_diagnostics
-    from inva_pyro.data.spaces import space_from_dict
 
     size, seed = max(cfg["sizes"]), cfg["seeds"][0]
     models = [first_model]
-    space = space_from_dict(first_model.info["space"])  # the same model as the first chain, prior included
     for fit_seed in range(1, cfg["chains"]):
         train, val = cohort.all.subset(idx["train"][:size]), cohort.all.subset(idx["val"])
-        models.append(InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False,
-                                                             outcome_name=first_model.info["outcome"],
-                                                             space=space))
+        models.append(InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False))
     test = cohort.all.subset(idx["test"])
     diag = across_run_diagnostics(models, test, num_draws=min(200, cfg["samples"]), seed=0)
     diag.update(size=size, data_seed=seed, chains=len(models))

@@ -49,8 +49,7 @@ def main(argv=None) -> None:
     cohort = study.cohort_for("paper", args.seed, cfg, args.out)
     train = cohort.train.subset(np.arange(min(args.size, len(cohort.train))))
     model = model_from_preset(study.make_preset(args.model, cfg)).fit(
-        train, cohort.val, seed=args.seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
-        space=cohort.spaces[cohort.outcome_name])
+        train, cohort.val, seed=args.seed, device="cpu", progress=False)
     test = cohort.test
     error = model.predict(test, seed=args.seed).mean - test.truth_mean
     names, basis = pattern_basis()

@@ -3,7 +3,7 @@
 
 Outcome errors e_i = s_i * eta_i with eta smooth Gaussian noise (white noise smoothed by a Gaussian of
 ``--sigma`` pixels on a 32 x 32 periodic grid, unit variance; exact covariance known) and heteroscedastic
-sds s_i (log-normal). ``fit_joint`` is fitted on ``--n-val`` "validation" subjects with the predictive mean
+sds s_i (log-normal). ``fit_spatial_covariance`` is fitted on ``--n-val`` "validation" subjects with the predictive mean
 0 and sd s (a perfect mean, so only the covariance is tested), once per factor:
 
 - ``sample``: the residuals' sample second moment (rank n_val; the default of ``inva fit``);
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.n_val, args.n_test, args.ranks = 40, 50, "16"
     from inva_pyro.data.simulate.common import smooth_noise, smooth_noise_covariance
-    from inva_pyro.criticism.regions import region_interval
-    from inva_pyro.predict.joint import fit_joint, label_weights, voronoi_labels
+    from inva_pyro.predict.regions import region_interval
+    from inva_pyro.predict.spatial import fit_spatial_covariance, label_weights, voronoi_labels
 
     grid, v = (32, 32), 1024
     rng = np.random.default_rng(args.seed)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     print("| factor | regions | predicted / true variance | coverage " + " / ".join(f"{lv:g}" for lv in LEVELS) + " |")
     print("|---|---|---|---|")
     for rank in [None] + [int(r) for r in args.ranks.split(",") if r]:
-        _, _, joint = fit_joint(torch.as_tensor(e_val), np.zeros_like(e_val), sd_val, rank=rank, coords=coords,
+        _, _, joint = fit_spatial_covariance(torch.as_tensor(e_val), np.zeros_like(e_val), sd_val, rank=rank, coords=coords,
                                 seed=args.seed)
         for name, labels in regions.items():
             _, weights = label_weights(labels)

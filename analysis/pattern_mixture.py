@@ -52,8 +52,7 @@ def main(argv=None) -> int:
     data = load_preset("inva-joint").model_dump()
     data["training"].update(epochs=args.epochs, pattern_submodels=True)
     model = InVA(Preset.model_validate(data)).fit(
-        train.subset(rows), val, seed=args.fit_seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
-        space=cohort.spaces[cohort.outcome_name])
+        train.subset(rows), val, seed=args.fit_seed, device="cpu", progress=False)
     names, st = model.info["inputs"], model.standardizer
     result = {"seed": args.seed, "fit_seed": args.fit_seed, "size": args.size, "patterns": []}
     print(f"cohort {args.seed}, training seed {args.fit_seed}, N = {args.size}: MSE of the subjects lacking xk")
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for split, subset in (("validation", val), ("test", test)):
         subset = subset.subset(np.flatnonzero(input_presence(subset, names).all(1)))
-        xs, _ = model._tensors(subset)
+        xs, _ = model.tensors(subset)
         for k, name in enumerate(names):
             joint = predictive_mean(model.module.eval(), impose(xs, [j != k for j in range(len(names))]))
             alone = predictive_mean(model.submodels[name].module.eval(), [x for j, x in enumerate(xs) if j != k])

@@ -18,7 +18,7 @@ that spread. This script separates the two parts:
    stopping and calibrates on them only (``[training] calibration_share``); the same calibration
    refitted on the early-stopping subjects is scored beside it, which measures what reusing the
    subjects that chose the epoch costs;
-3. refits only the joint calibration (``fit_joint``, the networks unchanged) on ``--replicates``
+3. refits only the joint calibration (``fit_spatial_covariance``, the networks unchanged) on ``--replicates``
    random sets of n pool subjects (n in ``--n-cal``) and scores each on the rest of the pool: the
    mean over replicates is the procedure's bias, their sd its spread, shown beside the theoretical
    sd sqrt(p (1 - p) (1 / (n + 2) + 1 / n_test));
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def coverage_by_family(joint, mean, sd, observed, families) -> dict:
     """family -> level -> coverage of its region means (every region and subject pooled)."""
-    from inva_pyro.criticism.regions import region_interval
+    from inva_pyro.predict.regions import region_interval
     out = {}
     for name, weights in families.items():
         m, s = joint.region_moments(mean, sd, weights)
@@ -88,11 +88,11 @@ def coverage_by_family(joint, mean, sd, observed, families) -> dict:
 
 def energy_per_subject(mean, sd, joint, observed, seed: int) -> dict:
     from inva_pyro.criticism.scores import DRAWS, StreamingEnergy
-    from inva_pyro.predict.joint import joint_draws
+    from inva_pyro.predict.spatial import spatial_draws
     values = {}
     for name, independent in (("joint", False), ("independent", True)):
         energy = StreamingEnergy(observed)
-        for chunk in joint_draws(mean, sd, joint, DRAWS, seed=seed, independent=independent, chunk=8):
+        for chunk in spatial_draws(mean, sd, joint, DRAWS, seed=seed, independent=independent, chunk=8):
             energy.update(chunk)
         values[name] = energy.value()
     diff = values["joint"] - values["independent"]
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     import torch
 
     from inva_pyro import InVA
-    from inva_pyro.predict.joint import fit_joint, label_weights
+    from inva_pyro.predict.spatial import fit_spatial_covariance, label_weights
     if args.threads:
         torch.set_num_threads(args.threads)
     n_cal = [int(v) for v in args.n_cal.split(",")]
@@ -124,18 +124,12 @@ def main(argv=None) -> int:
         idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     data = cohort.all
     train, val, pool = data.subset(idx["train"][:n_train]), data.subset(idx["val"]), data.subset(idx["test"])
-    if args.design == "volume":
-        outcome, space = cohort.outcome_name, cohort.spaces[cohort.outcome_name]
-    else:
-        from inva_pyro.data.spaces import VolumeSpace
-        grid = tuple(cfg["grid"] or (32, 32))
-        outcome, space = "y", VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
-                                          mask=np.ones((*grid, 1), dtype=bool))
+    space = cohort.spaces[cohort.outcome_name]
     start = time.perf_counter()
     preset = cs.make_preset("inva", cfg)
     preset.training.calibration_share = args.calibration_share
     rank = None if preset.prediction.covariance_rank == "full" else preset.prediction.covariance_rank
-    model = InVA(preset).fit(train, val, seed=args.seed, progress=False, outcome_name=outcome, space=space)
+    model = InVA(preset).fit(train, val, seed=args.seed, progress=False)
     fit_s = time.perf_counter() - start
     pred = model.predict(pool, seed=args.seed)
     mean, sd = pred.mean.astype(np.float64), pred.raw_sd.astype(np.float64)
@@ -146,14 +140,14 @@ def main(argv=None) -> int:
     families["all"] = sparse.csr_matrix(np.full((1, n_features), 1.0 / n_features))
     voxel = {lv: float(np.mean((observed >= pred.intervals[lv][0]) & (observed <= pred.intervals[lv][1])))
              for lv in LEVELS}
-    fitted = coverage_by_family(model.joint, mean, sd, observed, families)
+    fitted = coverage_by_family(model.spatial_covariance, mean, sd, observed, families)
     coords = model._feature_coordinates()
     reuse = None
     if args.calibration_share > 0:  # the same calibration fitted on the subjects that chose the epoch
-        from inva_pyro.runs import calibration_split
+        from inva_pyro.data.splits import calibration_split
         stop = calibration_split(val, args.calibration_share, args.seed)[0]
         stop_pred = model.predict(stop, seed=args.seed)
-        _, _, stop_joint = fit_joint(torch.as_tensor(np.asarray(stop.outcome, dtype=np.float64)),
+        _, _, stop_joint = fit_spatial_covariance(torch.as_tensor(np.asarray(stop.outcome, dtype=np.float64)),
                                      stop_pred.mean.astype(np.float64), stop_pred.raw_sd.astype(np.float64),
                                      rank=rank, coords=coords, seed=args.seed)
         reuse = coverage_by_family(stop_joint, mean, sd, observed, families)
@@ -164,7 +158,7 @@ def main(argv=None) -> int:
         for r in range(args.replicates):
             order = rng.permutation(len(observed))
             cal, test = order[:n], order[n:]
-            _, _, joint = fit_joint(torch.as_tensor(observed[cal]), mean[cal], sd[cal], rank=rank, coords=coords, seed=r)
+            _, _, joint = fit_spatial_covariance(torch.as_tensor(observed[cal]), mean[cal], sd[cal], rank=rank, coords=coords, seed=r)
             rows.append(coverage_by_family(joint, mean[test], sd[test], observed[test], families))
         n_test = len(observed) - n
         replicates[n] = {name: {lv: {"mean": float(np.mean([row[name][lv] for row in rows])),
@@ -173,7 +167,7 @@ def main(argv=None) -> int:
                                 for lv in LEVELS} for name in families}
         print(f"n_cal {n}: whole-mask coverage mean " + " ".join(
             f"{replicates[n]['all'][lv]['mean']:.3f}±{replicates[n]['all'][lv]['sd']:.3f}" for lv in LEVELS), flush=True)
-    energy = energy_per_subject(mean, sd, model.joint, observed, args.seed)
+    energy = energy_per_subject(mean, sd, model.spatial_covariance, observed, args.seed)
     alternatives = {}
     ranks = [None] + [int(r) for r in args.ranks.split(",") if r]
     if len(ranks) > 1:
@@ -181,7 +175,7 @@ def main(argv=None) -> int:
         val_y = torch.as_tensor(np.asarray(val.outcome, dtype=np.float64))
         for r in ranks:
             for final in args.finals.split(","):
-                _, _, joint = fit_joint(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
+                _, _, joint = fit_spatial_covariance(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
                                         rank=r, coords=coords, seed=args.seed, final=final)
                 name = ("sample" if r is None else f"pca{r}") + ("" if final == "all" else f", final {final}")
                 alternatives[name] = {

@@ -225,8 +225,7 @@ def run(args) -> pd.DataFrame:
                 fit_set, fit_val, fit_test = (drop_input(s, dropped) for s in (fit_set, val, test))
             start, cpu = time.perf_counter(), time.process_time()
             model = model_from_preset(preset_for(name, args)).fit(
-                fit_set, fit_val, seed=fit_seed, device="cpu", progress=False, outcome_name=cohort.outcome_name,
-                space=cohort.spaces[cohort.outcome_name])
+                fit_set, fit_val, seed=fit_seed, device="cpu", progress=False)
             fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
             epochs = len(model.history["epoch"]) if model.history and model.history.get("epoch") else np.nan
             base = {"seed": seed, "fit_seed": fit_seed, "size": size, "model": name, "n_fit": len(fit_set),

@@ -163,12 +163,9 @@ def one_run(cohort, size: int, seed: int, name: str, cfg: dict) -> dict:
     train = cohort.train
     train = train.subset(np.arange(min(size, len(train))))
     val, test = cohort.val, cohort.test
-    outcome = cohort.outcome_name
-    space = cohort.spaces[outcome]
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
-    model = model_from_preset(make_preset(name, cfg)).fit(train, val, seed=seed, device="cpu", progress=False,
-                                                         outcome_name=outcome, space=space)
+    model = model_from_preset(make_preset(name, cfg)).fit(train, val, seed=seed, device="cpu", progress=False)
     fit_s, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     pred = model.predict(test, levels=LEVELS, seed=seed)

@@ -101,8 +101,7 @@ def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, 
             settings[table].update(values)
     settings["training"]["epochs"] = epochs
     model = InVA(Preset.model_validate(settings))
-    model.fit(cohort.train, cohort.val, seed=seed, device="cpu", progress=False,
-              outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+    model.fit(cohort.train, cohort.val, seed=seed, device="cpu", progress=False)
     times["fit_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

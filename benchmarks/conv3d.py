@@ -36,14 +36,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_cohort(Path(tmp) / "cohort", "volume", args.subjects, args.seed, voxel_mm=args.voxel_mm)
         cohort = Cohort.from_dir(folder, seed=args.seed)
-        name = cohort.outcome_name
         for preset_name in ("inva", "inva-conv3d"):
             preset = load_preset(preset_name)
             preset.training.epochs, preset.training.patience = args.epochs, args.patience
             preset.prediction.num_samples = args.samples
             start = time.perf_counter()
-            model = InVA(preset).fit(cohort.train, cohort.val, seed=args.seed, progress=False, outcome_name=name,
-                                     space=cohort.spaces[name], input_spaces=cohort.spaces)
+            model = InVA(preset).fit(cohort.train, cohort.val, seed=args.seed, progress=False)
             fit_s = time.perf_counter() - start
             test = cohort.test
             metrics = model.predict(test, seed=args.seed).metrics(truth_mean=test.truth_mean, truth_sd=test.truth_sd)

@@ -115,8 +115,7 @@ def demo_fit(args, device, deadline) -> dict:
 
             start = time.perf_counter()
             try:
-                model.fit(cohort.train, cohort.val, seed=0, device=str(dev), progress=False, on_epoch_end=stop,
-                          outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+                model.fit(cohort.train, cohort.val, seed=0, device=str(dev), progress=False, on_epoch_end=stop)
                 sync(dev)
                 fitted = time.perf_counter()
                 pred = model.predict(cohort.test, num_samples=100, seed=0)

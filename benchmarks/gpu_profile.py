@@ -43,8 +43,7 @@ def profile_fit() -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
         model.fit(cohort.train, cohort.val, seed=0, device="cuda", progress=False,
-                  on_epoch_end=lambda state: stamps.append(time.perf_counter()),
-                  outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+                  on_epoch_end=lambda state: stamps.append(time.perf_counter()))
         profiler.disable()
     epochs = [b - a for a, b in zip(stamps, stamps[1:])]
     text = io.StringIO()

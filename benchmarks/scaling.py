@@ -54,8 +54,7 @@ def probe(folder: Path, n_train: int, n_val: int, epochs: int, batch_size: int, 
     stamps = []
     start = time.perf_counter()
     model = InVA(preset).fit(train, val, seed=0, device=device, progress=False,
-                             on_epoch_end=lambda state: stamps.append(time.perf_counter()),
-                             outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name])
+                             on_epoch_end=lambda state: stamps.append(time.perf_counter()))
     fit_s = time.perf_counter() - start
     epoch_s = np.diff(stamps)  # the epochs after the first: no warm-up, the cache in its steady state
     return {"n_train": n_train, "n_val": n_val, "features": int(model.info["n_outcome"]),

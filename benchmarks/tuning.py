@@ -32,10 +32,8 @@ from inva_pyro.tune.search_space import load_space
 
 def test_scores(preset, cohort: Cohort, seed: int) -> dict:
     """Fit on train (validation for early stopping and calibration) and score on the test subjects."""
-    name = cohort.outcome_name
     start = time.perf_counter()
-    model = InVA(preset).fit(cohort.train, cohort.val, seed=seed, device="cpu", progress=False, outcome_name=name,
-                             space=cohort.spaces[name], input_spaces=cohort.spaces)
+    model = InVA(preset).fit(cohort.train, cohort.val, seed=seed, device="cpu", progress=False)
     test = cohort.test
     metrics = model.predict(test, seed=seed).metrics(truth_mean=test.truth_mean, truth_sd=test.truth_sd)
     oracle = float(np.mean(test.truth_sd.astype(np.float64) ** 2))

@@ -1,4 +1,4 @@
-"""The ``inva`` command line (CONTRACT.md). Thin: every command is a few calls of the Python API."""
+"""The ``inva`` command line (README, "Command line"). Thin: every command is a few calls of the Python API."""
 from __future__ import annotations
 
 import json
@@ -43,7 +43,8 @@ def _fit(args) -> None:
     from .registry import model_class, model_from_preset
     if args.resume is not None:
         run_dir = args.resume
-        run = _read_run_json(run_dir)
+        from .runs import read_info
+        run = read_info(run_dir)
         fit_args = run.get("fit_args") or {}
         if not fit_args:
             raise InputError(f"{run_dir / 'run.json'}: no fit arguments recorded; this run cannot be resumed")
@@ -52,8 +53,7 @@ def _fit(args) -> None:
                                       cache_subjects=fit_args.get("cache_subjects", 64))
         model = model_class(run.get("family", "inva"))()
         model.fit(cohort.train, cohort.val, seed=run["seed"], device=fit_args.get("device", "auto"),
-                  run_dir=run_dir, resume=True, progress=sys.stderr.isatty(),
-                  outcome_name=fit_args["outcome"])
+                  run_dir=run_dir, resume=True, progress=sys.stderr.isatty())
     else:
         missing = [flag for flag, value in (("--manifest", args.manifest), ("--inputs", args.inputs),
                                             ("--outcome", args.outcome), ("--out", args.out)) if not value]
@@ -83,10 +83,9 @@ def _fit(args) -> None:
         if run_dir.exists():
             import shutil
             shutil.rmtree(run_dir)
-        model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=run_dir,
-                                 progress=sys.stderr.isatty(), outcome_name=args.outcome,
-                                 space=cohort.spaces[args.outcome], extra_info={"fit_args": fit_args},
-                                 devices=devices, input_spaces={n: cohort.spaces[n] for n in args.inputs})
+        model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device,
+                                              devices=devices, run_dir=run_dir, progress=sys.stderr.isatty(),
+                                              extra_info={"fit_args": fit_args})
     h = model.history
     if not h or not h.get("epoch"):
         print(f"fitted; run folder: {run_dir}")
@@ -113,15 +112,6 @@ def _check_devices(args) -> int:
     return args.devices
 
 
-def _read_run_json(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except FileNotFoundError:
-        raise InputError(f"{run_dir}: not an inva run folder (no run.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{run_dir / 'run.json'}: corrupt (not valid JSON)") from None
-
-
 def _load_for_manifest(args, require_outcome: bool):
     """The run's model and the manifest's subjects to predict (test rows when there is a split)."""
     from . import Cohort
@@ -137,12 +127,8 @@ def _load_for_manifest(args, require_outcome: bool):
 
 def _run_spaces(model, run_dir: Path) -> dict | None:
     """The image spaces a run was trained in, by column: new subjects must be in the same spaces."""
-    from .data.spaces import space_from_dict
-    info = model.info
-    spaces = {n: space_from_dict(d, run_dir / "run.json") for n, d in (info.get("input_spaces") or {}).items()}
-    if info.get("space"):
-        spaces[info["outcome"]] = space_from_dict(info["space"], run_dir / "run.json")
-    return spaces or None
+    from .runs import read_spaces
+    return read_spaces(run_dir, model.info) or None
 
 
 def _truth_columns(manifest: Path) -> dict:
@@ -159,11 +145,11 @@ def _region_labels(args, model):
     """The checked --regions labels on the run's outcome space (before anything is written), or None."""
     if not args.regions:
         return None
-    from .criticism.regions import read_labels
+    from .data.labels import read_labels
     spaces = _run_spaces(model, args.run) or {}
     labels = read_labels(args.regions, spaces.get(model.info["outcome"]))
-    if getattr(model, "joint", None) is None:
-        raise InputError(f"{args.run}: no joint covariance in this run (fitted before it existed, or by a model "
+    if getattr(model, "spatial_covariance", None) is None:
+        raise InputError(f"{args.run}: no spatial covariance in this run (fitted before it existed, or by a model "
                          "family without one); region intervals need `inva fit` of this version")
     return labels
 
@@ -232,10 +218,8 @@ def _demo(args) -> None:
         cohort = Cohort.from_dir(out / "cohort", seed=args.seed)
         print(f"simulated {args.n_subjects} subjects ({len(cohort.train)} train, {len(cohort.val)} val, "
               f"{len(cohort.test)} test) in {time.perf_counter() - start:.1f} s")
-        model = InVA.from_preset("inva").fit(
-            cohort.train, cohort.val, seed=args.seed, device=args.device, run_dir=out / "run",
-            progress=sys.stderr.isatty(), outcome_name=cohort.outcome_name, space=cohort.spaces[cohort.outcome_name],
-            input_spaces=cohort.spaces)
+        model = InVA.from_preset("inva").fit(cohort.train, cohort.val, seed=args.seed, device=args.device,
+                                             run_dir=out / "run", progress=sys.stderr.isatty())
         print(f"fitted in {time.perf_counter() - start:.1f} s (best epoch {model.history['best_epoch']})")
         test = cohort.test
         levels = [0.5, 0.8, 0.9, 0.95]

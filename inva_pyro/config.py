@@ -186,11 +186,20 @@ class TrainingConfig(_Strict):
 
 
 class PredictionConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        # Run folders and presets written before the rename call the spatial covariance ``joint``.
+        if isinstance(data, dict) and "joint" in data and "spatial_covariance" not in data:
+            data = {("spatial_covariance" if k == "joint" else k): v for k, v in data.items()}
+        return data
+
     num_samples: int = Field(500, ge=2)
     levels: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95])
     calibration: Literal["quantile", "variance", "none"] = "quantile"
-    joint: bool = Field(True, description="fit the outcome's spatial error covariance and the region calibration "
-                        "on the validation subjects (predict/joint.py): region means and joint draws")
+    spatial_covariance: bool = Field(
+        True, description="fit the outcome's spatial error covariance and the region calibration on the validation "
+        "subjects (predict/spatial.py): region means and correlated draws of whole images")
     covariance_rank: Annotated[int, Field(ge=1)] | Literal["full"] = Field(
         16, description="rank of the error covariance's factor, by probabilistic PCA of the validation "
         "residuals (at most n_val - 1; 16: the energy score of joint draws prefers denoised directions, "

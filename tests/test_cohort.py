@@ -747,7 +747,7 @@ def test_volume_read_equals_nibabel_and_nilearn(tmp_path):
 # ----- lazy reading: DiskSubset, streaming standardisation, disk batches -------------------------
 def test_lazy_cohort_matches_eager_and_bounds_its_cache(tmp_path):
     from inva_pyro.data.streaming import DiskBatches, DiskSubset, LazyMatrix
-    from inva_pyro.estimator import fits_on_device
+    from inva_pyro.train.distributed import fits_on_device
 
     write_cohort(tmp_path, n=10)
     eager = read(tmp_path)

@@ -137,8 +137,7 @@ def set_cell(root: Path, subject: str, column: str, value) -> None:
 
 # ----- done when: write, fit, predict, read the outputs back ------------------------------------
 def fit_and_predict(cohort: Cohort, out: Path):
-    model = InVA(tiny_preset()).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False,
-                                    outcome_name="pet", space=cohort.spaces["pet"])
+    model = InVA(tiny_preset()).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False)
     pred = model.predict(cohort.test, levels=[0.9], seed=0)
     pred.to_files(out)
     listing = pd.read_csv(out / "predictions.csv")

@@ -224,8 +224,8 @@ def test_ppc_report_quick(tmp_path, make_preset):
 
     write_cohort(tmp_path / "cohort", "paper", 30, 0)
     cohort = Cohort.from_dir(tmp_path / "cohort")
-    InVA(make_preset(training={"epochs": 3})).fit(cohort.train, cohort.val, seed=0, progress=False, outcome_name="y",
-                                                   space=cohort.spaces["y"], run_dir=tmp_path / "run")
+    InVA(make_preset(training={"epochs": 3})).fit(cohort.train, cohort.val, seed=0, progress=False,
+                                                   run_dir=tmp_path / "run")
     out = tmp_path / "report"
     assert _script("ppc").main(["--run", str(tmp_path / "run"), "--manifest", str(tmp_path / "cohort" / "manifest.csv"),
                                 "--out", str(out), "--quick"]) == 0

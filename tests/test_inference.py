@@ -71,7 +71,7 @@ def test_kept_draws_are_joint_across_blocks(fitted):
     # mean from the kept output-layer draws
     model, cohort = fitted
     module = model.module
-    xs, y = model._tensors(cohort.test)
+    xs, y = model.tensors(cohort.test)
     gen = torch.Generator().manual_seed(0)
     s = posterior_predictive(module, xs, num_samples=40, probs=[0.5], observed=y, keep_draws=12,
                              block_size=5, chunk_size=7, generator=gen)
@@ -89,7 +89,7 @@ def test_kept_draws_are_joint_across_blocks(fitted):
 
 def test_keeping_draws_does_not_change_the_predictive(fitted):
     model, cohort = fitted
-    xs, _ = model._tensors(cohort.test)
+    xs, _ = model.tensors(cohort.test)
     runs = [posterior_predictive(model.module, xs, num_samples=400, probs=[], keep_draws=k,
                                  generator=torch.Generator().manual_seed(k)) for k in (0, 100)]
     assert runs[0].draws is None

@@ -11,10 +11,10 @@ from pyro import poutine
 
 from inva_pyro import InVA
 from inva_pyro.data.simulate.common import smooth_noise, smooth_noise_covariance
-from inva_pyro.criticism.regions import region_interval
+from inva_pyro.predict.regions import region_interval
 from inva_pyro.errors import InputError
 from inva_pyro.model.covariance import fit_factor
-from inva_pyro.predict.joint import (fit_joint, independent_region_sd, joint_draws, label_weights,
+from inva_pyro.predict.spatial import (fit_spatial_covariance, independent_region_sd, spatial_draws, label_weights,
                                      region_moments, voronoi_labels)
 
 GRID = (12, 12)
@@ -52,21 +52,21 @@ def test_region_variance_of_joint_draws_matches_the_true_smooth_noise():
     n, draws = 400, 2000
     sd, errors = _smooth_residuals(n, seed=1)
     coords = np.argwhere(np.ones(GRID)).astype(float)
-    _, _, joint = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, coords=coords, seed=0)
+    _, _, joint = fit_spatial_covariance(torch.as_tensor(errors), np.zeros_like(errors), sd, coords=coords, seed=0)
     cov = smooth_noise_covariance(GRID, SIGMA)
     labels = voronoi_labels(coords, 6, np.random.default_rng(5))          # regions the fit never saw
     ids, weights = label_weights(labels)
     dense = np.vstack([weights.toarray(), np.full((1, labels.size), 1 / labels.size)])
     sd_new = sd[:3]                                                         # three subjects' sd maps
     true_var = np.array([[w * s @ cov @ (w * s) for w in dense] for s in sd_new])
-    samples = np.concatenate(list(joint_draws(np.zeros_like(sd_new), sd_new, joint, draws, seed=1)))
+    samples = np.concatenate(list(spatial_draws(np.zeros_like(sd_new), sd_new, joint, draws, seed=1)))
     region_var = (samples @ dense.T).var(0, ddof=1)
     tol = 3.5 * np.sqrt(2 / n + 2 / draws)
     assert np.all(np.abs(region_var / true_var - 1) < tol), region_var / true_var
     # the closed form agrees with the draws
     _, closed_sd = region_moments(np.zeros_like(sd_new), sd_new, dense, joint.factor, joint.diag, joint.alpha, joint.beta)
     np.testing.assert_allclose(region_var, closed_sd ** 2, rtol=4 * np.sqrt(2 / draws))
-    indep = np.concatenate(list(joint_draws(np.zeros_like(sd_new), sd_new, joint, 400, seed=1, independent=True)))
+    indep = np.concatenate(list(spatial_draws(np.zeros_like(sd_new), sd_new, joint, 400, seed=1, independent=True)))
     assert np.all((indep @ dense.T).var(0) / true_var < 0.5)
 
 
@@ -75,7 +75,7 @@ def test_region_intervals_cover_on_new_subjects():
     subjects' region means at 0.90 within 3 binomial sds; independent-voxel intervals do not."""
     sd, errors = _smooth_residuals(200, seed=3)
     coords = np.argwhere(np.ones(GRID)).astype(float)
-    _, _, joint = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, coords=coords, seed=0)
+    _, _, joint = fit_spatial_covariance(torch.as_tensor(errors), np.zeros_like(errors), sd, coords=coords, seed=0)
     sd_t, e_t = _smooth_residuals(400, seed=2)
     _, weights = label_weights(voronoi_labels(coords, 6, np.random.default_rng(5)))
     mean, region_sd = joint.region_moments(np.zeros_like(sd_t), sd_t, weights)
@@ -96,7 +96,7 @@ def fitted(make_preset, make_cohort):
 
 def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_cohort):
     model, cohort = fitted
-    xs, y = model._tensors(cohort.test)
+    xs, y = model.tensors(cohort.test)
     trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     fn = trace.nodes["outcome"]["fn"].base_dist  # masked where the outcome is missing
     assert type(fn).__name__ == "LowRankMultivariateNormal" and fn.event_shape == (64,)
@@ -105,9 +105,9 @@ def test_outcome_site_is_low_rank_normal_once_fitted(fitted, make_preset, make_c
     full = InVA(make_preset(prediction={"covariance_rank": "full"})).fit(cohort.train, cohort.val, seed=0,
                                                                        progress=False)
     assert full.module.outcome_covariance.rank == 16           # each fold's 8 residuals' second moment
-    fresh = InVA(make_preset(prediction={"joint": False})).fit(cohort.train, cohort.val, seed=0, progress=False)
+    fresh = InVA(make_preset(prediction={"spatial_covariance": False})).fit(cohort.train, cohort.val, seed=0, progress=False)
     trace = poutine.trace(fresh.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
-    assert type(trace.nodes["outcome"]["fn"].base_dist).__name__ == "Independent" and fresh.joint is None
+    assert type(trace.nodes["outcome"]["fn"].base_dist).__name__ == "Independent" and fresh.spatial_covariance is None
     # the covariance is fitted after training: the predictive mean (and so the MSE) is today's, bit for bit
     np.testing.assert_array_equal(fresh.predict(cohort.test, seed=0).mean, model.predict(cohort.test, seed=0).mean)
 
@@ -118,7 +118,7 @@ def test_every_latent_structure_scores_the_fitted_covariance(make_preset, make_c
     cohort = make_cohort(40, 16, 4, seed=2)
     model = InVA(make_preset({"structure": "joint"}, {"epochs": 2})).fit(cohort.train, cohort.val, seed=0,
                                                                           progress=False)
-    xs, y = model._tensors(cohort.test)
+    xs, y = model.tensors(cohort.test)
     trace = poutine.trace(model.module.model).get_trace(xs, y, subjects=torch.arange(len(y)), n_subjects=len(y))
     assert type(trace.nodes["outcome"]["fn"].base_dist).__name__ == "LowRankMultivariateNormal"
 
@@ -144,20 +144,23 @@ def test_regions_table_and_whole_mask_row(fitted):
 def test_save_load_keeps_the_covariance_and_old_runs_still_load(fitted, tmp_path):
     model, cohort = fitted
     run = model.save(tmp_path / "run")
-    assert (run / "covariance.safetensors").exists() and json.loads((run / "joint.json").read_text())["rank"] == 14
-    loaded = InVA.load(run, device=str(model.device))  # same device, so the same seeded draws
+    assert (run / "covariance.safetensors").exists() and json.loads((run / "covariance.json").read_text())["rank"] == 14
     labels = np.repeat([1, 2, 3, 4], 16)
     a = model.predict(cohort.test, seed=3).regions(labels)
-    b = loaded.predict(cohort.test, seed=3).regions(labels)
-    np.testing.assert_allclose(a[["mean", "sd", "lo90"]].to_numpy(float), b[["mean", "sd", "lo90"]].to_numpy(float),
-                               rtol=1e-6)
+    for name in ("covariance.json", "joint.json"):  # runs written before the rename call it joint.json
+        if name == "joint.json":
+            (run / "covariance.json").rename(run / "joint.json")
+        loaded = InVA.load(run, device=str(model.device))  # same device, so the same seeded draws
+        b = loaded.predict(cohort.test, seed=3).regions(labels)
+        np.testing.assert_allclose(a[["mean", "sd", "lo90"]].to_numpy(float),
+                                   b[["mean", "sd", "lo90"]].to_numpy(float), rtol=1e-6)
     (run / "covariance.safetensors").unlink()
     (run / "joint.json").unlink()
     old = InVA.load(run, device=str(model.device))        # a run folder from before the covariance
-    assert old.joint is None and old.module.outcome_covariance.rank == 0
+    assert old.spatial_covariance is None and old.module.outcome_covariance.rank == 0
     pred = old.predict(cohort.test, seed=3)
     np.testing.assert_allclose(pred.mean, model.predict(cohort.test, seed=3).mean, rtol=1e-6)
-    with pytest.raises(InputError, match="joint covariance"):
+    with pytest.raises(InputError, match="spatial covariance"):
         pred.regions(labels)
 
 
@@ -177,11 +180,11 @@ def test_the_kept_covariance_is_the_average_of_the_folds():
     residuals = torch.as_tensor(errors / sd)
     fold_of = np.random.default_rng([7, 13]).permutation(40) % 2
     folds = [fit_factor(residuals[torch.as_tensor(np.flatnonzero(fold_of != k))], 5) for k in range(2)]
-    factor, diag, joint = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords, seed=7)
+    factor, diag, joint = fit_spatial_covariance(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords, seed=7)
     expected = sum(f.double() @ f.double().T for f, _ in folds) / 2
     torch.testing.assert_close(factor.double() @ factor.double().T, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(diag.double(), (folds[0][1].double() + folds[1][1].double()) / 2, rtol=1e-5, atol=1e-6)
     assert joint.rank == 10 and joint.info["final"] == "folds"
-    factor_all, _, joint_all = fit_joint(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords,
+    factor_all, _, joint_all = fit_spatial_covariance(torch.as_tensor(errors), np.zeros_like(errors), sd, rank=5, coords=coords,
                                          seed=7, final="all")
     assert joint_all.rank == 5 and joint_all.alpha == joint.alpha   # the calibration itself does not change

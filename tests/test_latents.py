@@ -50,7 +50,7 @@ def fitted():
     covariates = sim["covariates"].set_index(pd.Index(subjects, name="subject"))
     cohort = Cohort.from_arrays({k: flat(v) for k, v in sim["inputs"].items()}, flat(sim["outcome"]),
                                 subjects=subjects, split=split, space=space, covariates=covariates)
-    model = InVA(Preset.model_validate(PRESET)).fit(cohort.train, cohort.val, seed=0, progress=False, space=space)
+    model = InVA(Preset.model_validate(PRESET)).fit(cohort.train, cohort.val, seed=0, progress=False)
     return model, cohort
 
 
@@ -175,7 +175,7 @@ def test_joint_latents_and_glm_with_missing_inputs(tmp_path, capsys):
     cohort = Cohort.from_arrays(inputs, sim["outcome"].reshape(N, -1), subjects=subjects,
                                 split=["train"] * 120 + ["val"] * 40, space=space, covariates=covariates)
     preset = Preset.model_validate({**PRESET, "model": {**PRESET["model"], "structure": "joint"}})
-    model = InVA(preset).fit(cohort.train, cohort.val, seed=0, progress=False, space=space)
+    model = InVA(preset).fit(cohort.train, cohort.val, seed=0, progress=False)
     table = latent_table(model, cohort.all)
     assert list(table.columns) == latent_columns(model.module) and "subject_joint_mean_0" in table
     joint_cols = table.filter(like="subject_joint").to_numpy()

@@ -84,7 +84,7 @@ def linear():
 
 @pytest.fixture(scope="module")
 def ridge_fit(linear):
-    return RidgeRegression(preset("ridge")).fit(linear.train, linear.val, seed=0, outcome_name="y")
+    return RidgeRegression(preset("ridge")).fit(linear.train, linear.val, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def low_rank():
 
 @pytest.fixture(scope="module")
 def tensor_fit(low_rank):
-    return TensorRegression(preset("tensor")).fit(low_rank.train, low_rank.val, seed=0, outcome_name="y")
+    return TensorRegression(preset("tensor")).fit(low_rank.train, low_rank.val, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,7 @@ def additive():
 @pytest.fixture(scope="module")
 def bart_fit(additive):
     cfg = preset("bart", num_trees=20, num_draws=40, num_gfr=5, neighbourhood=0, n_jobs=1)
-    return VoxelBART(cfg).fit(additive.train, additive.val, seed=0, outcome_name="y",
-                              space=additive.spaces["outcome"])
+    return VoxelBART(cfg).fit(additive.train, additive.val, seed=0)
 
 
 def relative_error(pred, subset) -> float:
@@ -197,8 +196,8 @@ def test_bart_prediction_matches_stochtree(bart_fit, additive):
 def test_bart_does_not_depend_on_the_number_of_workers(additive):
     train = additive.train.subset(np.arange(60))
     small = dict(num_trees=3, num_draws=5, num_gfr=2, neighbourhood=1)
-    one = VoxelBART(preset("bart", n_jobs=1, **small)).fit(train, additive.val, seed=3, space=additive.spaces["u"])
-    two = VoxelBART(preset("bart", n_jobs=2, **small)).fit(train, additive.val, seed=3, space=additive.spaces["u"])
+    one = VoxelBART(preset("bart", n_jobs=1, **small)).fit(train, additive.val, seed=3)
+    two = VoxelBART(preset("bart", n_jobs=2, **small)).fit(train, additive.val, seed=3)
     assert one.info["neighbourhood"] == 1
     p1, p2 = one.predict(additive.test, seed=1), two.predict(additive.test, seed=1)
     np.testing.assert_array_equal(p1.mean, p2.mean)

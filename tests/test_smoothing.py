@@ -2,13 +2,14 @@
 factor's value against its formula, its effect on a fit, and a run folder that rebuilds it."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyro
 import pytest
 import torch
 from pyro import poutine
 
-from inva_pyro.data.cohort import Cohort
 from inva_pyro.data.spaces import RegionSpace, SurfaceSpace, VolumeSpace
 from inva_pyro.data.spaces.surface import FSAVERAGE5_VERTICES, mesh_edges
 from inva_pyro.estimator import InVA
@@ -94,8 +95,9 @@ def test_roughness_and_its_gradient_match_the_sum_over_pairs():
 def _fit(make_preset, make_cohort, strength, space=GRID_SPACE, **fit_kwargs):
     cohort = make_cohort(40, 16, 8, seed=3)
     preset = make_preset({"spatial_smoothing": strength}, {"epochs": 4})
-    return cohort, InVA(preset).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False, space=space,
-                                    **fit_kwargs)
+    train, val = (dataclasses.replace(s, spaces={} if space is None else {s.outcome_name: space})
+                  for s in (cohort.train, cohort.val))
+    return cohort, InVA(preset).fit(train, val, seed=0, device="cpu", progress=False, **fit_kwargs)
 
 
 def test_a_strong_prior_makes_the_fitted_maps_smooth(make_preset, make_cohort):
@@ -126,5 +128,5 @@ def test_a_space_without_a_graph_warns_that_the_prior_is_off(make_preset, make_c
     with pytest.warns(RuntimeWarning, match=r"spatial_smoothing = 100 has no effect: the outcome space \(regions\)"):
         _, model = _fit(make_preset, make_cohort, 100.0, space=regions)
     assert model.info["neighbour_pairs"] == 0
-    with pytest.warns(RuntimeWarning, match=r"no effect: fit was given no outcome space"):
+    with pytest.warns(RuntimeWarning, match=r"no effect: the training subjects carry no outcome space"):
         _fit(make_preset, make_cohort, 100.0, space=None)

@@ -126,7 +126,7 @@ def test_fit_records_the_choice_routes_saves_and_loads(make_preset, make_arrays,
     test = lacking(cohort.test, "wm")
     routed = model.predict(test, seed=4)
     # the routed mean is the mixture's: the average of the two models' means, up to Monte-Carlo error
-    xs = model._tensors(test)[0]
+    xs = model.tensors(test)[0]
     halves = [predictive_mean(model.module, xs), predictive_mean(model.submodels["wm"].module, [xs[0], xs[2]])]
     expected = model.standardizer.inverse_outcome_mean(((halves[0] + halves[1]) / 2).numpy())
     z = (routed.mean - expected) / (routed.raw_sd / np.sqrt(preset.prediction.num_samples))

@@ -397,7 +397,7 @@ def test_pyro_validation_checks_the_first_step_of_a_fit_and_is_restored_after(ma
 
 def test_calibration_split_is_seeded_disjoint_and_refuses_too_few(make_cohort):
     from inva_pyro.errors import InputError
-    from inva_pyro.runs import calibration_split
+    from inva_pyro.data.splits import calibration_split
 
     val = make_cohort(4, 10, 2).val
     assert calibration_split(val, 0.0, 0) == (val, val)
@@ -419,10 +419,10 @@ def test_fit_calibrates_on_the_calibration_share_only(make_cohort, make_preset, 
     seen = {}
     original = InVA._calibrate
 
-    def spy(self, val, xs, y, seed):
-        seen["calibration"] = list(val.subjects)
-        seen["rows"] = len(y)
-        return original(self, val, xs, y, seed)
+    def spy(self, calibration, seed):
+        seen["calibration"] = list(calibration.subjects)
+        seen["rows"] = len(calibration)
+        return original(self, calibration, seed)
 
     monkeypatch.setattr(InVA, "_calibrate", spy)
     model = InVA(make_preset(training={"epochs": 1, "calibration_share": 0.4})).fit(cohort.train, cohort.val, seed=3,

@@ -158,7 +158,7 @@ def collapse_report(module, xs: list[torch.Tensor], *, threshold: float = ACTIVE
                     kl_samples: int = 16, seed: int = 0) -> dict:
     """Active units, KL per dimension and the collapse-to-the-mean check, as a JSON-able dict.
 
-    ``xs``: the standardised input tensors of some subjects (at least 2), e.g. ``model._tensors(subset)[0]``.
+    ``xs``: the standardised input tensors of some subjects (at least 2), e.g. ``model.tensors(subset)[0]``.
     """
     if xs[0].shape[0] < 2:
         raise ValueError("collapse diagnostics need at least two subjects")
@@ -320,7 +320,7 @@ def model_diagnostics(model, subset, *, psis_subjects: int = 16, psis_particles:
     module = getattr(model, "module", None)
     if module is None or not hasattr(module, "shallow_encoders") or len(subset) < 2:
         return {}
-    xs, _ = model._tensors(subset, with_outcome=False)
+    xs, _ = model.tensors(subset, with_outcome=False)
     out = {"collapse": collapse_report(module, xs, seed=seed)}
     out["collapse"]["warnings"] = collapse_messages(out["collapse"])
     if psis_subjects > 0:

@@ -84,7 +84,7 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
         loo = loo_summary(idata)
         if loo:
             diagnostics["loo"] = loo
-    if getattr(prediction, "joint", None) is not None:  # energy and variogram scores, joint vs independent
+    if prediction.spatial_covariance is not None:  # energy and variogram scores, correlated vs independent draws
         from .scores import multivariate_scores
         result["multivariate"] = multivariate_scores(prediction, seed=seed)
     if regions is not None:
@@ -99,7 +99,7 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
 
 def _is_inva(model) -> bool:
     module = getattr(model, "module", None)
-    return module is not None and hasattr(module, "shallow_encoders") and hasattr(model, "_tensors")
+    return module is not None and hasattr(module, "shallow_encoders") and hasattr(model, "tensors")
 
 
 def _jsonable(value):

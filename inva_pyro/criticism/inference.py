@@ -72,8 +72,8 @@ def feature_subset(n_features: int, n_keep: int = DEFAULT_FEATURES, seed: int = 
 
 
 def _grid_index(space, features: np.ndarray) -> np.ndarray | None:
-    mask = getattr(space, "mask", None)
-    if mask is None:
+    mask, grid = getattr(space, "mask", None), getattr(space, "grid_shape", None)
+    if mask is None or grid is None:  # features on no grid (surfaces, regions, arrays)
         return None
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != len(getattr(space, "grid_shape", ())):
@@ -104,7 +104,7 @@ def latent_draws(module, xs: list[torch.Tensor], num_draws: int, seed: int = 0) 
 def _kept_draws(model, subset, num_draws: int, features: np.ndarray, seed: int):
     from ..predict.predictive import posterior_predictive
 
-    xs, y = model._tensors(subset)
+    xs, y = model.tensors(subset)
     gen = seeded_generator(model.device, seed)
     summary = posterior_predictive(model.predictive_module, xs, num_samples=max(2, num_draws), probs=[], observed=y,
                                    keep_draws=num_draws, keep_features=features, generator=gen)

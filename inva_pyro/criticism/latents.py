@@ -61,7 +61,7 @@ def _encode_all(model, subset) -> dict[str, dict[str, np.ndarray]]:
     missing = [n for n in model.info["inputs"] if n not in subset.inputs]
     if missing:
         raise InputError(f"the subjects lack the input(s) this model was trained on: {', '.join(missing)}")
-    xs, _ = model._tensors(subset, with_outcome=False)
+    xs, _ = model.tensors(subset, with_outcome=False)
     was_training = module.training
     module.eval()
     joint = getattr(module, "joint", False)

@@ -81,14 +81,14 @@ class StreamingVariogram:
 def multivariate_scores(prediction, draws: int = DRAWS, seed: int = 0, p: float = 0.5) -> dict:
     """Energy and variogram scores (means over subjects) of the joint predictive and of the
     independent-voxel predictive with the same voxel variances, from ``draws`` seeded draws each."""
-    from ..predict.joint import joint_draws
+    from ..predict.spatial import spatial_draws
 
     observed = np.asarray(prediction.observed, dtype=np.float64)
     pairs = feature_pairs(observed.shape[1], seed)
     out = {"draws": int(draws), "variogram_order": p, "variogram_pairs": int(len(pairs[0]))}
     for name, independent in (("joint", False), ("independent", True)):
         energy, vario = StreamingEnergy(observed), StreamingVariogram(observed, pairs, p)
-        for chunk in joint_draws(prediction.mean, prediction.raw_sd, prediction.joint, draws, seed=seed,
+        for chunk in spatial_draws(prediction.mean, prediction.raw_sd, prediction.spatial_covariance, draws, seed=seed,
                                  independent=independent, chunk=max(2, min(16, (4 << 20) // max(observed.size, 1)))):
             energy.update(chunk)
             vario.update(chunk)

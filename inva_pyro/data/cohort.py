@@ -1,6 +1,6 @@
 """A cohort: subjects' images read from a manifest CSV into feature matrices, with splits.
 
-Reading checks everything a user can get wrong (see CONTRACT.md, "Cohort manifest") and
+Reading checks everything a user can get wrong (docs/cohorts.md) and
 reports it as one InputError line naming the file or column. Each image is read once,
 reduced to its masked feature vector and dropped, so memory holds only the matrices; with
 ``lazy=True`` not even those: files are checked up front and read on demand
@@ -18,6 +18,7 @@ Image formats (the manifest cell's extension decides; docs/cohorts.md):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -25,11 +26,12 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .spaces import Space, VolumeSpace
+from .spaces import ArraySpace, Space, VolumeSpace
 from .manifest import (DEFAULT_VAL_FRACTION, SPLIT_COLUMN, SPLITS, SUBJECT_COLUMN, ImageReader, check_input_names,
                        covariate_columns, has_image, image_columns, read_cohort_json, read_manifest, split_labels,
                        subject_ids)
 from .missing import outcome_presence
+from .splits import split_indices
 from .streaming import DiskSubset, RowCache
 from .subset import Subset
 
@@ -50,13 +52,15 @@ class Cohort:
                  outcome_name: str | None, split: list[str] | None = None,
                  manifest_path: Path | None = None, seed: int = 0,
                  val_fraction: float = DEFAULT_VAL_FRACTION):
-        self._data = data
+        self._data = dataclasses.replace(data, outcome_name=outcome_name,
+                                         spaces={name: spaces[name] for name in [*input_names, outcome_name]
+                                                 if name in spaces})
         self._spaces = dict(spaces)
         self._input_names = list(input_names)
         self._outcome_name = outcome_name
         self._split = None if split is None else list(split)
         self._manifest_path = manifest_path
-        self._indices = _split_indices(self._split, len(data), seed, val_fraction, outcome_presence(data))
+        self._indices = split_indices(self._split, len(data), seed, val_fraction, outcome_presence(data))
 
     # ----- construction -------------------------------------------------------------
     @classmethod
@@ -173,8 +177,8 @@ class Cohort:
                     val_fraction: float = DEFAULT_VAL_FRACTION) -> "Cohort":
         """A cohort from in-memory (n, V) matrices (tests, simulations, notebooks).
 
-        ``space`` (shared by every input and the outcome) defaults to one VolumeSpace per
-        name of shape (V, 1, 1) with an identity affine. ``subjects`` defaults to
+        ``space`` (shared by every input and the outcome) defaults to one ``ArraySpace`` per
+        name: features of unknown geometry, written as (V, 1, 1) volumes. ``subjects`` defaults to
         "sub-000", "sub-001", ...; ``split`` to the seeded split described on the class.
         """
         if not inputs:
@@ -203,7 +207,7 @@ class Cohort:
         split = None if split is None else split_labels(pd.Series(list(split)), subjects, "split")
 
         matrices = {**inputs, **({outcome_name: outcome} if outcome is not None else {})}
-        spaces = {name: space if space is not None else _flat_space(array.shape[1])
+        spaces = {name: space if space is not None else ArraySpace.of_size(array.shape[1])
                   for name, array in matrices.items()}
         return cls(data, spaces, list(inputs), outcome_name if outcome is not None else None,
                    split, None, seed, val_fraction)
@@ -259,43 +263,3 @@ class Cohort:
         sizes = ", ".join(f"{name}={len(self._indices[name])}" for name in SPLITS)
         return (f"Cohort(n={len(self._data)}, inputs={self._input_names}, "
                 f"outcome={self._outcome_name!r}, {sizes})")
-
-
-def _split_indices(split: list[str] | None, n: int, seed: int, val_fraction: float,
-                   labeled: np.ndarray) -> dict[str, np.ndarray]:
-    """Validation subjects held out by seed are drawn from those with the outcome (``labeled``):
-    early stopping and calibration need it; subjects without it all stay in train."""
-    everyone = np.arange(n)
-    if split is None:
-        train, val = _labeled_holdout(everyone, labeled, seed, val_fraction)
-        return {"train": train, "val": val, "test": everyone}
-    labels = np.asarray(split)
-    indices = {name: everyone[labels == name] for name in SPLITS}
-    if len(indices["val"]) == 0:
-        indices["train"], indices["val"] = _labeled_holdout(indices["train"], labeled, seed, val_fraction)
-    return indices
-
-
-def _labeled_holdout(indices: np.ndarray, labeled: np.ndarray, seed: int,
-                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    if labeled.all() or not labeled.any():
-        return _holdout(indices, seed, fraction)
-    with_outcome = labeled[indices]
-    train, val = _holdout(indices[with_outcome], seed, fraction)
-    return np.sort(np.concatenate([train, indices[~with_outcome]])), val
-
-
-def _holdout(indices: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, val) split of ``indices``: val gets ``fraction`` of them (rounded), at
-    least one when there are two or more and ``fraction`` > 0, and train keeps at least one."""
-    n = len(indices)
-    n_val = min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 and fraction > 0 else 0
-    chosen = np.random.default_rng(seed).permutation(n)[:n_val]
-    is_val = np.zeros(n, dtype=bool)
-    is_val[chosen] = True
-    return indices[~is_val], indices[is_val]
-
-
-def _flat_space(n_features: int) -> VolumeSpace:
-    return VolumeSpace(shape=(n_features, 1, 1), affine=np.eye(4), header=None,
-                       mask=np.ones((n_features, 1, 1), dtype=bool))

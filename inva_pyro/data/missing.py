@@ -62,7 +62,8 @@ def drop_input(subset, name: str):
     if not inputs:
         raise ValueError(f"cannot drop '{name}': it is the only input")
     keep = input_presence(subset, list(inputs)).any(axis=1)
-    return dataclasses.replace(subset, inputs=inputs).subset(np.flatnonzero(keep))
+    spaces = {k: v for k, v in subset.spaces.items() if k != name}
+    return dataclasses.replace(subset, inputs=inputs, spaces=spaces).subset(np.flatnonzero(keep))
 
 
 def check_labeled_val(val, outcome_name: str = "outcome") -> None:

@@ -23,7 +23,7 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
 
@@ -168,6 +168,8 @@ class DiskSubset:
     truth_mean: LazyMatrix | None = None
     truth_sd: LazyMatrix | None = None
     covariates: pd.DataFrame | None = None
+    outcome_name: str | None = None
+    spaces: dict = field(default_factory=dict)
 
     @classmethod
     def from_sources(cls, subjects: list[str], sources: dict[str, list[Source]], spaces: dict,
@@ -179,7 +181,12 @@ class DiskSubset:
             name, sources[name], subjects, spaces[name], cache)
         return cls(subjects=list(subjects), inputs={name: column(name) for name in inputs},
                    outcome=column(outcome), truth_mean=column(truth_mean), truth_sd=column(truth_sd),
-                   covariates=covariates)
+                   covariates=covariates, outcome_name=outcome,
+                   spaces={name: spaces[name] for name in [*inputs, *([outcome] if outcome else [])]})
+
+    @property
+    def outcome_space(self):
+        return self.spaces.get(self.outcome_name) if self.outcome_name is not None else None
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -200,6 +207,7 @@ class DiskSubset:
             inputs={name: m.subset(idx) for name, m in self.inputs.items()},
             **{key: None if m is None else m.subset(idx) for key, m in self._matrices().items()},
             covariates=None if self.covariates is None else self.covariates.iloc[idx],
+            outcome_name=self.outcome_name, spaces=dict(self.spaces),
         )
 
     def rows(self, indices=None) -> Subset:
@@ -211,6 +219,7 @@ class DiskSubset:
             inputs={name: m[idx] for name, m in self.inputs.items()},
             **{key: None if m is None else m[idx] for key, m in self._matrices().items()},
             covariates=None if self.covariates is None else self.covariates.iloc[idx],
+            outcome_name=self.outcome_name, spaces=dict(self.spaces),
         )
 
     def chunks(self, size: int = 64):

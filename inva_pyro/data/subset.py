@@ -2,7 +2,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,9 @@ class Subset:
     ``inputs``: name -> (n, V_k) float32; ``outcome``: (n, V_y) float32 or None (at
     predict time); ``truth_mean``/``truth_sd``: the known true outcome mean and sd
     (simulated cohorts) or None; ``covariates``: numeric columns indexed by subject, or None.
+    ``outcome_name`` names the outcome image, and ``spaces`` gives the feature space of each input and
+    of the outcome by name (empty when they are not known): a model fitted on the subset records both,
+    so that its predictions are written as files of the outcome's kind.
     """
 
     subjects: list[str]
@@ -24,9 +28,16 @@ class Subset:
     truth_mean: np.ndarray | None = None
     truth_sd: np.ndarray | None = None
     covariates: pd.DataFrame | None = None
+    outcome_name: str | None = None
+    spaces: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.subjects)
+
+    @property
+    def outcome_space(self):
+        """The outcome's feature space, or None when it is not known."""
+        return self.spaces.get(self.outcome_name) if self.outcome_name is not None else None
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "Subset":
         """A new Subset with the rows at ``indices`` (positions, or a boolean mask)."""
@@ -36,7 +47,8 @@ class Subset:
         def rows(array: np.ndarray | None) -> np.ndarray | None:
             return None if array is None else array[idx]
 
-        return Subset(
+        return dataclasses.replace(
+            self,
             subjects=[self.subjects[i] for i in idx],
             inputs={name: array[idx] for name, array in self.inputs.items()},
             outcome=rows(self.outcome),

@@ -45,7 +45,8 @@ import numpy as np
 from ..predict.calibration import Calibrator
 from ..data.cohort import Subset
 from ..errors import InputError
-from .base import PeerModel, central_probs
+from ..predict.calibration import central_probs
+from .base import PeerModel
 
 FORESTS_FILE = "bart_forests.jsonl.gz"
 SEED_STRIDE = 1_000_003

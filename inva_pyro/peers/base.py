@@ -4,42 +4,34 @@ A peer is fitted on the same ``Subset`` objects as :class:`inva_pyro.estimator.I
 the same :class:`inva_pyro.predict.prediction.Prediction`, so ``inva evaluate``, the figures and the
 simulation study treat every family alike. A subclass implements four hooks:
 
-- ``_fit_model(train, val, seed, space, progress)``: fit, then set ``self.calibrator``;
+- ``_fit_model(train, val, seed, space, progress)``: fit (``space``: the outcome's), then set ``self.calibrator``;
 - ``_predictive(subset, levels, num_samples, seed, keep_samples)``: mean, raw sd, raw intervals
   (and optionally draws) in outcome units;
 - ``_arrays()`` / ``_set_arrays(arrays)``: the fitted state as named numpy arrays
   (``weights.safetensors``); ``_save_extra(run_dir)`` / ``_load_extra(run_dir)`` for anything else.
 
-Run folder (no pickle anywhere): ``run.json`` (``format``, ``family``, inputs, sizes, outcome,
-space, seed, versions, ``complete``, fit time), ``config.json`` (the preset), ``standardizer.json``,
-``weights.safetensors``, ``calibration.json``.
+Run folders are written and read by ``runs.py`` (no pickle anywhere), with the fit time in run.json.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from ..data.missing import check_labeled_val, complete_cases, require_inputs
-from ..predict.calibration import Calibrator
-from ..data.cohort import Subset
+from .. import runs
 from ..config import FAMILY_CONFIGS, Preset, load_preset
-from ..errors import InputError
-from ..data.io import atomic_write_text
-from ..predict.prediction import Prediction
+from ..data.missing import check_labeled_val, complete_cases, require_inputs
 from ..data.preprocessing import Standardizer
-from ..runs import RUN_FORMAT, holdout, package_versions
 from ..data.spaces import space_from_dict
+from ..data.splits import holdout
+from ..data.subset import Subset
+from ..errors import InputError
+from ..predict.calibration import Calibrator
+from ..predict.prediction import Prediction
 
 VERSIONED = ("inva-pyro", "numpy", "scipy", "scikit-learn", "stochtree", "safetensors")
-
-
-def central_probs(levels: list[float]) -> list[float]:
-    return sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
 
 
 class PeerModel:
@@ -68,12 +60,12 @@ class PeerModel:
 
     # ---- fitting -----------------------------------------------------------------------------------
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
-            run_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-            on_epoch_end=None, outcome_name: str = "y", space=None, extra_info: dict | None = None,
-            devices: int = 1, input_spaces: dict | None = None):
-        """Fit on ``train_set``; ``val`` (or a seeded ``training.val_share`` of ``train_set``) gives the
-        predictive intervals. ``device`` is accepted for interface parity: peers run on the CPU, in one
-        process (``bart`` spreads its voxels over ``n_jobs`` local worker processes)."""
+            devices: int = 1, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+            on_epoch_end=None, extra_info: dict | None = None):
+        """Fit on ``train_set`` (a Subset that knows its outcome and spaces); ``val`` (or a seeded
+        ``training.val_share`` of ``train_set``) gives the predictive intervals. ``device`` is accepted for
+        interface parity: peers run on the CPU, in one process (``bart`` spreads its voxels over ``n_jobs``
+        local worker processes)."""
         if devices != 1:
             raise InputError(f"--devices {devices}: a '{self.family}' model runs in one process on the CPU")
         if resume:
@@ -87,17 +79,12 @@ class PeerModel:
         if len(train_set) < 2:
             raise InputError(f"a '{self.family}' model fits on subjects with every input and the outcome; "
                              f"the training subjects have {len(train_set)}")
-        check_labeled_val(val, outcome_name)
-        names = list(train_set.inputs)
+        check_labeled_val(val, train_set.outcome_name or "y")
         self.standardizer = Standardizer.fit(train_set)
-        self.info = {"format": RUN_FORMAT, "family": self.family, "inputs": names,
-                     "input_sizes": [int(train_set.inputs[n].shape[1]) for n in names],
-                     "outcome": outcome_name, "n_outcome": int(train_set.outcome.shape[1]),
-                     "seed": seed, "versions": package_versions(VERSIONED), "complete": False,
-                     "space": space.to_dict() if space is not None else None,
-                     "n_train": len(train_set), "n_val": len(val), **(extra_info or {})}
+        self.info = runs.new_info(self.family, train_set, seed=seed, versioned=VERSIONED, n_val=len(val),
+                                  **(extra_info or {}))
         start = time.perf_counter()
-        self._fit_model(train_set, val, seed=seed, space=space, progress=progress)
+        self._fit_model(train_set, val, seed=seed, space=train_set.outcome_space, progress=progress)
         self.info["fit_seconds"] = round(time.perf_counter() - start, 3)
         if run_dir is not None:
             self.save(run_dir)
@@ -156,51 +143,33 @@ class PeerModel:
         pass
 
     def save(self, run_dir: str | Path) -> Path:
-        """Everything needed to predict later, as JSON and safetensors (nothing executable)."""
+        """Everything needed to predict later, as JSON and safetensors (nothing executable; runs.py)."""
         if self.calibrator is None:
             raise RuntimeError("fit the model before saving it")
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.info["complete"] = True
-        atomic_write_text(run_dir / "config.json", json.dumps(self.preset.model_dump(), indent=2))
-        atomic_write_text(run_dir / "standardizer.json", json.dumps(self.standardizer.to_dict()))
-        arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
-        tmp = run_dir / ".weights.safetensors.tmp"
-        save_file(arrays, str(tmp))
-        tmp.replace(run_dir / "weights.safetensors")
+        runs.write_config(run_dir, self.preset, self.standardizer)
+        runs.write_tensors(run_dir, "weights.safetensors", self._arrays())
         self._save_extra(run_dir)
-        atomic_write_text(run_dir / "calibration.json", json.dumps(self.calibrator.to_dict()))
-        atomic_write_text(run_dir / "run.json", json.dumps(self.info, indent=2))  # last: marks the folder whole
+        runs.write_json(run_dir, "calibration.json", self.calibrator.to_dict())
+        runs.write_info(run_dir, self.info)  # last: marks the folder whole
         return run_dir
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "PeerModel":
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise InputError(f"{run_dir}: run folder not found")
-        try:
-            info = json.loads((run_dir / "run.json").read_text())
-        except FileNotFoundError:
-            raise InputError(f"{run_dir}: not an inva run folder (no run.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{run_dir / 'run.json'}: corrupt (not valid JSON)") from None
-        if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
-            raise InputError(f"{run_dir}: not an inva run folder (run.json has no format '{RUN_FORMAT}')")
+        info = runs.read_info(run_dir)
         if info.get("family") != cls.family:
             raise InputError(f"{run_dir}: a '{info.get('family')}' run, not a '{cls.family}' run")
         if not info.get("complete"):
             raise InputError(f"{run_dir}: the fit did not finish; fit it again")
-        try:
-            self = cls(Preset.model_validate(json.loads((run_dir / "config.json").read_text())))
-            self.info = info
-            self.standardizer = Standardizer.from_dict(json.loads((run_dir / "standardizer.json").read_text()))
-            self._set_arrays(load_file(str(run_dir / "weights.safetensors")))
+        preset, standardizer = runs.read_config(run_dir)
+        self = cls(preset)
+        self.info, self.standardizer = info, standardizer
+        with runs.reading(run_dir):
+            self._set_arrays(runs.read_tensors(run_dir, "weights.safetensors"))
             self._load_extra(run_dir)
-            self.calibrator = Calibrator.from_dict(json.loads((run_dir / "calibration.json").read_text()))
-        except InputError:
-            raise
-        except Exception as exc:  # any damage to these files is the same user-facing problem
-            raise InputError(f"{run_dir}: corrupt run folder ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+            self.calibrator = Calibrator.from_dict(runs.read_json(run_dir, "calibration.json"))
         return self
 
 

@@ -1,7 +1,7 @@
 """Recalibration of predictive intervals on held-out (validation) subjects.
 
 The raw predictive of a network trained to convergence is over-confident: the learned noise
-scale shrinks on the training set (DESIGN.md). We fit, on validation subjects never used for
+scale shrinks on the training set (docs/design.md). We fit, on validation subjects never used for
 gradient steps, the distribution of standardised residuals z = (y - mean) / sd pooled over
 subjects and voxels, and keep its quantile function Q on a grid of M probabilities.
 
@@ -31,6 +31,16 @@ import numpy as np
 from scipy import stats
 
 N_QUANTILES = 1000
+
+
+def level_tag(level: float) -> str:
+    """0.9 -> '90', 0.95 -> '95', 0.5 -> '50' (file-name suffix of a central interval)."""
+    return format(round(level * 100, 6), "g")
+
+
+def central_probs(levels: list[float]) -> list[float]:
+    """The probabilities of the ends of the central intervals at ``levels``, sorted."""
+    return sorted({p for lv in levels for p in ((1 - lv) / 2, (1 + lv) / 2)})
 
 
 @dataclass

@@ -7,13 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..criticism import metrics as M
-from .calibration import Calibrator
-
-
-def level_tag(level: float) -> str:
-    """0.9 -> '90', 0.95 -> '95', 0.5 -> '50' (file-name suffix of a central interval)."""
-    return format(round(level * 100, 6), "g")
+from .calibration import Calibrator, level_tag
 
 
 @dataclass
@@ -35,7 +29,7 @@ class Prediction:
     samples: np.ndarray | None = None
     observed: np.ndarray | None = None
     space: object | None = None
-    joint: object | None = None             # JointCalibration (joint.py): region means and joint draws
+    spatial_covariance: object | None = None  # SpatialCovariance (spatial.py): region means, correlated draws
     patterns: list[str] | None = None       # missingness pattern of each subject (data/missing.py)
     sd: np.ndarray = field(init=False)
     intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False)
@@ -58,7 +52,8 @@ class Prediction:
 
     # ---- metrics -----------------------------------------------------------------------------------
     def metrics(self, calibrated: bool = True, truth_mean=None, truth_sd=None) -> dict:
-        """CONTRACT.md metrics over every subject and feature (needs observed outcomes)."""
+        """metrics.json's figures over every subject and feature (needs observed outcomes; criticism/metrics.py)."""
+        from ..criticism import metrics as M
         if self.observed is None:
             raise ValueError("metrics need observed outcomes")
         intervals = self.intervals if calibrated else self.raw_intervals
@@ -79,6 +74,7 @@ class Prediction:
 
     def pit(self, calibrated: bool = True) -> np.ndarray:
         """Probability integral transform of the observed values under the predictive."""
+        from ..criticism import metrics as M
         if calibrated and self.calibrator is not None and self.calibrator.method != "none":
             return self._by_pattern(M.pit_quantile_distribution)
         return M.pit_gaussian(self.observed, self.mean, self.raw_sd)
@@ -103,13 +99,13 @@ class Prediction:
     def regions(self, labels, levels: list[float] | None = None, names: dict | None = None) -> pd.DataFrame:
         """Region means with calibrated intervals: one row per subject and label (> 0) of ``labels``
         (a (V,) integer vector over the features) and a row ``all`` for the whole mask; columns
-        subject, region, mean, sd, lo{P}, hi{P} (criticism/regions.py)."""
-        from ..criticism.regions import region_table
+        subject, region, mean, sd, lo{P}, hi{P} (regions.py)."""
+        from .regions import region_table
         return region_table(self, labels, levels or self.levels, names)
 
     # ---- files -------------------------------------------------------------------------------------
     def maps(self, calibrated: bool = True) -> dict[str, np.ndarray]:
-        """Named maps in CONTRACT.md order: mean, sd, lo{P}, hi{P}."""
+        """Named maps in the order of the files: mean, sd, lo{P}, hi{P}."""
         intervals = self.intervals if calibrated else self.raw_intervals
         out = {"mean": self.mean, "sd": self.sd if calibrated else self.raw_sd}
         for lv in self.levels:

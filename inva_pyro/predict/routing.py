@@ -1,4 +1,10 @@
-"""Which model predicts which subject, for a joint model with pattern submodels (``train/submodels.py``).
+"""Which model predicts which subject, for a joint model with pattern submodels.
+
+A pattern submodel (Fletcher Mercaldo & Blume 2020, Biostatistics 21:236) is the joint model's preset fitted
+once without input k, on every training subject without k, in the joint model's units (``InVA.fit`` does
+it when ``[training] pattern_submodels`` is on): where k carries what no other input shows, the encoders
+that a joint model shares between the patterns are a compromise, and a model never given k does better
+on the subjects that lack it.
 
 A subject lacking input k and no other is predicted by the equal-weight mixture of the joint model's
 predictive (from the inputs it has) and that of the submodel fitted without k; every other subject by the
@@ -15,7 +21,34 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..train.loop import predictive_mean
+from .patterns import impose
 from .predictive import KeptDraws, PredictiveSummary, mixture_predictive
+
+
+@dataclass
+class SubmodelRecord:
+    """The submodel without ``input``: validation MSEs (standardised units) on the ``n_val`` complete
+    validation subjects of the joint model with the input hidden, of the submodel, of their mixture's mean."""
+    input: str
+    predictor: str
+    n_val: int
+    val_mse_joint: float
+    val_mse_submodel: float
+    val_mse_mixture: float
+
+
+def score_submodel(main, submodel, xs: list[torch.Tensor], y: torch.Tensor, k: int, name: str,
+                   predictor: str) -> SubmodelRecord:
+    """The record of the submodel without input ``k`` (named ``name``) on complete subjects ``xs``, ``y``."""
+    scores = [float("nan")] * 3
+    if len(y):
+        main.eval()
+        submodel.eval()
+        joint = predictive_mean(main, impose(xs, [j != k for j in range(len(xs))]))
+        alone = predictive_mean(submodel, [x for j, x in enumerate(xs) if j != k])
+        scores = [float(((m - y) ** 2).mean()) for m in (joint, alone, (joint + alone) / 2)]
+    return SubmodelRecord(name, predictor, int(len(y)), *scores)
 
 
 @dataclass

@@ -8,7 +8,7 @@ predictive is
 
 (``model/covariance.py``). A region R with averaging weights w_R (1/|R| on its features) then has mean
 w_R . m_i and variance alpha^2 |F^T (w_R * s_i)|^2 + beta^2 sum_v w_Rv^2 s_iv^2 d_v, computed exactly,
-without draws. Fitting (``fit_joint``) on the validation subjects, cross-fitted over two seeded folds:
+without draws. Fitting (``fit_spatial_covariance``) on the validation subjects, cross-fitted over two seeded folds:
 
 1. (F, d) from the standardised residuals (y - m) / s of the other fold (``fit_factor``: probabilistic
    PCA of their second moments, rank ``[prediction] covariance_rank``, 16 by default, or their sample
@@ -42,7 +42,7 @@ PARTITIONS_PER_SIZE = 2
 
 
 @dataclass
-class JointCalibration:
+class SpatialCovariance:
     factor: np.ndarray          # (V, r) loadings of the standardised error
     diag: np.ndarray            # (V,) remaining variance of the standardised error
     alpha: float                # scale of the low-rank part
@@ -90,7 +90,7 @@ class JointCalibration:
         return out
 
     @classmethod
-    def from_parts(cls, d: dict, factor: np.ndarray, diag: np.ndarray) -> "JointCalibration":
+    def from_parts(cls, d: dict, factor: np.ndarray, diag: np.ndarray) -> "SpatialCovariance":
         return cls(factor=np.asarray(factor, dtype=np.float64), diag=np.asarray(diag, dtype=np.float64),
                    alpha=float(d["alpha"]), beta=float(d["beta"]),
                    z_quantiles=np.asarray(d["z_quantiles"], dtype=np.float64), info=dict(d.get("info") or {}),
@@ -185,8 +185,8 @@ def fit_scales(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
     return float(alpha), float(beta), ratios(best.x)
 
 
-def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
-              folds: int = 2, seed: int = 0, final: str = "folds") -> tuple[torch.Tensor, torch.Tensor, JointCalibration]:
+def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
+              folds: int = 2, seed: int = 0, final: str = "folds") -> tuple[torch.Tensor, torch.Tensor, SpatialCovariance]:
     """Fit (F, d) and the joint calibration on validation subjects (module doc).
 
     ``observed`` (n, V) tensor; ``mean``, ``sd`` (n, V) arrays of the raw predictive, same units.
@@ -243,14 +243,14 @@ def fit_joint(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coor
     info = {"n_subjects": int(n), "folds": int(folds), "rank": int(factor_t.shape[1]), "final": final,
             "mean_square_ratio": {k: round(v, 4) for k, v in ratios.items()}}
     order = np.argsort(fractions)
-    calibration = JointCalibration(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha,
+    calibration = SpatialCovariance(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha,
                                    beta=beta, z_quantiles=np.mean(quantiles, axis=0), info=info,
                                    family_fraction=np.asarray(fractions)[order],
                                    family_quantiles=np.asarray(quantiles)[order])
     return factor_t.float(), diag_t.float(), calibration
 
 
-def joint_draws(mean, sd, joint: JointCalibration, num: int, *, seed: int = 0, chunk: int = 64,
+def spatial_draws(mean, sd, joint: SpatialCovariance, num: int, *, seed: int = 0, chunk: int = 64,
                 independent: bool = False, device: str | torch.device = "cpu"):
     """Yield chunks (s, n, V) of draws of the joint predictive (numpy), ``num`` in all, seeded.
 

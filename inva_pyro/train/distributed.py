@@ -20,6 +20,38 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when there is a device, else the CPU; ``cuda`` without one is the user's error."""
+    from ..errors import InputError
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def fits_on_device(nbytes: int, device: torch.device, share: float = 0.5) -> bool:
+    """Whether a cohort of ``nbytes`` should live on ``device``: CUDA devices only (the CPU path
+    of ``--lazy`` keeps host memory bounded by the batch), and only within ``share`` of the
+    memory free there, so the networks and their activations keep room."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
+
+
+def join_if_launched(device: torch.device) -> torch.device:
+    """Inside a ``torchrun`` job: this rank's device (its LOCAL_RANK's GPU), after joining the process
+    group; elsewhere ``device`` as it is."""
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    init_from_environment(device)
+    return device
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -141,13 +141,11 @@ def fit_and_score(trial: optuna.Trial, preset: Preset, cohort: Cohort, objective
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {state.epoch}")
 
-    name = cohort.outcome_name
     # Collapse is a property of a trial's settings, recorded in trials.csv, not a warning per trial.
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore", PosteriorCollapseWarning)
         model = InVA(preset).fit(cohort.train, cohort.val, seed=seed, device=device, progress=False,
-                                 on_epoch_end=prune_check, outcome_name=name, space=cohort.spaces[name],
-                                 input_spaces={n: cohort.spaces[n] for n in cohort.input_names})
+                                 on_epoch_end=prune_check)
     metrics = model.predict(cohort.val, seed=seed).metrics()
     trial.set_user_attr("collapsed_modalities", ",".join(model.history["collapse"]["collapsed_modalities"]))
     trial.set_user_attr("val_mse", metrics["mse"])

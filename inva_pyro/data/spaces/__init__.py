@@ -5,15 +5,16 @@ positions those features come from (the voxels inside a mask, for volumes) and h
 write a vector back as a file in the input's own format. A run folder stores its spaces
 with ``to_dict`` (JSON, no pickle) and rebuilds them with ``space_from_dict``.
 
-Three kinds, with the same methods (``n_features``, ``extension``, ``grid_shape``,
+Four kinds, with the same methods (``n_features``, ``extension``, ``grid_shape``,
 ``read``, ``write``, ``to_dict``/``from_dict``), registered in ``SPACE_KINDS``:
 
 - ``VolumeSpace``: NIfTI voxels inside a mask, read through nibabel proxies and nilearn masking;
 - ``SurfaceSpace``: GIfTI per-vertex maps, one hemisphere or a left/right pair;
-- ``RegionSpace``: named regions of a table whose rows are subjects (aparcstats2table layout).
+- ``RegionSpace``: named regions of a table whose rows are subjects (aparcstats2table layout);
+- ``ArraySpace``: in-memory arrays of unknown geometry, written as (V, 1, 1) volumes.
 
 ``grid_shape`` is the 2-D/3-D grid SSIM and slice figures need, or None when the features do
-not lie on a grid (surfaces, regions). ``write`` returns the paths it wrote.
+not lie on a grid (surfaces, regions, arrays). ``write`` returns the paths it wrote.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from pathlib import Path
 from ...errors import InputError
 from .regions import RegionSpace
 from .surface import HEMISPHERES, SurfaceSpace, surface_sources
-from .volume import AFFINE_ATOL, VolumeSpace, load_mask
+from .volume import AFFINE_ATOL, ArraySpace, VolumeSpace, load_mask
 
-__all__ = ["AFFINE_ATOL", "HEMISPHERES", "RegionSpace", "SPACE_KINDS", "Space", "SurfaceSpace",
+__all__ = ["AFFINE_ATOL", "ArraySpace", "HEMISPHERES", "RegionSpace", "SPACE_KINDS", "Space", "SurfaceSpace",
            "VolumeSpace", "load_mask", "space_from_dict", "surface_sources"]
 
-Space = VolumeSpace | SurfaceSpace | RegionSpace
+Space = VolumeSpace | ArraySpace | SurfaceSpace | RegionSpace
 
 # kind -> class with from_dict.
-SPACE_KINDS: dict[str, type] = {cls.kind: cls for cls in (VolumeSpace, SurfaceSpace, RegionSpace)}
+SPACE_KINDS: dict[str, type] = {cls.kind: cls for cls in (VolumeSpace, ArraySpace, SurfaceSpace, RegionSpace)}
 
 
 def space_from_dict(d: dict[str, Any], source: str | Path = "space") -> Space:

@@ -201,6 +201,32 @@ class VolumeSpace:
                    header=header, mask=mask.reshape(shape))
 
 
+
+@dataclass(eq=False)
+class ArraySpace(VolumeSpace):
+    """The features of in-memory arrays whose geometry is unknown (``Cohort.from_arrays`` without a space).
+
+    Written as (V, 1, 1) NIfTI volumes, so predictions still become files; but it has no grid, no
+    coordinates and no neighbours, so nothing spatial (the smoothing prior, SSIM, random regions,
+    convolutions) is read into the order of the features."""
+
+    kind: ClassVar[str] = "array"
+
+    @classmethod
+    def of_size(cls, n_features: int) -> "ArraySpace":
+        return cls(shape=(n_features, 1, 1), affine=np.eye(4), header=None,
+                   mask=np.ones((n_features, 1, 1), dtype=bool))
+
+    @property
+    def grid_shape(self) -> None:
+        return None
+
+    def feature_coordinates(self) -> None:
+        return None
+
+    def neighbour_pairs(self) -> None:
+        return None
+
 def _header_to_dict(header: nib.Nifti1Header) -> dict[str, Any]:
     # Only what outputs need to look like the inputs in a viewer: voxel sizes, both
     # orientation matrices with their codes, and units. Intensity scaling, data type and
