@@ -211,7 +211,7 @@ def _graph_step(module, xs, y, n_subjects, cfg):
 
     from inva_pyro.train.elbo import DeviceTrace_ELBO
     from inva_pyro.train.graphs import StepGraphs
-    from inva_pyro.train.loop import Batchable, _svi_step
+    from inva_pyro.train.loop import Batchable, svi_step
     from inva_pyro.train.optimizer import make_optimizer
 
     params = list(module.parameters())
@@ -219,7 +219,7 @@ def _graph_step(module, xs, y, n_subjects, cfg):
     idx = torch.arange(len(y), device=y.device)
     opt = make_optimizer(module, cfg, y.device, capturable=True)
     elbo = DeviceTrace_ELBO()
-    graphs = StepGraphs(lambda i, kl: _svi_step(elbo, module, opt, params, data, i, i, n_subjects, kl, cfg), y.device)
+    graphs = StepGraphs(lambda i, kl: svi_step(elbo, module, opt, params, data, i, i, n_subjects, kl, cfg), y.device)
     with pyro.validation_enabled(False):
         graphs(idx, 1.0)  # eager warm-up on the side stream
         graphs(idx, 1.0)  # recording, then the first replay

@@ -25,7 +25,7 @@ from inva_pyro.data.spaces import VolumeSpace
 from inva_pyro.model.module import InVAModule
 from inva_pyro.model.smoothing import smoothness_log_prior
 from inva_pyro.train.elbo import DeviceTrace_ELBO
-from inva_pyro.train.loop import Batchable, _svi_step
+from inva_pyro.train.loop import Batchable, svi_step
 from inva_pyro.train.optimizer import make_optimizer
 
 
@@ -56,7 +56,7 @@ def measure(shape: tuple[int, int, int], steps: int, device: torch.device) -> di
         elbo, idx, kl = DeviceTrace_ELBO(), torch.arange(32, device=device), torch.ones((), device=device)
 
         def step():
-            _svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl, preset.training)
+            svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl, preset.training)
             optimizer.step()
         with pyro.validation_enabled(False):
             row[f"step_ms_lambda_{strength:g}"] = 1000 * timed(step, steps, device)

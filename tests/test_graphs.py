@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from inva_pyro.model.module import InVAModule
 from inva_pyro.train.elbo import DeviceTrace_ELBO
-from inva_pyro.train.loop import Batchable, _svi_step, uses_cuda_graphs
+from inva_pyro.train.loop import Batchable, svi_step, uses_cuda_graphs
 from inva_pyro.train.optimizer import make_optimizer
 
 META = torch.device("meta")
@@ -110,8 +110,8 @@ def _two_steps_on_meta(make_preset, model, capturable=False):
         host, syncs = HostTensors(), Syncs()
         with syncs, host:
             for _ in range(2):  # the second step runs with the optimiser's state built
-                loss, grad_norm = _svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl_weight,
-                                            preset.training)
+                loss, grad_norm = svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl_weight,
+                                           preset.training)
     assert loss.device == META and grad_norm.device == META
     return optimizer, host, syncs
 

@@ -210,8 +210,8 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     prefetch = getattr(train_data, "prefetch", None)  # streaming.DiskBatches
 
     def step(idx, kl_scale, rows=None, update=True, prefetch_next=None):
-        return _svi_step(elbo, module, optimizer, params, train_data, idx, idx if rows is None else rows, n,
-                         kl_scale, cfg, update=update, prefetch_next=prefetch_next)
+        return svi_step(elbo, module, optimizer, params, train_data, idx, idx if rows is None else rows, n,
+                        kl_scale, cfg, update=update, prefetch_next=prefetch_next)
 
     graphs = StepGraphs(step, device) if uses_cuda_graphs(cfg, train_data) else None
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
@@ -282,8 +282,8 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def _svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg: TrainingConfig, *,
-              update: bool = True, prefetch_next=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def svi_step(elbo, module, optimizer, params, data, idx, rows, n, kl_scale, cfg: TrainingConfig, *,
+             update: bool = True, prefetch_next=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One SVI step on minibatch ``idx``: (loss, gradient norm) as device tensors (loss None for an
     empty shard). The loss's gradient (all ranks averaged), clipped; then the AdamW update if
     ``update`` (the eager loop updates after its look at non-finite values). Free of host
