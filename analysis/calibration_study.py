@@ -10,7 +10,8 @@ observed outcomes and against the oracle (the true mean and sd of the simulation
 
 The validation subjects are used by ``InVA.fit`` twice: for early stopping and to fit the
 calibrator. ``--calibration-split held-out`` measures what that reuse costs: the validation
-subjects are split in two halves, one for early stopping and one for calibration only.
+subjects are split in two seeded halves, one for early stopping and one for calibration only
+(``[training] calibration_share = 0.5``).
 
 Outputs in ``--out``:
     runs.csv            one row per (size, seed): every metric (written as runs finish; re-running
@@ -36,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-LEVELS = [0.5, 0.8, 0.9, 0.95]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
+
+LEVELS = common.LEVELS
 CURVE_LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
 
-QUICK = dict(sizes=[24], seeds=[0, 1], n_val=12, n_test=10, epochs=3, samples=60, chains=2,
-             preset_overrides={"model": dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8,
-                                             predictor_hidden=6, local_hidden=8, local_channels=2,
-                                             voxel_embedding=2, context_dim=3)},
-             grid=(8, 8))
+# --quick: tiny networks (analysis_common.QUICK) trained for 3 epochs on an 8 x 8 grid
+QUICK = dict(sizes=[24], seeds=[0, 1], n_val=12, n_test=10, epochs=3, samples=60, chains=2, grid=(8, 8))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also fit this many seeds on the first seed's data at the largest size and "
                         "report R-hat / ESS of the predictions across fits (default 0: skip; 2 with --quick)")
     p.add_argument("--design", choices=["paper", "volume"], default="paper",
-                   help="paper (built-in, in memory) or volume (MNI152 design written to OUT/cohort_seedS)")
+                   help="paper (built-in, in memory) or volume (MNI152 design written under OUT/cohorts)")
     p.add_argument("--voxel-mm", type=int, default=6, help="voxel size of the volume design (default 6)")
     p.add_argument("--noise", choices=["independent", "smooth"], default="independent",
                    help="outcome noise of the design: independent per pixel, or smooth (Gaussian PSF)")
@@ -79,38 +80,14 @@ def _ints(text: str) -> list[int]:
 
 
 def settings(args) -> dict:
+    share = 0.5 if args.calibration_split == "held-out" else 0.0
     if args.quick:
         return dict(QUICK, chains=QUICK["chains"] if args.chains is None else args.chains, noise=args.noise,
-                    design="paper", out=args.out)
+                    design="paper", out=args.out, quick=True, calibration_share=share)
     return dict(sizes=_ints(args.sizes), seeds=_ints(args.seeds), n_val=args.n_val, n_test=args.n_test,
-                epochs=args.epochs, samples=args.samples, chains=args.chains or 0, preset_overrides={},
-                grid=None, noise=args.noise, design=args.design, voxel_mm=args.voxel_mm, out=args.out)
-
-
-def pixel_space(grid):
-    """The paper design's 2-D grid as a volume of 2 mm pixels: its neighbours feed the smoothing prior, its
-    coordinates the spatial covariance's random regions."""
-    from inva_pyro.data.spaces import VolumeSpace
-    grid = tuple(grid)
-    return VolumeSpace(shape=(*grid, 1), affine=np.diag([2.0, 2.0, 2.0, 1.0]), header=None,
-                       mask=np.ones((*grid, 1), dtype=bool))
-
-
-def study_regions(space) -> dict[str, np.ndarray]:
-    """Label vectors (C order) of the regions scored: 8 blocks (4 x 2; volume design: 8 Voronoi cells of
-    seeded mask voxels) and 50 Voronoi cells of seeded points (none is one of the random partitions the
-    calibration fits on)."""
-    from inva_pyro.predict.spatial import voronoi_labels
-    grid = space.grid_shape
-    if len(grid) == 3:
-        coords = np.argwhere(space.mask).astype(float)
-        return {"r8": voronoi_labels(coords, 8, np.random.default_rng(2026)),
-                "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
-    h, w = grid
-    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    blocks = (i * 4 // h) * 2 + (j * 2 // w) + 1
-    coords = np.argwhere(np.ones(grid)).astype(float)
-    return {"r8": blocks.ravel(), "r50": voronoi_labels(coords, 50, np.random.default_rng(2026))}
+                epochs=args.epochs, samples=args.samples, chains=args.chains or 0, quick=False,
+                grid=None, noise=args.noise, design=args.design, voxel_mm=args.voxel_mm, out=args.out,
+                calibration_share=share)
 
 
 def region_columns(pred, space, fit_seed: int) -> dict:
@@ -119,7 +96,7 @@ def region_columns(pred, space, fit_seed: int) -> dict:
     from inva_pyro.criticism.regions import region_metrics
     from inva_pyro.criticism.scores import multivariate_scores
     row = {}
-    for name, labels in study_regions(space).items():
+    for name, labels in common.study_regions(space).items():
         start = time.perf_counter()
         pred.regions(labels)
         row[f"regions_seconds_{name}"] = time.perf_counter() - start
@@ -137,49 +114,11 @@ def region_columns(pred, space, fit_seed: int) -> dict:
 
 
 def make_preset(model: str, cfg: dict):
-    from inva_pyro.config import Preset, load_preset
-    preset = load_preset(model)
-    if cfg["preset_overrides"]:
-        data = preset.model_dump()
-        for table, values in cfg["preset_overrides"].items():
-            data[table].update(values)
-        preset = Preset.model_validate(data)
+    """The preset ``model`` with the study's settings: --epochs, the calibration split, --quick's networks."""
+    changes = {"training.calibration_share": cfg.get("calibration_share", 0.0)}
     if cfg["epochs"]:
-        preset.training.epochs = cfg["epochs"]
-    return preset
-
-
-def simulate_split(seed: int, cfg: dict):
-    """The paper design for one seed: (cohort with every subject, train/val/test index arrays)."""
-    from inva_pyro.data.cohort import Cohort
-    from inva_pyro.data.simulate import PAPER_GRID, default_split, simulate_paper
-
-    n_train = max(cfg["sizes"])
-    n_total = n_train + cfg["n_val"] + cfg["n_test"]
-    if cfg.get("design") == "volume":
-        from inva_pyro.data.simulate import write_cohort
-        folder = Path(cfg["out"]) / f"cohort_seed{seed}"
-        if not folder.exists():
-            write_cohort(folder, "volume", n_total, seed, voxel_mm=cfg["voxel_mm"], noise=cfg["noise"])
-        cohort = Cohort.from_dir(folder, seed=seed)
-        split = pd.read_csv(folder / "manifest.csv")["split"].to_numpy()
-        return cohort, {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
-    sim = simulate_paper(n_total, seed, grid=cfg["grid"] or PAPER_GRID, noise=cfg.get("noise", "independent"))
-    flat = lambda a: np.asarray(a).reshape(n_total, -1)  # noqa: E731
-    if n_total == 500 and cfg["n_val"] == cfg["n_test"] == 100:
-        split = default_split(n_total, seed)          # exactly the design's own split
-    else:
-        rng = np.random.default_rng(seed + 1)
-        split = np.array(["train"] * n_total, dtype=object)
-        order = rng.permutation(n_total)
-        split[order[:cfg["n_val"]]] = "val"
-        split[order[cfg["n_val"]:cfg["n_val"] + cfg["n_test"]]] = "test"
-    cohort = Cohort.from_arrays({k: flat(v) for k, v in sim["inputs"].items()}, flat(sim["outcome"]),
-                                split=list(split), truth_mean=flat(sim["true_mean"]),
-                                truth_sd=flat(sim["true_sd"]), outcome_name="y", seed=seed,
-                                space=pixel_space(cfg["grid"] or PAPER_GRID))
-    idx = {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
-    return cohort, idx
+        changes["training.epochs"] = cfg["epochs"]
+    return common.preset_with(model, changes, quick=cfg.get("quick", False))
 
 
 def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -> tuple[dict, object]:
@@ -191,17 +130,9 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
     train = data.subset(idx["train"][:size])
     val = data.subset(idx["val"])
     test = data.subset(idx["test"])
-    calib = None
-    if args.calibration_split == "held-out":
-        half = len(val) // 2
-        val, calib = val.subset(np.arange(half)), val.subset(np.arange(half, len(val)))
-    outcome = cohort.outcome_name
-    space = cohort.spaces[outcome]
+    space = cohort.spaces[cohort.outcome_name]
     start = time.perf_counter()
     model = InVA(make_preset(args.model, cfg)).fit(train, val, seed=fit_seed, progress=False)
-    if calib is not None:  # refit the calibrator on subjects never seen by early stopping
-        xs, y = model.tensors(calib)
-        model._calibrate(calib, xs, y, fit_seed)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     pred = model.predict(test, num_samples=cfg["samples"], levels=sorted(set(LEVELS) | set(CURVE_LEVELS)),
@@ -209,8 +140,8 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
     predict_s = time.perf_counter() - start
     truth = dict(truth_mean=test.truth_mean, truth_sd=test.truth_sd)
     cal, raw = pred.metrics(calibrated=True, **truth), pred.metrics(calibrated=False, **truth)
-    row = {"size": size, "seed": seed, "fit_seed": fit_seed, "n_val": len(val),
-           "n_calibration": len(calib) if calib is not None else len(val), "n_test": len(test),
+    row = {"size": size, "seed": seed, "fit_seed": fit_seed, "n_val": model.info["n_val"],
+           "n_calibration": model.info["n_calibration"], "n_test": len(test),
            "epochs": len(model.history["epoch"]), "best_epoch": model.history["best_epoch"],
            "fit_seconds": round(fit_s, 1), "mse": cal["mse"], "oracle_mse": cal["oracle_mse"],
            "crps": cal["crps"], "crps_raw": raw["crps"], "oracle_crps": cal["oracle_crps"],
@@ -222,8 +153,10 @@ def one_run(cohort, idx, size: int, seed: int, fit_seed: int, cfg: dict, args) -
         row[f"width{key}"] = cal["interval_width"][key]
         row[f"width{key}_raw"] = raw["interval_width"][key]
     row.update(region_columns(pred, space, fit_seed), predict_seconds=predict_s, noise=cfg["noise"])
-    ratios = model.spatial_covariance.info["mean_square_ratio"] if model.spatial_covariance is not None else {}
-    row.update(joint_alpha=model.spatial_covariance.alpha if model.spatial_covariance else None, joint_beta=model.spatial_covariance.beta if model.spatial_covariance else None,
+    covariance = model.spatial_covariance
+    ratios = covariance.info["mean_square_ratio"] if covariance is not None else {}
+    row.update(joint_alpha=covariance.alpha if covariance is not None else None,
+               joint_beta=covariance.beta if covariance is not None else None,
                joint_ratio_all=ratios.get("all"), joint_ratio_voxel=ratios.get("voxel"))
     row["regions_time_ratio"] = (predict_s + row["regions_seconds_r8"] + row["regions_seconds_r50"]) / predict_s
     row["crps_ratio"] = row["crps"] / row["oracle_crps"]
@@ -385,7 +318,7 @@ def main(argv=None) -> int:
     command = "python analysis/calibration_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     first_model = None
     for seed in cfg["seeds"]:
-        cohort, idx = simulate_split(seed, cfg)
+        cohort, idx = common.simulate_split(seed, cfg)
         for size in sorted(cfg["sizes"]):
             need_model = cfg["chains"] > 1 and seed == cfg["seeds"][0] and size == max(cfg["sizes"])
             if (size, seed) in done and not need_model:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How well can region intervals be calibrated from n validation subjects? Bias and spread, measured.
 
-The region intervals of ``predict/joint.py`` are fitted on the validation subjects (100 by default).
+The region intervals of ``predict/spatial.py`` are fitted on the validation subjects (100 by default).
 A region family with one region per subject (the whole mask) then rests on about 100 numbers, and a
 calibration fitted on 100 exchangeable subjects covers a new subject with a probability that itself
 varies from one validation set to the next: for a split-conformal interval at level p its sd is
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import calibration_study as cs  # noqa: E402  (its simulation, presets and regions)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
 
-LEVELS = cs.LEVELS
+LEVELS = common.LEVELS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,64 +101,76 @@ def energy_per_subject(mean, sd, joint, observed, seed: int) -> dict:
             "n_subjects": int(len(diff))}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    from inva_pyro import InVA
-    from inva_pyro.predict.spatial import fit_spatial_covariance, label_weights
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    n_cal = [int(v) for v in args.n_cal.split(",")]
+def study_settings(args) -> dict:
+    """The simulation and fit of ``common.simulate_split``, and the calibration set sizes (``--quick``: tiny)."""
     n_train, n_val = (24, 12) if args.quick else (300, 100)
     if args.quick:
-        args.pool, args.replicates, n_cal = 60, 3, [12]
-    cfg = dict(sizes=[n_train], n_val=n_val, n_test=args.pool, epochs=3 if args.quick else args.epochs,
-               grid=(8, 8) if args.quick else None, noise=args.noise, design=args.design,
-               voxel_mm=args.voxel_mm, out=args.out,
-               preset_overrides=cs.QUICK["preset_overrides"] if args.quick else {})
-    args.out.mkdir(parents=True, exist_ok=True)
-    cohort, idx = cs.simulate_split(args.seed, cfg)
+        args.pool, args.replicates, args.n_cal = 60, 3, "12"
+    return dict(sizes=[n_train], n_val=n_val, n_test=args.pool, epochs=3 if args.quick else args.epochs,
+                grid=(8, 8) if args.quick else None, noise=args.noise, design=args.design,
+                voxel_mm=args.voxel_mm, out=args.out, n_cal=[int(v) for v in args.n_cal.split(",")])
+
+
+def fit_and_predict(args, cfg: dict) -> dict:
+    """Fit the default preset on the training subjects, predict the pool: everything the tables score."""
+    from inva_pyro import InVA
+    from inva_pyro.predict.spatial import label_weights
+    from scipy import sparse
+
+    cohort, idx = common.simulate_split(args.seed, cfg)
+    n_train, n_val = cfg["sizes"][0], cfg["n_val"]
     if args.design == "volume":  # the written cohort's split is 60/20/20; take 300 / 100 / pool instead
         order = np.random.default_rng(args.seed + 1).permutation(len(cohort.all))
         idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     data = cohort.all
     train, val, pool = data.subset(idx["train"][:n_train]), data.subset(idx["val"]), data.subset(idx["test"])
     space = cohort.spaces[cohort.outcome_name]
+    changes = {"training.calibration_share": args.calibration_share}
+    if cfg["epochs"]:
+        changes["training.epochs"] = cfg["epochs"]
+    preset = common.preset_with("inva", changes, quick=args.quick)
     start = time.perf_counter()
-    preset = cs.make_preset("inva", cfg)
-    preset.training.calibration_share = args.calibration_share
-    rank = None if preset.prediction.covariance_rank == "full" else preset.prediction.covariance_rank
     model = InVA(preset).fit(train, val, seed=args.seed, progress=False)
     fit_s = time.perf_counter() - start
     pred = model.predict(pool, seed=args.seed)
-    mean, sd = pred.mean.astype(np.float64), pred.raw_sd.astype(np.float64)
     observed = np.asarray(pool.outcome, dtype=np.float64)
     n_features = observed.shape[1]
-    families = {name: label_weights(labels)[1] for name, labels in cs.study_regions(space).items()}
-    from scipy import sparse
+    families = {name: label_weights(labels)[1] for name, labels in common.study_regions(space).items()}
     families["all"] = sparse.csr_matrix(np.full((1, n_features), 1.0 / n_features))
-    voxel = {lv: float(np.mean((observed >= pred.intervals[lv][0]) & (observed <= pred.intervals[lv][1])))
-             for lv in LEVELS}
-    fitted = coverage_by_family(model.spatial_covariance, mean, sd, observed, families)
-    coords = model._feature_coordinates()
-    reuse = None
-    if args.calibration_share > 0:  # the same calibration fitted on the subjects that chose the epoch
-        from inva_pyro.data.splits import calibration_split
-        stop = calibration_split(val, args.calibration_share, args.seed)[0]
-        stop_pred = model.predict(stop, seed=args.seed)
-        _, _, stop_joint = fit_spatial_covariance(torch.as_tensor(np.asarray(stop.outcome, dtype=np.float64)),
-                                     stop_pred.mean.astype(np.float64), stop_pred.raw_sd.astype(np.float64),
-                                     rank=rank, coords=coords, seed=args.seed)
-        reuse = coverage_by_family(stop_joint, mean, sd, observed, families)
+    rank = preset.prediction.covariance_rank
+    return dict(model=model, preset=preset, val=val, pred=pred, observed=observed, families=families,
+                mean=pred.mean.astype(np.float64), sd=pred.raw_sd.astype(np.float64), fit_s=fit_s,
+                rank=None if rank == "full" else rank, coords=space.feature_coordinates())
+
+
+def refit_on(subset, pred, f: dict, seed: int, **options):
+    """The spatial covariance refitted on ``subset`` and its prediction ``pred`` (the networks unchanged);
+    ``options`` (rank, final) replace the fit's."""
+    import torch
+
+    from inva_pyro.predict.spatial import fit_spatial_covariance
+
+    return fit_spatial_covariance(torch.as_tensor(np.asarray(subset.outcome, dtype=np.float64)),
+                                  pred.mean.astype(np.float64), pred.raw_sd.astype(np.float64),
+                                  **{"rank": f["rank"], "coords": f["coords"], "seed": seed, **options})[2]
+
+
+def replicate_coverage(args, cfg: dict, f: dict) -> dict:
+    """Per n in --n-cal: mean and sd over --replicates refits on n random pool subjects, scored on the rest."""
+    import torch
+
+    from inva_pyro.predict.spatial import fit_spatial_covariance
+
+    observed, mean, sd, families = f["observed"], f["mean"], f["sd"], f["families"]
     replicates = {}
     rng = np.random.default_rng([args.seed, 99])
-    for n in n_cal:
+    for n in cfg["n_cal"]:
         rows = []
         for r in range(args.replicates):
             order = rng.permutation(len(observed))
             cal, test = order[:n], order[n:]
-            _, _, joint = fit_spatial_covariance(torch.as_tensor(observed[cal]), mean[cal], sd[cal], rank=rank, coords=coords, seed=r)
+            _, _, joint = fit_spatial_covariance(torch.as_tensor(observed[cal]), mean[cal], sd[cal], rank=f["rank"],
+                                                 coords=f["coords"], seed=r)
             rows.append(coverage_by_family(joint, mean[test], sd[test], observed[test], families))
         n_test = len(observed) - n
         replicates[n] = {name: {lv: {"mean": float(np.mean([row[name][lv] for row in rows])),
@@ -167,32 +179,57 @@ def main(argv=None) -> int:
                                 for lv in LEVELS} for name in families}
         print(f"n_cal {n}: whole-mask coverage mean " + " ".join(
             f"{replicates[n]['all'][lv]['mean']:.3f}±{replicates[n]['all'][lv]['sd']:.3f}" for lv in LEVELS), flush=True)
-    energy = energy_per_subject(mean, sd, model.spatial_covariance, observed, args.seed)
+    return replicates
+
+
+def alternative_factors(args, f: dict) -> dict:
+    """With --ranks: each covariance factor (and --finals) refitted on the validation subjects, scored on the pool."""
     alternatives = {}
     ranks = [None] + [int(r) for r in args.ranks.split(",") if r]
-    if len(ranks) > 1:
-        val_pred = model.predict(val, seed=args.seed)
-        val_y = torch.as_tensor(np.asarray(val.outcome, dtype=np.float64))
-        for r in ranks:
-            for final in args.finals.split(","):
-                _, _, joint = fit_spatial_covariance(val_y, val_pred.mean.astype(np.float64), val_pred.raw_sd.astype(np.float64),
-                                        rank=r, coords=coords, seed=args.seed, final=final)
-                name = ("sample" if r is None else f"pca{r}") + ("" if final == "all" else f", final {final}")
-                alternatives[name] = {
-                    "alpha": joint.alpha, "beta": joint.beta,
-                    "coverage": coverage_by_family(joint, mean, sd, observed, families),
-                    "energy": energy_per_subject(mean, sd, joint, observed, args.seed)}
-                print(f"{name}: energy difference {alternatives[name]['energy']['difference']:+.4f}; 50 regions "
-                      + " ".join(f"{v:.3f}" for v in alternatives[name]["coverage"]["r50"].values()), flush=True)
+    if len(ranks) == 1:
+        return alternatives
+    val_pred = f["model"].predict(f["val"], seed=args.seed)
+    for r in ranks:
+        for final in args.finals.split(","):
+            joint = refit_on(f["val"], val_pred, f, args.seed, rank=r, final=final)
+            name = ("sample" if r is None else f"pca{r}") + ("" if final == "all" else f", final {final}")
+            alternatives[name] = {
+                "alpha": joint.alpha, "beta": joint.beta,
+                "coverage": coverage_by_family(joint, f["mean"], f["sd"], f["observed"], f["families"]),
+                "energy": energy_per_subject(f["mean"], f["sd"], joint, f["observed"], args.seed)}
+            print(f"{name}: energy difference {alternatives[name]['energy']['difference']:+.4f}; 50 regions "
+                  + " ".join(f"{v:.3f}" for v in alternatives[name]["coverage"]["r50"].values()), flush=True)
+    return alternatives
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = study_settings(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    f = fit_and_predict(args, cfg)
+    model, pred, observed, families = f["model"], f["pred"], f["observed"], f["families"]
+    voxel = {lv: float(np.mean((observed >= pred.intervals[lv][0]) & (observed <= pred.intervals[lv][1])))
+             for lv in LEVELS}
+    reuse = None
+    if args.calibration_share > 0:  # the same calibration fitted on the subjects that chose the epoch
+        from inva_pyro.data.splits import calibration_split
+        stop = calibration_split(f["val"], args.calibration_share, args.seed)[0]
+        joint = refit_on(stop, model.predict(stop, seed=args.seed), f, args.seed)
+        reuse = coverage_by_family(joint, f["mean"], f["sd"], observed, families)
     command = "python analysis/region_calibration_limits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "design": args.design, "noise": args.noise, "seed": args.seed,
-              "n_train": n_train, "n_val": n_val, "n_early_stopping": model.info["n_val"],
+              "n_train": cfg["sizes"][0], "n_val": cfg["n_val"], "n_early_stopping": model.info["n_val"],
               "n_calibration": model.info["n_calibration"], "calibration_share": args.calibration_share,
-              "covariance_rank": preset.prediction.covariance_rank, "reuse": reuse,
-              "pool": int(len(observed)), "fit_seconds": round(fit_s, 1),
-              "best_epoch": model.history["best_epoch"], "voxel_coverage": voxel, "fitted": fitted,
-              "replicates": {str(k): v for k, v in replicates.items()}, "energy": energy,
-              "alternatives": alternatives}
+              "covariance_rank": f["preset"].prediction.covariance_rank, "reuse": reuse,
+              "pool": int(len(observed)), "fit_seconds": round(f["fit_s"], 1),
+              "best_epoch": model.history["best_epoch"], "voxel_coverage": voxel,
+              "fitted": coverage_by_family(model.spatial_covariance, f["mean"], f["sd"], observed, families),
+              "replicates": {str(k): v for k, v in replicate_coverage(args, cfg, f).items()},
+              "energy": energy_per_subject(f["mean"], f["sd"], model.spatial_covariance, observed, args.seed),
+              "alternatives": alternative_factors(args, f)}
     (args.out / "limits.json").write_text(json.dumps(result, indent=2))
     (args.out / "limits.md").write_text(markdown(result))
     plot(result, args.out / "limits.png")
