@@ -48,11 +48,12 @@ VARIANTS = {"vae-concat-paper": ("vae-concat", {"model.predictor": "paper"}),
 
 # --------------------------------------------------------------------------- presets
 
-def preset_with(name: str, *changes: dict, quick: bool = False):
+def preset_with(name: str, *changes: dict, quick: bool = False, by_family: dict | None = None):
     """The preset ``name`` (a name in models/, a TOML path or one of ``VARIANTS``) with settings changed.
 
-    Applied in this order: with ``quick``, the ``QUICK`` settings of the preset's model family; the
-    variant's own settings; then each of ``changes`` ({"table.key": value}, e.g. {"training.epochs": 3}).
+    Settings are dotted keys ({"training.epochs": 3}), applied in this order: with ``quick``, the
+    ``QUICK`` settings of the preset's model family; the variant's own; ``by_family[family]`` (settings
+    only the presets of that family take, e.g. {"bart": {"model.n_jobs": 1}}); then each of ``changes``.
     The result is validated as a whole preset (``inva_pyro.tune.search_space.apply``).
     """
     from inva_pyro.config import load_preset
@@ -62,6 +63,7 @@ def preset_with(name: str, *changes: dict, quick: bool = False):
     preset = load_preset(base)
     settings = dict(QUICK.get(preset.model.family, {})) if quick else {}
     settings.update(variant)
+    settings.update((by_family or {}).get(preset.model.family, {}))
     for change in changes:
         settings.update(change)
     return apply(preset, settings, where=f"the settings of {name}")

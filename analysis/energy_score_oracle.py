@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How much can modelling spatial correlation lower the energy score at all? The oracle, measured.
 
-Issue 12 asks that the joint predictive's energy score be below the independent-voxel predictive's
-on every design. Before reading a fitted model's difference, this script measures the largest
-difference any covariance model could make. It uses the true predictive distribution of the
+A goal of the joint predictive is an energy score below the independent-voxel predictive's on every
+design. Before reading a fitted model's difference, this script measures the largest difference any
+covariance model could make. It uses the true predictive distribution of the
 simulation: the true mean and sd of every voxel, and the true noise process.
 
 - **joint oracle:** draws of mean + sd x (the design's own noise process). With smooth noise these

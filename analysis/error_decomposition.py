@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Where a model's error lies on the built-in ``paper`` design: subject-level patterns or local detail.
 
-Fits a preset on one replicate of the design (as ``simulation_study.py`` does: 500 subjects, the
-design's 60/20/20 split), predicts the test subjects and splits the excess error of the predictive
-mean, E_i = mean_i - m_i (m: the true mean), per subject into its least-squares projection on the
+Fits a preset (or an ablation of ``analysis_common.VARIANTS``) on one replicate of the design (as
+``simulation_study.py`` does: 500 subjects, the design's 60/20/20 split), predicts the test subjects
+and splits the excess error of the predictive mean, E_i = mean_i - m_i (m: the true mean), per
+subject into its least-squares projection on the
 design's spatial patterns (constant, the two coordinate gradients, the shared bumps S1, S2 and the
 specific bumps C1, C2, C3; docs/simulation.md) and the rest. The projection is the error in the
 subject factors' effects (a1, a2, b1, b2); the rest is error in the voxel-level (local) terms.
@@ -20,39 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import simulation_study as study  # noqa: E402
-
-
-def pattern_basis() -> tuple[list[str], np.ndarray]:
-    """The design's spatial patterns as columns: constant, x and y gradients, S1, S2, C1, C2, C3."""
-    from inva_pyro.data.simulate import paper_patterns
-
-    p = paper_patterns()
-    coords = p["coords"]
-    maps = [np.ones(coords.shape[:-1]), coords[..., 0], coords[..., 1], *p["shared"], *p["specific"]]
-    names = ["constant", "gradient_x", "gradient_y", "S1", "S2", "C1", "C2", "C3"]
-    return names, np.stack([m.ravel() for m in maps], axis=1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="inva")
+    parser.add_argument("--model", default="inva", help="preset (name in models/ or TOML path) or ablation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("/tmp/error_decomposition"))
     args = parser.parse_args(argv)
     from inva_pyro.registry import model_from_preset
 
-    cfg = dict(designs=["paper"], models=[args.model], overrides={}, num_samples=200, sizes=[args.size],
-               seeds=[args.seed])
-    cohort = study.cohort_for("paper", args.seed, cfg, args.out)
+    cohort = common.simulated_cohort(args.out, "paper", int(round(args.size / common.TRAIN_SHARE)), args.seed)
     train = cohort.train.subset(np.arange(min(args.size, len(cohort.train))))
-    model = model_from_preset(study.make_preset(args.model, cfg)).fit(
-        train, cohort.val, seed=args.seed, device="cpu", progress=False)
+    preset = common.preset_with(args.model, {"prediction.num_samples": 200})
+    model = model_from_preset(preset).fit(train, cohort.val, seed=args.seed, device="cpu", progress=False)
     test = cohort.test
     error = model.predict(test, seed=args.seed).mean - test.truth_mean
-    names, basis = pattern_basis()
+    names, basis = common.pattern_basis()
     coef, *_ = np.linalg.lstsq(basis, error.T, rcond=None)
     subject_level = (basis @ coef).T
     result = {"model": args.model, "seed": args.seed, "excess_mse": float(np.mean(error ** 2)),

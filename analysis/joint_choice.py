@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which covariance factor for the joint predictive (predict/joint.py)? A synthetic check with known truth.
+"""Which covariance factor for the joint predictive (predict/spatial.py)? A synthetic check with known truth.
 
 Outcome errors e_i = s_i * eta_i with eta smooth Gaussian noise (white noise smoothed by a Gaussian of
 ``--sigma`` pixels on a 32 x 32 periodic grid, unit variance; exact covariance known) and heteroscedastic

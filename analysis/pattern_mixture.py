@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
+
 
 def main(argv=None) -> int:
-    from inva_pyro.config import Preset, load_preset
-    from inva_pyro.data.cohort import Cohort
     from inva_pyro.data.io import atomic_write_text
     from inva_pyro.data.missing import input_presence, outcome_presence
-    from inva_pyro.data.simulate import write_cohort
     from inva_pyro.estimator import InVA
     from inva_pyro.predict.patterns import impose
     from inva_pyro.train.loop import predictive_mean
@@ -41,17 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    folder = args.out / "cohorts" / f"paper-n500-u600-s{args.seed}"
-    if not (folder / "cohort.json").exists():
-        write_cohort(folder, "paper", 500, args.seed, unlabeled=600)
-    cohort = Cohort.from_dir(folder, seed=args.seed)
+    cohort = common.simulated_cohort(args.out, "paper", 500, args.seed, unlabeled=600)  # as semisupervised_study.py
     train, val = cohort.train, cohort.val
     test = cohort.test.subset(np.flatnonzero(input_presence(cohort.test).all(1)))
     has_y = outcome_presence(train)
     rows = np.sort(np.concatenate([np.flatnonzero(has_y)[:args.size], np.flatnonzero(~has_y)]))
-    data = load_preset("inva-joint").model_dump()
-    data["training"].update(epochs=args.epochs, pattern_submodels=True)
-    model = InVA(Preset.model_validate(data)).fit(
+    preset = common.preset_with("inva-joint", {"training.epochs": args.epochs, "training.pattern_submodels": True})
+    model = InVA(preset).fit(
         train.subset(rows), val, seed=args.fit_seed, device="cpu", progress=False)
     names, st = model.info["inputs"], model.standardizer
     result = {"seed": args.seed, "fit_seed": args.fit_seed, "size": args.size, "patterns": []}

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-LEVELS = [0.5, 0.8, 0.9, 0.95]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
+
+LEVELS = common.LEVELS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,15 +61,16 @@ def load_subjects(run: Path, manifest: Path):
     """The run's model and the manifest's subjects to check (test rows when there is a split)."""
     from inva_pyro import Cohort
     from inva_pyro.registry import load_model
-    from inva_pyro.data.spaces import space_from_dict
+    from inva_pyro.runs import read_spaces
 
     model = load_model(run)
-    space = space_from_dict(model.info["space"], run / "run.json") if model.info.get("space") else None
     truth = {}
     spec = manifest.parent / "cohort.json"
     if spec.exists():
         truth = json.loads(spec.read_text()).get("truth") or {}
-    cohort = Cohort.from_manifest(manifest, model.info["inputs"], model.info["outcome"], space=space,
+    # new subjects are read in the spaces the run was fitted in (as `inva predict` reads them)
+    cohort = Cohort.from_manifest(manifest, model.info["inputs"], model.info["outcome"],
+                                  space=read_spaces(run, model.info) or None,
                                   truth_mean=truth.get("mean"), truth_sd=truth.get("sd"))
     return model, (cohort.test if cohort.has_split else cohort.all)
 
@@ -257,12 +261,21 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plain(value):
+    """JSON's fallback for numpy scalars and arrays."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from inva_pyro.criticism import figures
-    from inva_pyro.criticism import inference
+    from inva_pyro import InVA
+    from inva_pyro.criticism import figures, inference
+    from inva_pyro.criticism.evaluation import CURVE_LEVELS, coverage_curve, curve_levels, loo_summary
     from inva_pyro.errors import InputError
-    from inva_pyro.criticism.evaluation import CURVE_LEVELS, _is_inva, _jsonable, coverage_curve, curve_levels, loo_summary
 
     try:
         model, subset = load_subjects(args.run[0], args.manifest)
@@ -284,7 +297,7 @@ def main(argv=None) -> int:
     metrics["raw"] = {k: raw[k] for k in ("coverage", "interval_width", "crps", "nll")}
 
     diagnostics = {}
-    if _is_inva(model):
+    if isinstance(model, InVA):  # the Pyro program (InVA and the VAE peers): its diagnostics too
         from inva_pyro.criticism.diagnostics import model_diagnostics
         diagnostics = model_diagnostics(model, subset, psis_subjects=args.psis_subjects,
                                         psis_particles=args.psis_particles, seed=args.seed)
@@ -315,7 +328,7 @@ def main(argv=None) -> int:
         figures.plot_pit_histogram(out / "pit_histogram.png", pred.pit(calibrated=True))
         if "collapse" in diagnostics:
             figures.plot_latent_activity(out / "latent_activity.png", diagnostics["collapse"])
-    summary = _jsonable(summary)
+    summary = json.loads(json.dumps(summary, default=_plain), parse_constant=lambda _: None)  # NaN, inf: null
     (out / "ppc_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "ppc_summary.md").write_text(markdown(summary))
     print((out / "ppc_summary.md").read_text())

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The lowest excess error any model can reach on the ``paper`` design from the inputs: the Bayes limit.
 
-Issue 14 asks how far MRI-only subjects can lower InVA's excess error, (MSE - oracle MSE) / oracle MSE.
-The oracle of that ratio knows each subject's true factors (a_1, a_2, b_1, b_2, b_3); a model only sees
+How far can MRI-only subjects lower InVA's excess error, (MSE - oracle MSE) / oracle MSE? The oracle of
+that ratio knows each subject's true factors (a_1, a_2, b_1, b_2, b_3); a model only sees
 the input images, and the images show the factors through noise (a smooth field and white noise,
 docs/simulation.md). What no model can learn, however many subjects with or without PET it is given,
 is the spread of the true mean m_i given the inputs x_i. The best possible prediction is E[m_i | x_i], with
@@ -16,7 +16,8 @@ In this design the inputs are linear in the factors with Gaussian noise,
     d_k = x_k - mu_k = F_k theta + 0.5 e_k + 0.2 eps_k,    theta = (a_1, a_2, b_1, b_2, b_3) ~ N(0, I),
 
 so theta | x is Normal with precision I + sum_k F_k' Sigma^-1 F_k (Sigma = 0.25 R + 0.04 I, R the smooth
-field's correlation) and a mean that is linear in the deviations. The local terms of m (tanh(d_1),
+field's correlation) and a mean that is linear in the deviations (``analysis_common.factor_posterior``,
+which ``semisupervised_study.py`` uses too). The local terms of m (tanh(d_1),
 d_1 d_3) are known from x; the subject terms (tanh(1.5 a_1) S_1, 0.5 (a_2^2 - 1) S_2, 0.6 b_1 C_1,
 0.6 tanh(2 b_2) C_2) are averaged over draws of theta | x.
 
@@ -43,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,40 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--without", choices=["x1", "x2", "x3"], help="the limit for subjects lacking this input")
     p.add_argument("--quick", action="store_true", help="smoke test: 100 subjects, 200 draws")
     return p.parse_args(argv)
-
-
-def input_design(k: int, patterns: dict) -> np.ndarray:
-    """F_k (V, 5): input k's deviation is F_k theta plus noise, theta = (a_1, a_2, b_1, b_2, b_3)."""
-    from inva_pyro.data.simulate.paper import LOADINGS
-
-    design = np.zeros((patterns["coords"][..., 0].size, 5))
-    for j in range(2):
-        design[:, j] = LOADINGS[k, j] * patterns["shared"][j].ravel()
-    design[:, 2 + k] = patterns["specific"][k].ravel()
-    return design
-
-
-def factor_posterior(deviations: list[np.ndarray], patterns: dict, field_sd: float | None = None,
-                     white_sd: float | None = None, field_sigma: float | None = None, inputs=None):
-    """theta | x for every subject: means (n, 5) and the common covariance (5, 5). The noise settings
-    default to the design's (``paper.FIELD_SD``, ``WHITE_SD``, ``FIELD_SIGMA``). ``inputs``: which inputs
-    k the deviations are (default 0, 1, 2, ...): a subset gives the posterior given those inputs only."""
-    from inva_pyro.data.simulate.common import smooth_noise_covariance
-    from inva_pyro.data.simulate.paper import FIELD_SD, FIELD_SIGMA, WHITE_SD
-
-    field_sd = FIELD_SD if field_sd is None else field_sd
-    white_sd = WHITE_SD if white_sd is None else white_sd
-    field_sigma = FIELD_SIGMA if field_sigma is None else field_sigma
-    grid = patterns["coords"].shape[:2]
-    noise_cov = field_sd ** 2 * smooth_noise_covariance(grid, field_sigma) + white_sd ** 2 * np.eye(int(np.prod(grid)))
-    chol = np.linalg.cholesky(noise_cov)
-    precision, linear = np.eye(5), 0.0
-    for k, dev in zip(range(len(deviations)) if inputs is None else inputs, deviations):
-        whitened = np.linalg.solve(chol, input_design(k, patterns))       # Sigma^-1/2 F_k
-        precision = precision + whitened.T @ whitened
-        linear = linear + np.linalg.solve(chol, dev.reshape(len(dev), -1).T).T @ whitened  # d' Sigma^-1 F_k
-    covariance = np.linalg.inv(precision)
-    return linear @ covariance, covariance
 
 
 def local_terms(d1: np.ndarray, d3: np.ndarray) -> np.ndarray:
@@ -107,7 +77,7 @@ def bayes_limit(n: int, seed: int, draws: int, without: str | None = None) -> di
     given = [k for k in range(3) if f"x{k + 1}" != without]
     if len(given) == 3 and without is not None:
         raise ValueError(f"without must be one of x1, x2, x3, got {without!r}")
-    means, covariance = factor_posterior([deviations[k] for k in given], patterns, inputs=given)
+    means, covariance = common.factor_posterior([deviations[k] for k in given], patterns, inputs=given)
     maps = np.stack(patterns["terms"]).reshape(4, -1)                         # (4, V)
     truth, outcome = sim["true_mean"].reshape(n, -1), sim["outcome"].reshape(n, -1)
     rng = np.random.default_rng([seed, 14])
@@ -126,7 +96,7 @@ def bayes_limit(n: int, seed: int, draws: int, without: str | None = None) -> di
             bayes[i] = truth[i] + (terms.mean(0) - true_terms[i]) @ maps        # swap the true terms for their mean
             continue
         devs = [np.broadcast_to(d[i], (draws, d.shape[1])) for d in deviations]
-        devs[k] = theta @ input_design(k, patterns).T + np.hypot(FIELD_SD, WHITE_SD) * rng.standard_normal(devs[k].shape)
+        devs[k] = theta @ common.input_design(k, patterns).T + np.hypot(FIELD_SD, WHITE_SD) * rng.standard_normal(devs[k].shape)
         m = terms @ maps + local_terms(devs[0], devs[2])                        # (draws, V) without mu_y
         spread[i] = m.var(axis=0, ddof=1).mean()
         bayes[i] = truth[i] - true_terms[i] @ maps - local_terms(deviations[0][i], deviations[2][i]) + m.mean(0)

@@ -41,15 +41,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # sibling scripts (error_decomposition, ...)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
 
-LEVELS = [0.5, 0.8, 0.9, 0.95]
+LEVELS = common.LEVELS
 MODELS = ["inva-joint-semi", "inva-joint-labeled", "inva-labeled", "inva-semi", "vae-concat-semi",
           "vae-separate-semi", "vae-concat", "vae-separate", "bart", "ridge"]
 PEERS = ["vae-concat-semi", "vae-separate-semi", "vae-concat", "vae-separate", "bart", "ridge"]
-QUICK_MODEL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=6, local_hidden=8,
-                   local_channels=2, voxel_embedding=2, context_dim=3)
 
 
 def parse_args(argv=None):
@@ -74,36 +72,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+BASES = {"inva-joint-semi": "inva-joint", "inva-joint-labeled": "inva-joint", "inva-labeled": "inva",
+         "inva-semi": "inva", "vae-concat-semi": "vae-concat", "vae-separate-semi": "vae-separate"}
+TABLES = ("model", "training", "prediction")
+
+
 def preset_for(name: str, args):
-    from inva_pyro.config import Preset, load_preset
-    base = {"inva-joint-semi": "inva-joint", "inva-joint-labeled": "inva-joint", "inva-labeled": "inva",
-            "inva-semi": "inva", "vae-concat-semi": "vae-concat", "vae-separate-semi": "vae-separate"
-            }.get(name.split("-no-")[0], name)
-    data = load_preset(base).model_dump()
-    if data["model"]["family"] == "inva":
-        if args.epochs:
-            data["training"]["epochs"] = args.epochs
-        if args.input_dropout is not None and data["model"]["structure"] == "joint":
-            data["training"]["input_dropout"] = args.input_dropout
-        if args.quick:
-            data["model"].update(QUICK_MODEL)
-            data["training"].update(epochs=2, batch_size=8)
-        for setting in args.set:
-            key, _, value = setting.partition("=")
-            section, _, name_ = key.partition(".")
-            if section not in data or not name_ or not value:
-                raise SystemExit(f"--set {setting}: expected SECTION.KEY=VALUE with SECTION one of {sorted(data)}")
-            data[section][name_] = json.loads(value)
-    if data["model"]["family"] == "bart":
-        if args.bart_jobs:
-            data["model"]["n_jobs"] = args.bart_jobs
-        if args.quick:
-            data["model"].update(num_trees=2, num_gfr=2, num_draws=5, n_jobs=1)
-    if args.samples:
-        data["prediction"]["num_samples"] = args.samples
+    """The preset of model ``name`` with the command's settings. The InVA-family presets take --epochs,
+    --input-dropout (joint structure only) and --set; BART --bart-jobs; every preset --samples; with
+    --quick, common.QUICK's settings come first (the explicit ones win)."""
+    from inva_pyro.config import load_preset
+
+    base = BASES.get(name.split("-no-")[0], name)
+    preset = load_preset(base)
+    inva = {}
+    if args.epochs:
+        inva["training.epochs"] = args.epochs
+    if args.input_dropout is not None and preset.model.family == "inva" and preset.model.structure == "joint":
+        inva["training.input_dropout"] = args.input_dropout
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        section, _, name_ = key.partition(".")
+        if section not in TABLES or not name_ or not value:
+            raise SystemExit(f"--set {setting}: expected SECTION.KEY=VALUE with SECTION one of {list(TABLES)}")
+        inva[key] = json.loads(value)
+    changes = {"prediction.num_samples": args.samples} if args.samples else {}
     if "-no-" in name:  # scored only on subjects with all its inputs: its own pattern submodels never predict
-        data["training"]["pattern_submodels"] = False
-    return Preset.model_validate(data)
+        changes["training.pattern_submodels"] = False
+    by_family = {"inva": inva, "bart": {"model.n_jobs": args.bart_jobs} if args.bart_jobs else {}}
+    return common.preset_with(base, changes, quick=args.quick, by_family=by_family)
 
 
 def without(subset, name: str):
@@ -127,23 +124,20 @@ def representation(model, test, pred) -> dict:
     """Where a complete test subject's error lies, and how well the subject latent knows the factors.
 
     - ``excess_subject``: the part of the predictive mean's excess error in the span of the design's
-      spatial patterns (error_decomposition.pattern_basis; least squares per subject), the error in the
+      spatial patterns (common.pattern_basis; least squares per subject), the error in the
       subject factors' effects; ``excess_rest``: the remainder (local terms, voxel detail).
     - ``r2_a1 ... r2_b3`` (networks): 5-fold cross-validated R^2 of a linear map from the latent means
       (the joint latent's, or every VAE's shallow means) to the Bayes posterior means of the factors
-      given the inputs (semisupervised_limits.factor_posterior); 1.0 is all the inputs can tell.
+      given the inputs (common.factor_posterior, as in semisupervised_limits.py); 1.0 is all the inputs can tell.
     - ``excess_representation``: the excess error of the design's subject terms evaluated at that
       linear read-out instead of at the posterior means."""
-    from error_decomposition import pattern_basis
-    from semisupervised_limits import factor_posterior
-
     from inva_pyro.data.simulate.paper import paper_patterns, subject_terms
 
     patterns = paper_patterns()
     n = len(test.subjects)
     error = pred.mean - np.asarray(test.truth_mean).reshape(n, -1)
     oracle = float(np.mean((np.asarray(test.outcome).reshape(n, -1) - np.asarray(test.truth_mean).reshape(n, -1)) ** 2))
-    maps = pattern_basis()[1]
+    maps = common.pattern_basis()[1]
     in_span = maps @ np.linalg.lstsq(maps, error.T, rcond=None)[0]
     row = {"excess_subject": float(np.mean(in_span ** 2) / oracle),
            "excess_rest": float(np.mean((error - in_span.T) ** 2) / oracle)}
@@ -158,7 +152,7 @@ def representation(model, test, pred) -> dict:
         latent = table[[c for c in table.columns if kind in c]].to_numpy(float)
         deviations = [np.asarray(test.inputs[f"x{k + 1}"]).reshape(n, -1) - patterns["base"][k].ravel()
                       for k in range(3)]
-        factors = factor_posterior(deviations, patterns)[0]
+        factors = common.factor_posterior(deviations, patterns)[0]
         fitted = cross_val_predict(LinearRegression(), latent, factors, cv=5)
         r2 = 1 - ((fitted - factors) ** 2).sum(0) / ((factors - factors.mean(0)) ** 2).sum(0)
         row.update({f"r2_{name}": float(v) for name, v in zip(("a1", "a2", "b1", "b2", "b3"), r2)})
@@ -175,9 +169,7 @@ def specific_map_read(test, pred, name: str) -> dict:
     the factor b_k that only xk shows (least-squares coefficient on the design's patterns, sd across
     subjects), and its correlation with the truth's. Without xk nothing can know b_k, so a large sd with
     no correlation is a latent that claims what it cannot know (docs/results.md)."""
-    from error_decomposition import pattern_basis
-
-    names, maps = pattern_basis()
+    names, maps = common.pattern_basis()
     j = names.index("C" + name[1:])
     n = len(test.subjects)
     coef = [np.linalg.lstsq(maps, (a - a.mean(0)).T, rcond=None)[0][j]
@@ -193,9 +185,7 @@ def with_fit_seed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(args) -> pd.DataFrame:
-    from inva_pyro.data.cohort import Cohort
     from inva_pyro.data.missing import drop_input, input_presence, outcome_presence
-    from inva_pyro.data.simulate import write_cohort
     from inva_pyro.registry import model_from_preset
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -204,10 +194,7 @@ def run(args) -> pd.DataFrame:
     runs = with_fit_seed(pd.read_csv(runs_csv)) if runs_csv.exists() else pd.DataFrame()
     done = set(zip(runs["seed"], runs["fit_seed"], runs["size"], runs["model"])) if len(runs) else set()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        folder = args.out / "cohorts" / f"paper-n{args.n_subjects}-u{args.unlabeled}-s{seed}"
-        if not (folder / "cohort.json").exists():
-            write_cohort(folder, "paper", args.n_subjects, seed, unlabeled=args.unlabeled)
-        cohort = Cohort.from_dir(folder, seed=seed)
+        cohort = common.simulated_cohort(args.out, "paper", args.n_subjects, seed, unlabeled=args.unlabeled)
         train, val = cohort.train, cohort.val
         test = cohort.test.subset(np.flatnonzero(input_presence(cohort.test).all(1)))
         has_y = outcome_presence(train)
@@ -318,7 +305,7 @@ def markdown(runs: pd.DataFrame, command: str) -> str:
 
 def never_given_table(runs: pd.DataFrame) -> list[str]:
     """Subjects lacking input xk, predicted by inva-joint-semi, against inva-joint-semi-no-xk (a model never
-    given xk) fitted with the same cohort and training seed: the issue-14 goal "between complete subjects and
+    given xk) fitted with the same cohort and training seed: the goal is an error "between complete subjects and
     a model that never saw the modality". Paired per fit; the mean difference with its standard error."""
     runs = with_fit_seed(runs)
     keys = ["seed", "fit_seed", "size"]

@@ -52,35 +52,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import analysis_common as common  # noqa: E402
+
 MODELS = ["inva", "inva-paper", "vae-concat", "vae-separate", "ridge", "tensor", "bart"]
-# Ablations, by name in --models: a preset of models/ with some settings changed. The VAE peers with
-# the paper's predictor (latent statistics only, no local voxel pathway) isolate what the shared
-# (integrative) level adds when the prediction must go through the latents, as in inva-paper.
-# The inva-deep* variants change only the shared (deep) level, for the tuning in docs/results.md.
-VARIANTS = {"vae-concat-paper": ("vae-concat", {"model": {"predictor": "paper"}}),
-            "vae-separate-paper": ("vae-separate", {"model": {"predictor": "paper"}}),
-            "inva-deep2": ("inva", {"model": {"deep_dim": 2}}),
-            "inva-deep4": ("inva", {"model": {"deep_dim": 4}}),
-            "inva-deep2-kl0.3": ("inva", {"model": {"deep_dim": 2, "deep_kl_weight": 0.3}}),
-            # the spatial smoothing prior of the predictor's maps (docs/model.md): off, or stronger, in inva; on in the peers
-            "inva-nosmooth": ("inva", {"model": {"spatial_smoothing": 0.0}}),
-            "inva-smooth1000": ("inva", {"model": {"spatial_smoothing": 1000.0}}),
-            "vae-concat-smooth": ("vae-concat", {"model": {"spatial_smoothing": 1000.0}}),
-            "vae-separate-smooth": ("vae-separate", {"model": {"spatial_smoothing": 1000.0}})}
+# Ablations (common.VARIANTS) can be named in --models too.
 ORDER = ["inva", "inva-nosmooth", "inva-smooth1000", "vae-concat", "vae-separate", "vae-concat-smooth", "vae-separate-smooth",
          "inva-paper", "vae-concat-paper", "vae-separate-paper", "bart", "ridge", "tensor"]
 DEFAULT_INVA = "inva"
 NOT_PEERS = {"inva", "inva-paper", "inva-nosmooth", "inva-smooth1000"}   # InVA's own presets; every other model is a peer
-LEVELS = [0.5, 0.8, 0.9, 0.95]
-TRAIN_SHARE = 0.6                           # simulate.default_split: 60% train, 20% val, 20% test
+LEVELS = common.LEVELS
 
-QUICK = dict(sizes=[24], seeds=[0], num_samples=50,
-             overrides={"inva": {"model": dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8,
-                                               predictor_hidden=6, local_hidden=8, local_channels=2,
-                                               voxel_embedding=2, context_dim=3),
-                                 "training": dict(epochs=2, batch_size=8)},
-                        "bart": {"model": dict(num_trees=2, num_gfr=2, num_draws=5, n_jobs=1)},
-                        "tensor": {"model": dict(cv_folds=3, n_alphas=5)}})
+# --quick: one replicate of 24 training subjects, 50 predictive draws, the models' common.QUICK settings
+QUICK = dict(sizes=[24], seeds=[0], num_samples=50)
 
 METRICS = ["mse", "mse_ratio", "corr", "cov90", "cov90_raw", "cov50", "cov95", "width90", "crps", "crps_ratio",
            "nll", "fit_seconds", "predict_seconds"]
@@ -98,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replicates", type=int, default=3, help="replicates: seeds 0..R-1 (default 3)")
     p.add_argument("--seeds", help="explicit replicate seeds, comma-separated (overrides --replicates)")
     p.add_argument("--models", default=",".join(MODELS),
-                   help=f"presets (names in models/ or TOML paths) or ablations ({', '.join(VARIANTS)}), "
+                   help=f"presets (names in models/ or TOML paths) or ablations ({', '.join(common.VARIANTS)}), "
                         f"comma-separated (default {','.join(MODELS)})")
     p.add_argument("--max-bart-features", type=int, default=5000,
                    help="skip bart on designs with more outcome features than this (default 5000)")
@@ -121,40 +105,27 @@ def settings(args) -> dict:
     unknown = [d for d in designs if d not in DESIGNS]
     if unknown:
         raise SystemExit(f"simulation_study: unknown design(s) {', '.join(unknown)} (known: {', '.join(DESIGNS)})")
-    cfg = dict(designs=designs, models=_list(args.models), overrides={}, num_samples=args.samples,
-               sizes=[int(x) for x in _list(args.sizes)],
+    cfg = dict(designs=designs, models=_list(args.models), num_samples=args.samples, quick=args.quick,
+               bart_jobs=args.bart_jobs, sizes=[int(x) for x in _list(args.sizes)],
                seeds=[int(x) for x in _list(args.seeds)] if args.seeds else list(range(args.replicates)))
     if args.quick:
-        cfg.update({k: v for k, v in QUICK.items() if k != "seeds" or not args.seeds})
-    if args.bart_jobs:
-        bart = cfg["overrides"].setdefault("bart", {}).setdefault("model", {})
-        bart["n_jobs"] = args.bart_jobs
+        cfg.update(sizes=QUICK["sizes"], num_samples=args.samples or QUICK["num_samples"],
+                   seeds=cfg["seeds"] if args.seeds else QUICK["seeds"])
     return cfg
 
 
 def make_preset(name: str, cfg: dict):
-    from inva_pyro.config import Preset, load_preset
-
-    base, changes = VARIANTS.get(name, (name, {}))
-    preset = load_preset(base)
-    data = preset.model_dump()
-    for table, values in [*cfg["overrides"].get(preset.model.family, {}).items(), *changes.items()]:
-        data[table].update(values)
-    if cfg["num_samples"]:
-        data["prediction"]["num_samples"] = cfg["num_samples"]
-    return Preset.model_validate(data)
+    """The preset or ablation ``name`` with the study's settings: --quick, --samples, --bart-jobs."""
+    changes = {"prediction.num_samples": cfg["num_samples"]} if cfg["num_samples"] else {}
+    by_family = {"bart": {"model.n_jobs": cfg["bart_jobs"]}} if cfg["bart_jobs"] else None
+    return common.preset_with(name, changes, quick=cfg["quick"], by_family=by_family)
 
 
 def cohort_for(design: str, seed: int, cfg: dict, out: Path):
-    """The design's cohort for one replicate (simulated once, then read back from its folder)."""
-    from inva_pyro.data.cohort import Cohort
-    from inva_pyro.data.simulate import write_cohort
-
-    n_subjects = int(round(max(cfg["sizes"]) / TRAIN_SHARE))
-    folder = out / "cohorts" / f"{design}-n{n_subjects}-s{seed}"
-    if not (folder / "cohort.json").exists():
-        write_cohort(folder, design, n_subjects, seed)
-    return Cohort.from_dir(folder, seed=seed)
+    """The design's cohort for one replicate, with max(sizes) training subjects in its 60/20/20 split
+    (simulated once under OUT/cohorts, then read back from its folder)."""
+    n_subjects = int(round(max(cfg["sizes"]) / common.TRAIN_SHARE))
+    return common.simulated_cohort(out, design, n_subjects, seed)
 
 
 def one_run(cohort, size: int, seed: int, name: str, cfg: dict) -> dict:
@@ -345,7 +316,6 @@ def main(argv=None) -> int:
         i = argv.index("--scenario")
         if argv[i + 1:i + 2] != ["semisupervised"]:
             raise SystemExit("simulation_study: --scenario takes 'semisupervised'")
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from semisupervised_study import main as semisupervised
         return semisupervised(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
