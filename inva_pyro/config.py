@@ -16,7 +16,7 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
@@ -28,13 +28,17 @@ else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 
+DEFAULT_DESCRIPTION = "InVA with local voxel pathway (the best default on held-out data)"
+
+
 class _Strict(BaseModel):
     # Unknown keys in a preset are almost always typos; refuse them rather than ignore them.
     model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(_Strict):
-    family: Literal["inva"] = "inva"
+    family: Literal["inva"] = Field("inva", description="the model family: the InVA Pyro program (its VAE peers "
+                                    "are structures of it)")
     structure: Literal["integrative", "separate", "concatenated", "joint"] = Field(
         "integrative", description="integrative: InVA (shallow + shared deep latents); separate: one VAE per "
         "modality without the shared level; concatenated: one VAE on all inputs concatenated; joint: one "
@@ -44,16 +48,20 @@ class ModelConfig(_Strict):
     deep_dim: int = Field(8, ge=1, description="q: deep (shared-encoder) latent size")
     hidden: int = Field(256, ge=1, description="hidden units of the modality-specific encoders/decoders")
     shared_hidden: int = Field(64, ge=1, description="hidden units of the shared encoder/decoder")
-    predictor: Literal["paper", "local"] = "local"
+    predictor: Literal["paper", "local"] = Field(
+        "local", description="paper: the predictor sees the latent means and sds only, as in the paper; local: also "
+        "the inputs at each outcome voxel, through a small network shared by the voxels (the local pathway)")
     predictor_hidden: int = Field(64, ge=1, description="D: width of the predictor's last hidden layer")
-    local_hidden: int = Field(32, ge=1)
+    local_hidden: int = Field(32, ge=1, description="hidden units of the local pathway's voxel network")
     local_channels: int = Field(4, ge=1, description="outputs of the shared voxel network, mixed per voxel")
     voxel_embedding: int = Field(4, ge=0, description="learned per-voxel code fed to the voxel network")
     context_dim: int = Field(8, ge=0, description="subject summary fed to the voxel network")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    bayesian_output: bool = True
-    output_prior_scale: float = Field(1.0, gt=0.0)
-    spatial_smoothing: float = Field(0.0, ge=0.0, description="lambda: prior precision of the differences "
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout in the predictor's trunk while training")
+    bayesian_output: bool = Field(True, description="the predictor's output layer (W, b) as global latent variables "
+                                  "with a Normal(0, output_prior_scale^2) prior and a mean-field posterior (false: "
+                                  "point weights)")
+    output_prior_scale: float = Field(1.0, gt=0.0, description="tau: prior sd of the output layer's weights")
+    spatial_smoothing: float = Field(100.0, ge=0.0, description="lambda: prior precision of the differences "
                                      "between neighbouring voxels' predictor parameters, relative to the "
                                      "output layer's (model/smoothing.py); 0: none. Needs a volume outcome or "
                                      "an fsaverage5 surface")
@@ -61,14 +69,17 @@ class ModelConfig(_Strict):
     # The VAE tutorial's toolkit (docs/toolkit.md)
     network: Literal["mlp", "conv"] = Field("mlp", description="encoders/decoders: MLPs on masked vectors, or "
                                             "2-D/3-D convolutions on the image grid (volumes and 2-D grids only)")
-    conv_channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    conv_channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [8, 16, 32], min_length=1, description="network 'conv': channels of the encoder's "
+        "stride-2 stages, one per stage (the decoder mirrors them)")
     reconstruction: Literal["gaussian", "laplace"] = Field("gaussian", description="likelihood of the inputs")
     dssim_weight: float = Field(0.0, ge=0.0, description="weight per voxel of the DSSIM = 1 - SSIM term of each "
                                 "input's reconstruction (2-D/3-D grids only)")
     dssim_window: int = Field(7, ge=3, description="SSIM window (odd)")
     mmd_weight: float = Field(0.0, ge=0.0, description="weight per subject of MMD(aggregate posterior, prior) on "
                               "the top latent level (InfoVAE)")
-    mmd_kernel: Literal["imq", "rbf"] = "imq"
+    mmd_kernel: Literal["imq", "rbf"] = Field("imq", description="kernel of the MMD term: inverse multiquadric "
+                                              "or Gaussian")
     mmd_bandwidth: float | None = Field(None, gt=0.0, description="kernel scale C; default 2 x latent size")
     deep_kl_weight: float = Field(1.0, ge=0.0, description="extra weight on the deep level's KL (0 with "
                                   "mmd_weight > 0: InfoVAE on the deep latents)")
@@ -95,7 +106,7 @@ class ResidualIntervalConfig(_Strict):
 
 
 class RidgeConfig(ResidualIntervalConfig):
-    family: Literal["ridge"] = "ridge"
+    family: Literal["ridge"] = Field("ridge", description="multi-output ridge regression on every input")
     alpha_min: float = Field(1e-2, gt=0.0, description="smallest ridge penalty of the cross-validated grid")
     alpha_max: float = Field(1e5, gt=0.0, description="largest ridge penalty of the grid")
     n_alphas: int = Field(15, ge=1, description="penalties on a log grid between alpha_min and alpha_max")
@@ -109,13 +120,13 @@ class RidgeConfig(ResidualIntervalConfig):
 
 
 class TensorConfig(ResidualIntervalConfig):
-    family: Literal["tensor"] = "tensor"
+    family: Literal["tensor"] = Field("tensor", description="low-rank (CP) tensor regression")
     ranks: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
         min_length=1, description="candidate CP ranks R of the coefficient (chosen by cross-validation)")
     alpha_min: float = Field(1e-1, gt=0.0, description="smallest ridge penalty of the cross-validated grid")
-    alpha_max: float = Field(1e5, gt=0.0)
-    n_alphas: int = Field(13, ge=1)
+    alpha_max: float = Field(1e5, gt=0.0, description="largest ridge penalty of the grid")
+    n_alphas: int = Field(13, ge=1, description="penalties on a log grid between alpha_min and alpha_max")
     cv_folds: int = Field(5, ge=2, description="K-fold cross-validation over training subjects for (R, alpha)")
 
     @model_validator(mode="after")
@@ -126,26 +137,26 @@ class TensorConfig(ResidualIntervalConfig):
 
 
 class BartConfig(_Strict):
-    family: Literal["bart"] = "bart"
+    family: Literal["bart"] = Field("bart", description="voxel-wise BART (stochtree)")
     num_trees: int = Field(20, ge=1, description="trees per voxel's forest")
     num_gfr: int = Field(10, ge=0, description="grow-from-root (XBART) warm-start sweeps, discarded")
     num_burnin: int = Field(0, ge=0, description="MCMC burn-in sweeps after the warm start, discarded")
     num_draws: int = Field(50, ge=1, description="posterior draws kept per voxel")
     keep_every: int = Field(1, ge=1, description="thinning of the kept MCMC draws")
     alpha: float = Field(0.95, gt=0.0, lt=1.0, description="tree prior: P(split) = alpha (1 + depth)^-beta")
-    beta: float = Field(2.0, ge=0.0)
-    min_samples_leaf: int = Field(5, ge=1)
-    max_depth: int = Field(10, ge=1)
+    beta: float = Field(2.0, ge=0.0, description="tree prior: depth penalty exponent (see alpha)")
+    min_samples_leaf: int = Field(5, ge=1, description="fewest training subjects in a leaf")
+    max_depth: int = Field(10, ge=1, description="deepest split of a tree")
     neighbourhood: int = Field(1, ge=0, description="radius r: each local input's mean over the (2r+1)^d box "
                                "around the voxel (inside the mask) is an extra feature; 0: the voxel only")
     n_jobs: int = Field(-1, description="worker processes over voxels (joblib; -1: every core)")
 
 
 class TrainingConfig(_Strict):
-    epochs: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    epochs: int = Field(300, ge=1, description="most epochs of SVI (early stopping usually ends sooner)")
+    batch_size: int = Field(32, ge=1, description="subjects per SVI step (the ELBO is scaled to the training size)")
+    learning_rate: float = Field(2e-3, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the networks")
     kl_weight: float = Field(1.0, ge=0.0, description="final weight of the latent KL terms")
     prediction_weight: float = Field(1.0, gt=0.0, description="weight of the outcome log-likelihood")
     kl_anneal_epochs: int = Field(20, ge=0, description="epochs over which the KL weight rises linearly")
@@ -156,7 +167,8 @@ class TrainingConfig(_Strict):
         "only to calibrate (voxel quantiles, missingness patterns, the error covariance and its region scales); "
         "0: every validation subject does both. Early stopping picks the epoch that fits its subjects best, so "
         "calibrating on them can under-cover large regions (docs/uncertainty.md, section 8)")
-    grad_clip: float = Field(10.0, gt=0.0)
+    grad_clip: float = Field(10.0, gt=0.0, description="largest global norm of a step's gradient (larger ones are "
+                             "scaled down)")
     mixed_precision: bool = Field(False, description="run the networks under torch.autocast during training "
                                   "in bfloat16 (CPU and CUDA); log-densities stay float32")
     cuda_graphs: bool = Field(True, description="on CUDA, with the cohort in device memory: record each "
@@ -165,7 +177,7 @@ class TrainingConfig(_Strict):
     kl_schedule: Literal["constant", "linear", "cyclical"] = Field(
         "linear", description="KL weight over epochs: constant, linear warm-up over kl_anneal_epochs, or "
         "cyclical annealing (Fu et al. 2019) with kl_cycles cycles")
-    kl_cycles: int = Field(4, ge=1)
+    kl_cycles: int = Field(4, ge=1, description="kl_schedule 'cyclical': number of cycles over the epochs")
     kl_cycle_ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of each cycle spent increasing")
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="structure 'joint' only: each training "
                                  "step hides each input of each subject with this probability (never every input "
@@ -194,9 +206,12 @@ class PredictionConfig(_Strict):
             data = {("spatial_covariance" if k == "joint" else k): v for k, v in data.items()}
         return data
 
-    num_samples: int = Field(500, ge=2)
-    levels: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95])
-    calibration: Literal["quantile", "variance", "none"] = "quantile"
+    num_samples: int = Field(500, ge=2, description="posterior predictive draws per subject")
+    levels: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95],
+                                description="central interval levels written by predict (lo{P}, hi{P} maps)")
+    calibration: Literal["quantile", "variance", "none"] = Field(
+        "quantile", description="recalibration of the intervals on validation subjects: quantile recalibration of "
+        "the standardised residuals, variance scaling, or none (docs/calibration.md)")
     spatial_covariance: bool = Field(
         True, description="fit the outcome's spatial error covariance and the region calibration on the validation "
         "subjects (predict/spatial.py): region means and correlated draws of whole images")
@@ -223,11 +238,12 @@ AnyModelConfig = Annotated[
 
 
 class Preset(_Strict):
-    name: str = "custom"
-    description: str = ""
-    model: AnyModelConfig = Field(default_factory=ModelConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    prediction: PredictionConfig = Field(default_factory=PredictionConfig)
+    """A model preset; ``Preset()`` is the default ``inva`` preset, and a TOML preset lists what differs from it."""
+    name: str = Field("inva", description="the preset's name (shown in messages and recorded in the run)")
+    description: str = Field(DEFAULT_DESCRIPTION, description="one line saying what the preset is")
+    model: AnyModelConfig = Field(default_factory=ModelConfig, description="the [model] table")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="the [training] table")
+    prediction: PredictionConfig = Field(default_factory=PredictionConfig, description="the [prediction] table")
 
     @model_validator(mode="after")
     def _input_dropout_needs_joint(self):
@@ -241,9 +257,6 @@ class Preset(_Strict):
             raise ValueError("training.pattern_submodels needs model.structure = 'joint' (the only structure that "
                              "predicts subjects lacking an input)")
         return self
-
-    def to_toml_dict(self) -> dict:
-        return self.model_dump()
 
 
 def preset_folder():
@@ -320,3 +333,47 @@ def parse_preset(raw: dict, where: str = "preset") -> Preset:
         loc = ".".join(str(x) for i, x in enumerate(first["loc"])
                        if not (i == 1 and first["loc"][0] == "model" and x in FAMILY_CONFIGS))
         raise InputError(f"{where}: {loc}: {first['msg']}") from None
+
+
+SETTINGS_BEGIN = "<!-- settings: generated by `python -m inva_pyro.config --markdown`; do not edit by hand -->"
+SETTINGS_END = "<!-- end of settings -->"
+
+
+def settings_markdown() -> str:
+    """Every preset setting with its default and meaning, one Markdown table per TOML table (docs/model.md)."""
+    tables = [("[model]", "the InVA program (`family = \"inva\"`, the default)", ModelConfig),
+              ("[training]", "", TrainingConfig), ("[prediction]", "", PredictionConfig),
+              *((("[model]", f"the `{name}` peer", FAMILY_CONFIGS[name]) for name in ("ridge", "tensor", "bart")))]
+    lines = []
+    for table, what, cls in tables:
+        lines += ["", f"**`{table}`**" + (f": {what}" if what else ""), "", "| setting | default | meaning |",
+                  "|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+            meaning = field.description + (f" (one of {', '.join(f'`{c}`' for c in choices)})"
+                                           if len(choices) > 1 else "")
+            shown = "unset" if default is None else _toml_value(default)
+            lines.append(f"| `{name}` | `{shown}` | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join([SETTINGS_BEGIN, *lines, "", SETTINGS_END])
+
+
+def _write_settings_reference(path: Path) -> None:
+    """Replace the generated block of ``path`` (between the settings markers) with ``settings_markdown()``."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(SETTINGS_BEGIN), text.index(SETTINGS_END) + len(SETTINGS_END)
+    path.write_text(text[:start] + settings_markdown() + text[end:], encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m inva_pyro.config",
+                                     description="the reference of every preset setting, as Markdown")
+    parser.add_argument("--markdown", nargs="?", const="-", metavar="FILE", required=True,
+                        help="print it, or write it between the settings markers of FILE (docs/model.md)")
+    target = parser.parse_args().markdown
+    if target == "-":
+        print(settings_markdown())
+    else:
+        _write_settings_reference(Path(target))

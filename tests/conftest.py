@@ -12,8 +12,10 @@ import torch
 from inva_pyro.data.cohort import Cohort
 from inva_pyro.config import Preset
 
+# No spatial prior unless a test asks for one: toy features have no geometry to smooth over.
 TINY_MODEL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=6,
-                  local_hidden=8, local_channels=2, voxel_embedding=2, context_dim=3, dropout=0.1)
+                  local_hidden=8, local_channels=2, voxel_embedding=2, context_dim=3, dropout=0.1,
+                  spatial_smoothing=0.0)
 TINY_TRAINING = dict(epochs=6, batch_size=16, learning_rate=5e-3, kl_anneal_epochs=3, patience=100)
 TINY_PREDICTION = dict(num_samples=200)
 
