@@ -80,12 +80,16 @@ def _fit(args) -> None:
                     "mask": str(args.mask.resolve()) if args.mask else None, "device": args.device,
                     "lazy": args.lazy, "cache_subjects": args.cache_subjects,
                     "model": str(args.model)}
+        model = model_from_preset(preset)
+        if model.needs_every_input:  # a run that cannot predict its own cohort is refused before training
+            from .data.missing import require_inputs
+            require_inputs(cohort.test if cohort.has_split else cohort.all, args.inputs, f"'{preset.name}'",
+                           where=f"{args.manifest}" + (" (split 'test')" if cohort.has_split else ""))
         if run_dir.exists():
             import shutil
             shutil.rmtree(run_dir)
-        model = model_from_preset(preset).fit(cohort.train, cohort.val, seed=args.seed, device=args.device,
-                                              devices=devices, run_dir=run_dir, progress=sys.stderr.isatty(),
-                                              extra_info={"fit_args": fit_args})
+        model = model.fit(cohort.train, cohort.val, seed=args.seed, device=args.device, devices=devices,
+                          run_dir=run_dir, progress=sys.stderr.isatty(), extra_info={"fit_args": fit_args})
     h = model.history
     if not h or not h.get("epoch"):
         print(f"fitted; run folder: {run_dir}")

@@ -66,6 +66,11 @@ class InVA:
     def from_preset(cls, name_or_path: str | Path = "inva") -> "InVA":
         return cls(load_preset(name_or_path))
 
+    @property
+    def needs_every_input(self) -> bool:
+        """Whether a subject must have every input to be predicted (all structures but ``joint``)."""
+        return self.preset.model.structure != "joint"
+
     # ---- fitting -----------------------------------------------------------------------------------
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             devices: int = 1, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,

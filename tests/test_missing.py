@@ -175,15 +175,16 @@ def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, 
     table.loc[train[:5], "y"] = np.nan                 # MRI-only training subjects
     table.loc[train[5:8], "x2"] = np.nan               # training subjects lacking an input
     test = table.index[table["split"] == "test"]
+    table.to_csv(cohort / "complete_test.csv", index=False)  # test rows complete: every structure predicts them
     table.loc[test[:2], "x3"] = np.nan
     table.to_csv(cohort / "manifest.csv", index=False)
     histories = {}
-    for structure in ("joint", "integrative"):
+    for structure, manifest in (("joint", "manifest.csv"), ("integrative", "complete_test.csv")):
         preset = tmp_path / f"{structure}.toml"
         preset.write_text(TINY_TOML.format(structure=structure))
         for mode in ("memory", "lazy"):
             run = tmp_path / f"{structure}-{mode}"
-            args = ["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",
+            args = ["fit", "--manifest", str(cohort / manifest), "--inputs", "x1,x2,x3", "--outcome", "y",
                     "--model", str(preset), "--device", "cpu", "--out", str(run)] + (["--lazy"] if mode == "lazy" else [])
             assert cli.main(args) == 0
             histories[structure, mode] = json.loads((run / "history.json").read_text())
@@ -195,11 +196,20 @@ def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, 
                      "--out", str(out)]) == 0
     assert (out / "predictions.csv").exists()
     capsys.readouterr()
+    # a model that needs every input refuses, with one line, a manifest whose predicted rows lack one...
     out = tmp_path / "pred-default"
     assert cli.main(["predict", "--run", str(tmp_path / "integrative-memory"), "--manifest",
                      str(cohort / "manifest.csv"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "lacks input 'x3'" in err and len(err.splitlines()) == 1 and not out.exists()
+    # ... and fit refuses it before training, the default preset included: never a run that cannot predict its cohort
+    for model in ([], ["--model", str(tmp_path / "integrative.toml")]):
+        run = tmp_path / "refused"
+        assert cli.main(["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",
+                         "--out", str(run), *model]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"inva: error: {cohort / 'manifest.csv'} (split 'test'): subject ") and "lacks input 'x3'" in err
+        assert "--model inva-joint" in err and len(err.splitlines()) == 1 and not run.exists()
     table.loc[train[9], ["x1", "x2", "x3"]] = np.nan
     table.to_csv(cohort / "manifest.csv", index=False)
     assert cli.main(["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",

@@ -75,13 +75,13 @@ def check_labeled_val(val, outcome_name: str = "outcome") -> None:
                          f"subjects with the outcome the split 'val'")
 
 
-def require_inputs(subset, names, model_name: str) -> None:
-    """A model that cannot do without an input refuses subjects lacking one (one line)."""
+def require_inputs(subset, names, model_name: str, where: str | None = None) -> None:
+    """A model that cannot do without an input refuses subjects lacking one (one line, after ``where``)."""
     presence = input_presence(subset, names)
     missing = np.argwhere(~presence)
     if len(missing):
         i, k = missing[0]
-        raise InputError(f"subject '{subset.subjects[i]}' lacks input '{list(names)[k]}' "
+        raise InputError(f"{where + ': ' if where else ''}subject '{subset.subjects[i]}' lacks input '{list(names)[k]}' "
                          f"({int((~presence).any(axis=1).sum())} subject(s) lack an input); model "
                          f"{model_name} needs every input: fit a joint model (--model inva-joint) to predict "
                          f"from the inputs present")

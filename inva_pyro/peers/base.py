@@ -58,6 +58,11 @@ class PeerModel:
     def config(self):
         return self.preset.model
 
+    @property
+    def needs_every_input(self) -> bool:
+        """A peer predicts only subjects with every input."""
+        return True
+
     # ---- fitting -----------------------------------------------------------------------------------
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             devices: int = 1, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
