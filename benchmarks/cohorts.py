@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from _memory import peak_rss_mb
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 
 def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: int) -> dict:
@@ -42,7 +43,7 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
     # What training needs, nothing more: the inputs, the outcome and the mask (no truth maps).
     read = dict(path=Path(cohort_dir) / "manifest.csv", inputs=spec["inputs"], outcome=spec["outcome"],
                 mask=Path(cohort_dir) / spec["mask"])
-    base = peak_rss_mb()
+    base = common.peak_rss_mb()
     tracemalloc.start()
     start = time.perf_counter()
     if mode == "eager":
@@ -62,7 +63,7 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
     seconds = time.perf_counter() - start
     _, traced_peak = tracemalloc.get_traced_memory()
     return {"mode": mode, "n_subjects": n, "seconds": round(seconds, 2),
-            "peak_rss_mb": round(peak_rss_mb() - base, 1), "traced_peak_mb": round(traced_peak / 2**20, 1),
+            "peak_rss_mb": round(common.peak_rss_mb() - base, 1), "traced_peak_mb": round(traced_peak / 2**20, 1),
             "features": int(np.sum([m.shape[1] for m in cohort.all.inputs.values()]))}
 
 
@@ -71,9 +72,8 @@ def memory_probe(mode: str, cohort_dir: str, batch_size: int, cache_subjects: in
 # calibration) but narrows the layers whose cost grows with the number of features, takes
 # minibatches of 16 (twice the updates per epoch, so fewer epochs) and draws 100 posterior
 # predictive samples instead of 500. --full-preset runs `inva` unchanged.
-WHOLE_BRAIN = {"model": {"hidden": 64, "predictor_hidden": 16, "local_hidden": 16},
-               "training": {"batch_size": 16},
-               "prediction": {"num_samples": 100}}
+WHOLE_BRAIN = {"model.hidden": 64, "model.predictor_hidden": 16, "model.local_hidden": 16,
+               "training.batch_size": 16, "prediction.num_samples": 100}
 
 
 def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, full_preset: bool) -> dict:
@@ -81,8 +81,9 @@ def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, 
     import torch
 
     from inva_pyro import Cohort, InVA
-    from inva_pyro.config import Preset, load_preset
+    from inva_pyro.config import load_preset
     from inva_pyro.data.simulate import write_cohort
+    from inva_pyro.tune.search_space import apply
 
     torch.set_num_threads(2)
     times = {}
@@ -95,12 +96,7 @@ def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, 
     times["read_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    settings = load_preset("inva").model_dump()
-    if not full_preset:
-        for table, values in WHOLE_BRAIN.items():
-            settings[table].update(values)
-    settings["training"]["epochs"] = epochs
-    model = InVA(Preset.model_validate(settings))
+    model = InVA(apply(load_preset("inva"), {**({} if full_preset else WHOLE_BRAIN), "training.epochs": epochs}))
     model.fit(cohort.train, cohort.val, seed=seed, device="cpu", progress=False)
     times["fit_s"] = time.perf_counter() - start
 
@@ -112,8 +108,8 @@ def run_design(design: str, n_subjects: int, out: Path, epochs: int, seed: int, 
     pred.to_files(out / f"{design}_predictions")
     times["write_s"] = time.perf_counter() - start
 
-    # The figures by hand rather than Prediction.metrics: the same definitions (CONTRACT.md), for
-    # every kind of space alike.
+    # The figures by hand rather than Prediction.metrics (the same definitions), for every kind of
+    # space alike.
     y = test.outcome
     mse = float(np.mean((y - pred.mean) ** 2))
     oracle_mse = float(np.mean(test.truth_sd.astype(np.float64) ** 2))

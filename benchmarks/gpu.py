@@ -1,4 +1,4 @@
-"""The GPU figures of issue 13 in one run (at most about 8 minutes on one H100).
+"""The GPU figures in one run (at most about 8 minutes on one H100).
 
 Sections, each with its own time budget and its own try/except (a failure or an overrun in one
 still reports the others; a section over budget stops at its next unit of work and says so):
@@ -10,7 +10,8 @@ still reports the others; a section over budget stops at its next unit of work a
 - ``svi_step``: one SVI step (3 inputs, batch 32, default networks) at 1,024 / 8,192 / 65,536 /
   230,000 features per image, timed as the training loop runs it (``DeviceTrace_ELBO``, fused
   AdamW and foreach clipping on CUDA, no host synchronisation), against Pyro's ``Trace_ELBO``
-  step as before issue 13 and the hand-written PyTorch step of ``svi_overhead.py``; the step
+  step (a host synchronisation per site, checks every step: how training ran before) and the
+  hand-written PyTorch step (``bench_common.torch_elbo_loss``, as in ``svi_overhead.py``); the step
   as the loop runs it on CUDA, replayed as a CUDA graph (train/graphs.py), in a child process
   (CUDA only; its error is reported if recording fails). Then steps at larger batches (``training.batch_size``,
   ``inva fit --batch-size``) at 65,536 features: subjects per second.
@@ -46,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 V_2MM = 216_049  # voxels in the brain mask of the volume design at 2 mm (MNI152 GM + WM > 0.5)
 GOALS = {"demo_fit_s": 5.0, "step_ms_65536": 5.0, "step_ms_230000": 10.0, "epoch_s_1000_2mm": 20.0,
@@ -55,11 +57,6 @@ GOALS = {"demo_fit_s": 5.0, "step_ms_65536": 5.0, "step_ms_230000": 10.0, "epoch
 
 class OverBudget(Exception):
     pass
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_section(name: str, budget_s: float, device: torch.device, fn, args) -> dict:
@@ -116,7 +113,7 @@ def demo_fit(args, device, deadline) -> dict:
             start = time.perf_counter()
             try:
                 model.fit(cohort.train, cohort.val, seed=0, device=str(dev), progress=False, on_epoch_end=stop)
-                sync(dev)
+                common.sync(dev)
                 fitted = time.perf_counter()
                 pred = model.predict(cohort.test, num_samples=100, seed=0)
                 epochs = [b - a for a, b in zip([start] + stamps, stamps)]
@@ -134,102 +131,6 @@ def demo_fit(args, device, deadline) -> dict:
 
 
 # ---- SVI step --------------------------------------------------------------------------------------
-def _module(features: int, device, inputs: int = 3):
-    from inva_pyro.config import ModelConfig
-    from inva_pyro.model.module import InVAModule
-
-    names = [f"x{k + 1}" for k in range(inputs)]
-    return InVAModule(names, [features] * inputs, features, ModelConfig()).to(device), names
-
-
-def _timed(step, device, steps: int, warmup: int, deadline: float) -> float:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start, done = time.perf_counter(), 0
-    while done < steps:
-        step()
-        done += 1
-        if done % 5 == 0 and time.perf_counter() > deadline:
-            break
-    sync(device)
-    return 1e3 * (time.perf_counter() - start) / done
-
-
-def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
-    """Closures, each one SVI step of ``module`` on the batch (xs, y)."""
-    import pyro
-    from pyro.infer import Trace_ELBO
-    from svi_overhead import torch_elbo_loss
-
-    from inva_pyro.config import TrainingConfig
-    from inva_pyro.train.elbo import DeviceTrace_ELBO
-    from inva_pyro.train.optimizer import clip_and_guard, make_optimizer
-
-    params = list(module.parameters())
-    cfg = TrainingConfig()
-    new_opt, old_opt = make_optimizer(module, cfg, device), torch.optim.AdamW(params, lr=cfg.learning_rate)
-    device_elbo, pyro_elbo = DeviceTrace_ELBO(), Trace_ELBO()
-    kwargs = dict(subjects=idx, n_subjects=n_subjects)
-
-    def inva_step():  # as train/loop.py runs it
-        new_opt.zero_grad(set_to_none=True)
-        loss = device_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode(xs), **kwargs)
-        loss.backward()
-        clip_and_guard(new_opt, params, loss, cfg.grad_clip)
-        new_opt.step()
-        return loss
-
-    def pyro_step():  # as before issue 13: Trace_ELBO (a host sync per site), loss.item(), checks per step
-        old_opt.zero_grad(set_to_none=True)
-        loss = pyro_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode(xs), **kwargs)
-        if torch.isfinite(loss):
-            loss.backward()
-            loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        bool(torch.isfinite(norm))
-        old_opt.step()
-
-    def torch_step():  # the same update as inva_step, the loss written by hand
-        new_opt.zero_grad(set_to_none=True)
-        loss = torch_elbo_loss(module, xs, y, n_subjects)
-        loss.backward()
-        clip_and_guard(new_opt, params, loss, cfg.grad_clip)
-        new_opt.step()
-
-    arms = {"eager inva step": inva_step, "Pyro Trace_ELBO step (before)": pyro_step,
-            "hand-written PyTorch": torch_step}
-    with pyro.validation_enabled(False):
-        inva_step()
-    return arms
-
-
-def _graph_step(module, xs, y, n_subjects, cfg):
-    """The inva step as training runs it on CUDA with ``cuda_graphs`` (train/graphs.py): recorded once
-    after an eager warm-up, then replayed. Returns a closure, or one that raises the recording's error."""
-    import pyro
-
-    from inva_pyro.train.elbo import DeviceTrace_ELBO
-    from inva_pyro.train.graphs import StepGraphs
-    from inva_pyro.train.loop import Batchable, svi_step
-    from inva_pyro.train.optimizer import make_optimizer
-
-    params = list(module.parameters())
-    data = Batchable(xs, y)  # the minibatch is the cohort: the graph gathers all of it each step
-    idx = torch.arange(len(y), device=y.device)
-    opt = make_optimizer(module, cfg, y.device, capturable=True)
-    elbo = DeviceTrace_ELBO()
-    graphs = StepGraphs(lambda i, kl: svi_step(elbo, module, opt, params, data, i, i, n_subjects, kl, cfg), y.device)
-    with pyro.validation_enabled(False):
-        graphs(idx, 1.0)  # eager warm-up on the side stream
-        graphs(idx, 1.0)  # recording, then the first replay
-    if not graphs.enabled:
-        def failed():
-            raise RuntimeError("recording failed (see the warning above)")
-        return failed
-    return lambda: graphs(idx, 1.0)
-
-
 def svi_step(args, device, deadline) -> dict:
     import pyro
 
@@ -242,16 +143,16 @@ def svi_step(args, device, deadline) -> dict:
             rows[str(features)] = {"skipped": "section budget spent"}
             continue
         torch.manual_seed(0)
-        module, names = _module(features, device)
+        module, names = common.default_module(features, device)
         xs = [torch.randn(batch, features, device=device) for _ in names]
         y = torch.randn(batch, features, device=device)
         idx = torch.arange(batch, device=device)
-        arms = step_arms(module, xs, y, idx, n_subjects, device)
+        arms = common.step_arms(module, xs, y, idx, n_subjects, device)
         row, until = {}, time.perf_counter() + per_size
         with pyro.validation_enabled(False):
             for name, step in arms.items():
                 try:
-                    row[name] = round(_timed(step, device, steps, warmup, until), 3)
+                    row[name] = round(common.timed_ms(step, device, steps, warmup, until), 3)
                 except Exception as exc:
                     row[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]
         rows[str(features)] = row
@@ -282,12 +183,12 @@ def svi_step(args, device, deadline) -> dict:
         if time.perf_counter() > deadline:
             break
         try:
-            module, names = _module(features, device)
+            module, names = common.default_module(features, device)
             xs = [torch.randn(b, features, device=device) for _ in names]
             y = torch.randn(b, features, device=device)
-            arms = step_arms(module, xs, y, torch.arange(b, device=device), n_subjects, device)
+            arms = common.step_arms(module, xs, y, torch.arange(b, device=device), n_subjects, device)
             with pyro.validation_enabled(False):
-                ms = _timed(arms["eager inva step"], device, steps, warmup, deadline)
+                ms = common.timed_ms(arms["eager inva step"], device, steps, warmup, deadline)
             sweep[str(b)] = {"ms_per_step": round(ms, 3), "subjects_per_s": round(1e3 * b / ms, 1)}
             del module, xs, y, arms
         except Exception as exc:
@@ -339,7 +240,7 @@ def stream_epoch(args, device, deadline) -> dict:
             batches.take(order[s:s + 32])
             if s + 32 < n_read:
                 batches.prefetch(order[s + 32:s + 64])
-        sync(device)
+        common.sync(device)
         read_s = (time.perf_counter() - start) * n_train / n_read
         out["read_only_epoch_s"] = round(read_s, 2)
         torch.manual_seed(0)
@@ -350,7 +251,7 @@ def stream_epoch(args, device, deadline) -> dict:
         stamps = [time.perf_counter()]
 
         def stop(state):
-            sync(device)
+            common.sync(device)
             stamps.append(time.perf_counter())
             if time.perf_counter() > deadline:
                 raise OverBudget
@@ -371,7 +272,7 @@ def predictive(args, device, deadline) -> dict:
 
     subjects, draws, features = (10, 100, 2048) if args.quick else (100, 1000, V_2MM)
     torch.manual_seed(0)
-    module, names = _module(features, device)
+    module, names = common.default_module(features, device)
     module.eval()
     xs = [torch.randn(subjects, features, device=device) for _ in names]
     y = torch.randn(subjects, features, device=device)
@@ -382,7 +283,7 @@ def predictive(args, device, deadline) -> dict:
     start = time.perf_counter()
     posterior_predictive(module, [x[:first] for x in xs], num_samples=draws, probs=probs, observed=y[:first],
                          generator=seeded_generator(device, 0))
-    sync(device)
+    common.sync(device)
     first_s = time.perf_counter() - start
     out = {"subjects": subjects, "draws": draws, "features": features, "quantiles": len(probs)}
     if time.perf_counter() + first_s * (subjects - first) / first > deadline:
@@ -393,7 +294,7 @@ def predictive(args, device, deadline) -> dict:
         start = time.perf_counter()
         posterior_predictive(module, xs, num_samples=draws, probs=probs, observed=y,
                              generator=seeded_generator(device, 1))
-        sync(device)
+        common.sync(device)
         total_s, n = time.perf_counter() - start, subjects
         out["seconds"] = round(total_s, 2)
     out["entries_per_s"] = round(draws * n * features / total_s, 1)
@@ -409,14 +310,14 @@ def graph_probe(sizes: list[int], steps: int) -> None:
     for features in sizes:
         try:
             torch.manual_seed(0)
-            module, names = _module(features, device)
+            module, names = common.default_module(features, device)
             xs = [torch.randn(32, features, device=device) for _ in names]
             y = torch.randn(32, features, device=device)
             from inva_pyro.config import TrainingConfig
             for key, mixed in (("", False), (", mixed_precision", True)):
-                replay = _graph_step(module, xs, y, 1000, TrainingConfig(mixed_precision=mixed))
+                replay = common.graph_step(module, xs, y, 1000, TrainingConfig(mixed_precision=mixed))
                 with pyro.validation_enabled(False):
-                    out[f"{features}{key}"] = round(_timed(replay, device, steps, 3, time.perf_counter() + 60), 3)
+                    out[f"{features}{key}"] = round(common.timed_ms(replay, device, steps, 3, time.perf_counter() + 60), 3)
                 del replay
                 torch.cuda.empty_cache()
             del module, xs, y

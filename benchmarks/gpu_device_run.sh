@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Issue 13's checks on a lent GPU box, in one file (about 9 minutes at most). Run from the repo root:
+# The GPU checks in one file (about 9 minutes at most): the CUDA tests, benchmarks/update.py and
+# benchmarks/gpu.py. Run from the repository root on the GPU box:
 #
 #   bash benchmarks/gpu_device_run.sh
 #
-# That box has torch + CUDA, pytest, numpy, scipy, pandas, matplotlib, scikit-learn, statsmodels, tqdm,
-# safetensors, xarray, h5py, but not pyro, arviz, nibabel, nilearn, monai or pydantic. Before the run, here:
-#   ../shared/tools/device-wheels.sh zlib-ng   # wheels into .whl/ (zlib-ng: the fast gzip of data/gz.py)
-# and carry `.whl` with the run. Logs and the benchmark JSON go under $OUT (the device tool's folder that
-# comes back; /tmp/gpu_out when unset): env.txt, tests.log, update.log, bench.log, gpu.json.
-# Budget: install ~10 s, tests <= 180 s (148 s on the loaded 2-core CPU machine with cuda -> cpu), benchmark
+# The box needs torch with CUDA, pytest, numpy, scipy, pandas, matplotlib, scikit-learn, statsmodels, tqdm,
+# safetensors, xarray and h5py. Where it lacks the other dependencies (pyro-ppl, arviz, nibabel, nilearn,
+# monai, pydantic; zlib-ng for the fast gzip of data/gz.py) and cannot reach a package index, build wheels
+# of them (and of their own dependencies the box lacks) on a machine with network access, for the box's
+# Python version and platform, e.g.
+#   pip download -d .whl --only-binary=:all: --python-version 3.X --platform manylinux2014_x86_64 --no-deps PKG...
+# and copy the .whl folder into the repository root on the box: this script installs them from there.
+# Logs and the benchmark JSON go under $OUT (/tmp/gpu_out when unset): env.txt, tests.log, update.log,
+# bench.log, gpu.json.
+# Budget: install ~10 s, tests <= 180 s (148 s on a loaded 2-core CPU machine with cuda -> cpu), benchmark
 # <= 340 s (its sections stop themselves at ~320 s).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1

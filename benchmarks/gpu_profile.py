@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import _graph_step, _module, _timed, step_arms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 
 def profile_fit() -> dict:
@@ -59,10 +59,10 @@ def profile_kernels(features: int) -> dict:
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    module, names = _module(features, device)
+    module, names = common.default_module(features, device)
     xs = [torch.randn(32, features, device=device) for _ in names]
     y = torch.randn(32, features, device=device)
-    step = step_arms(module, xs, y, torch.arange(32, device=device), 1000, device)["eager inva step"]
+    step = common.step_arms(module, xs, y, torch.arange(32, device=device), 1000, device)["eager inva step"]
     with pyro.validation_enabled(False):
         for _ in range(3):
             step()
@@ -93,16 +93,16 @@ def variants(features: int) -> dict:
         try:
             torch.backends.cuda.matmul.allow_tf32 = name == "graph + tf32"
             torch.manual_seed(0)
-            module, names = _module(features, device)
+            module, names = common.default_module(features, device)
             if name == "graph + compiled voxel net":
                 module.predictor.voxel_net.compile()
             xs = [torch.randn(32, features, device=device) for _ in names]
             y = torch.randn(32, features, device=device)
             start = time.perf_counter()
-            replay = _graph_step(module, xs, y, 1000, TrainingConfig())
+            replay = common.graph_step(module, xs, y, 1000, TrainingConfig())
             setup = time.perf_counter() - start
             with pyro.validation_enabled(False):
-                ms = _timed(replay, device, 30, 3, time.perf_counter() + 60)
+                ms = common.timed_ms(replay, device, 30, 3, time.perf_counter() + 60)
             out[name] = {"ms": round(ms, 3), "setup_s": round(setup, 1)}
         except Exception as exc:
             out[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:300]

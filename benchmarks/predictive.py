@@ -20,16 +20,18 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
+
 
 def build(args):
-    from inva_pyro.config import ModelConfig
-    from inva_pyro.model.module import InVAModule
     torch.manual_seed(0)
-    names = [f"x{k + 1}" for k in range(args.inputs)]
-    module = InVAModule(names, [args.features] * args.inputs, args.features, ModelConfig()).eval()
+    module, names = common.default_module(args.features, "cpu", args.inputs)
+    module.eval()
     xs = [torch.randn(args.subjects, args.features) for _ in names]
     y = torch.randn(args.subjects, args.features)
     return module, xs, y

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _memory import peak_rss_mb
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 
 def probe(folder: Path, n_train: int, n_val: int, epochs: int, batch_size: int, cache_subjects: int,
@@ -40,7 +41,7 @@ def probe(folder: Path, n_train: int, n_val: int, epochs: int, batch_size: int, 
     from inva_pyro import Cohort, InVA, load_preset
 
     torch.set_num_threads(threads)
-    base = peak_rss_mb()
+    base = common.peak_rss_mb()
     cohort = Cohort.from_dir(folder, lazy=True, cache_subjects=cache_subjects)
     everyone = cohort.all
     if len(everyone) < n_val + n_train:
@@ -61,7 +62,7 @@ def probe(folder: Path, n_train: int, n_val: int, epochs: int, batch_size: int, 
             "input_features": int(sum(model.info["input_sizes"])), "epochs": len(stamps),
             "epoch_s": round(float(statistics.median(epoch_s)), 3),
             "first_epoch_s": round(stamps[0] - start, 2), "fit_s": round(fit_s, 1),
-            "peak_rss_mb": round(peak_rss_mb() - base, 1), "device": device}
+            "peak_rss_mb": round(common.peak_rss_mb() - base, 1), "device": device}
 
 
 def slope(xs, ys) -> float:

@@ -55,9 +55,8 @@ def measure(shape: tuple[int, int, int], steps: int, device: torch.device) -> di
         optimizer = make_optimizer(module, preset.training, device)
         elbo, idx, kl = DeviceTrace_ELBO(), torch.arange(32, device=device), torch.ones((), device=device)
 
-        def step():
+        def step():  # backward, clipping and the AdamW update, as training runs them
             svi_step(elbo, module, optimizer, params, data, idx, idx, len(data), kl, preset.training)
-            optimizer.step()
         with pyro.validation_enabled(False):
             row[f"step_ms_lambda_{strength:g}"] = 1000 * timed(step, steps, device)
     maps = [p.detach().clone().requires_grad_() for p in

@@ -1,5 +1,5 @@
 """Pyro's overhead: one SVI step of the InVA program (with ``DeviceTrace_ELBO``, as training runs it)
-against the same ELBO written by hand in PyTorch.
+against the same ELBO written by hand in PyTorch (``bench_common.torch_elbo_loss``).
 
 Both steps use the same networks, the same minibatch and the same single-sample ELBO estimator
 (reparameterised draws of the output layer and of every latent, log-densities summed, subjects
@@ -8,7 +8,7 @@ step. The hand-written step computes the encoders once, as a careful PyTorch pro
 Both run without distribution validation, as training runs every step after a fit's first.
 Prints a table and a final JSON line {"ratio": median pyro step / median torch step, ...}.
 
-``--trials`` adds the speed-ups issue 7 asks to try, each an extra arm timed against the same
+``--trials`` adds speed-ups worth trying, each an extra arm timed against the same
 hand-written step (``trials`` in the JSON: median ms and ratio of each):
 - ``jit``: Pyro's ``JitTrace_ELBO`` (torch.jit.trace of the whole ELBO). It needs every tensor
   as a positional argument and the networks in Pyro's param store (``pyro.module``), and it
@@ -25,45 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import torch
 from pyro.infer import JitTrace_ELBO
-from torch.distributions import Normal
 
-from inva_pyro.config import ModelConfig
-from inva_pyro.model.module import InVAModule
 from inva_pyro.train.elbo import DeviceTrace_ELBO
 from inva_pyro.train.loop import autocast
 
-
-def torch_elbo_loss(module, xs, y, n_subjects, kl_scale=1.0):
-    """The negative ELBO of module.model/module.guide, written with torch.distributions only."""
-    batch = y.shape[0]
-    scale = n_subjects / batch
-    w_q, b_q = module.output_weight_q, module.output_bias_q
-    weight = w_q.loc + w_q.scale * torch.randn_like(w_q.loc)
-    bias = b_q.loc + b_q.scale * torch.randn_like(b_q.loc)
-    zero = weight.new_zeros(())  # priors on the device of the weights
-    tau = zero + module.cfg.output_prior_scale
-    elbo = (Normal(zero, tau).log_prob(weight).sum() + Normal(zero, tau).log_prob(bias).sum()
-            - Normal(w_q.loc, w_q.scale).log_prob(weight).sum() - Normal(b_q.loc, b_q.scale).log_prob(bias).sum())
-    encoded = module.encode(xs)
-    local_terms = 0.0
-    for (h_loc, h_scale), decoder, x in zip(encoded, module.modality_decoders, module.vae_inputs(xs)):
-        h = h_loc + h_scale * torch.randn_like(h_loc)
-        z_loc, z_scale = module.shared_encoder(h)
-        z = z_loc + z_scale * torch.randn_like(z_loc)
-        prior_h = Normal(*module.shared_decoder(z))
-        kl_part = (Normal(zero, zero + 1.0).log_prob(z).sum() + prior_h.log_prob(h).sum()
-                   - Normal(h_loc, h_scale).log_prob(h).sum() - Normal(z_loc, z_scale).log_prob(z).sum())
-        local_terms = local_terms + kl_scale * kl_part + Normal(*decoder(h)).log_prob(x).sum()
-    hidden = module.predictor.hidden(module.latent_statistics(encoded))
-    local_mean, sd = module.predictor.deterministic_parts(hidden, module.local_inputs(xs))
-    mean = hidden @ weight.T + bias + local_mean
-    local_terms = local_terms + Normal(mean, sd).log_prob(y).sum()
-    return -(elbo + scale * local_terms)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 
 def time_steps(step, steps, warmup):
@@ -92,8 +66,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    names = [f"x{k + 1}" for k in range(args.inputs)]
-    module = InVAModule(names, [args.features] * args.inputs, args.features, ModelConfig()).to(device)
+    module, names = common.default_module(args.features, device, args.inputs)
     xs = [torch.randn(args.batch, args.features, device=device) for _ in names]
     y = torch.randn(args.batch, args.features, device=device)
     idx = torch.arange(args.batch, device=device)
@@ -111,7 +84,7 @@ def main(argv=None):
                                         encoded=module.encode(xs)))
 
     def torch_step():
-        update(torch_elbo_loss(module, xs, y, args.subjects))
+        update(common.torch_elbo_loss(module, xs, y, args.subjects))
 
     arms = {"Pyro SVI (DeviceTrace_ELBO)": pyro_step, "hand-written PyTorch": torch_step}
     trials = [t for t in args.trials.split(",") if t]

@@ -20,17 +20,15 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from inva_pyro.config import ModelConfig, TrainingConfig
-from inva_pyro.model.module import InVAModule
+from inva_pyro.config import TrainingConfig
 from inva_pyro.train.optimizer import clip_and_guard, make_optimizer, param_groups
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared module
+import bench_common as common  # noqa: E402
 
 
 def arms(params: list[torch.nn.Parameter], module, cfg: TrainingConfig, device: torch.device) -> dict:
@@ -69,7 +67,7 @@ def main(argv=None) -> None:
     rows = {}
     for features in [int(f) for f in args.features.split(",")]:
         torch.manual_seed(0)
-        module = InVAModule(["x1", "x2", "x3"], [features] * 3, features, ModelConfig()).to(device)
+        module = common.default_module(features, device)[0]
         params = [p for p in module.parameters() if p.requires_grad]
         for p in params:  # gradients of a typical size, the clip active (norm well above 10)
             p.grad = torch.randn_like(p)
@@ -77,10 +75,10 @@ def main(argv=None) -> None:
         for name, update in arms(params, module, cfg, device).items():
             times = []
             for i in range(args.steps + 2):
-                _sync(device)
+                common.sync(device)
                 start = time.perf_counter()
                 update()
-                _sync(device)
+                common.sync(device)
                 if i >= 2:
                     times.append(1e3 * (time.perf_counter() - start))
             row[name] = round(statistics.median(times), 2)
