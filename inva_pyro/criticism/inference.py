@@ -131,8 +131,6 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
     noise_sd = d.noise_sd.astype(np.float64) * scale[feats]
     y_rep = to_units(d.outcome.astype(np.float64))
     subjects = [str(s) for s in subset.subjects]
-    n = len(subjects)
-
     if prediction is not None:
         mean, raw_sd, sd = (np.asarray(a, dtype=np.float64)[:, feats] for a in
                             (prediction.mean, getattr(prediction, "cal_base_sd", prediction.raw_sd), prediction.sd))
@@ -164,16 +162,7 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
         posterior[name] = draws[None].astype(np.float32)
         dims[name] = ["subject", "shallow_dim" if name.startswith("shallow") else "deep_dim"]
 
-    observed = {}
-    log_likelihood = {}
-    if subset.outcome is not None:
-        obs = np.asarray(subset.outcome, dtype=np.float64)[:, feats]
-        observed["outcome"] = obs
-        log_likelihood["outcome"] = stats.norm.logpdf(obs, comp_mean, noise_sd)[None].astype(np.float32)
-        if d.image_loglik is not None:
-            # standardised -> image units: the density picks up -log(scale_v) for every feature
-            log_likelihood["outcome_image"] = (d.image_loglik - np.log(scale).sum())[None]
-
+    observed, log_likelihood = _observed_groups(subset, feats, comp_mean, noise_sd, d.image_loglik, scale)
     constant = {"predictive_mean": mean, "predictive_sd": sd, "predictive_raw_sd": raw_sd,
                 "feature_index": feats}
     if subset.truth_mean is not None:
@@ -185,12 +174,13 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
     if grid is not None:
         constant["grid_index"] = grid
 
-    coords = {"subject": subjects, "feature": feats, "hidden": np.arange(model.module.cfg.predictor_hidden),
-              "shallow_dim": np.arange(model.module.cfg.shallow_dim), "deep_dim": np.arange(model.module.cfg.deep_dim),
+    cfg = model.module.cfg
+    coords = {"subject": subjects, "feature": feats, "hidden": np.arange(cfg.predictor_hidden),
+              "shallow_dim": np.arange(cfg.shallow_dim), "deep_dim": np.arange(cfg.deep_dim),
               "axis": np.arange(grid.shape[1]) if grid is not None else np.arange(1)}
     attrs = {"inference_library": "inva-pyro", "model_family": model.info.get("family", "inva"),
              "outcome": model.info.get("outcome", "y"), "num_draws": int(num_draws), "seed": int(seed),
-             "n_features_total": n_all, "n_subjects": n,
+             "n_features_total": n_all, "n_subjects": len(subjects),
              "feature_selection": "all" if len(feats) == n_all else f"seeded uniform subset (seed {seed})",
              "calibration": calibrator.method if calibrator is not None else "none",
              "calibration_tau": float(calibrator.tau) if calibrator is not None else 1.0,
@@ -201,6 +191,18 @@ def build_inference_data(model, subset, prediction=None, *, num_draws: int = DEF
     return az.from_dict(posterior=posterior or None, posterior_predictive=posterior_predictive,
                         observed_data=observed or None, log_likelihood=log_likelihood or None,
                         constant_data=constant, coords=coords, dims=used, attrs=attrs)
+
+
+def _observed_groups(subset, feats, comp_mean, noise_sd, image_loglik, scale) -> tuple[dict, dict]:
+    """observed_data and log_likelihood of the subjects with an outcome (empty without one)."""
+    if subset.outcome is None:
+        return {}, {}
+    obs = np.asarray(subset.outcome, dtype=np.float64)[:, feats]
+    log_likelihood = {"outcome": stats.norm.logpdf(obs, comp_mean, noise_sd)[None].astype(np.float32)}
+    if image_loglik is not None:
+        # standardised -> image units: the density picks up -log(scale_v) for every feature
+        log_likelihood["outcome_image"] = (image_loglik - np.log(scale).sum())[None]
+    return {"outcome": obs}, log_likelihood
 
 
 def inference_data_from_prediction(prediction, *, num_draws: int = DEFAULT_DRAWS, n_features: int = DEFAULT_FEATURES,

@@ -104,18 +104,8 @@ class Cohort:
         reader = ImageReader(base=csv_path.parent, csv_path=csv_path, mask=mask, given=space,
                               outcome=outcome, lazy=lazy)
         sources = {name: reader.sources(table, cols, name, subjects) for name, cols in columns.items()}
-        for row, subject in enumerate(subjects):  # an empty cell is an image not acquired (missing.py)
-            if all(sources[name][row] is None for name in inputs):
-                raise InputError(f"{csv_path}: subject '{subject}' (line {row + 2}) has no input image at all "
-                                 f"(every one of {', '.join(inputs)} is empty)")
         kinds = {name: reader.column_kind(name, column_sources) for name, column_sources in sources.items()}
-        if mask is not None and "volume" not in kinds.values():
-            raise InputError(f"{mask}: a mask selects voxels of NIfTI volumes, but no image column "
-                             f"holds volumes ({', '.join(f'{n}: {k}' for n, k in kinds.items())})")
-        for name in [n for n in roles if roles[n].startswith("truth")]:
-            if outcome is not None and kinds[name] != kinds[outcome]:
-                raise InputError(f"{csv_path}: truth column '{name}' holds {kinds[name]} files but the "
-                                 f"outcome '{outcome}' holds {kinds[outcome]} files")
+        _check_columns(csv_path, subjects, inputs, outcome, roles, sources, kinds, mask)
         matrices, spaces = {}, {}
         for name in roles:
             space_name = outcome if roles[name].startswith("truth") else name
@@ -126,8 +116,8 @@ class Cohort:
         covariate_names = covariate_columns(table, covariates, used_columns, csv_path)
         covariate_frame = None
         if covariate_names:
-            covariate_frame = table[covariate_names].apply(pd.to_numeric).astype(np.float64)
-            covariate_frame.index = pd.Index(subjects, name=SUBJECT_COLUMN)
+            covariate_frame = table[covariate_names].apply(pd.to_numeric).astype(np.float64).set_axis(
+                pd.Index(subjects, name=SUBJECT_COLUMN))
 
         names = inputs + ([outcome] if outcome is not None else [])
         if lazy:
@@ -263,3 +253,19 @@ class Cohort:
         sizes = ", ".join(f"{name}={len(self._indices[name])}" for name in SPLITS)
         return (f"Cohort(n={len(self._data)}, inputs={self._input_names}, "
                 f"outcome={self._outcome_name!r}, {sizes})")
+
+
+def _check_columns(csv_path: Path, subjects, inputs, outcome, roles: dict, sources: dict, kinds: dict, mask) -> None:
+    """What the cells of a manifest can get wrong together: a subject without any input, a mask on a cohort
+    without volumes, truth images of another kind than the outcome."""
+    for row, subject in enumerate(subjects):  # an empty cell is an image not acquired (missing.py)
+        if all(sources[name][row] is None for name in inputs):
+            raise InputError(f"{csv_path}: subject '{subject}' (line {row + 2}) has no input image at all "
+                             f"(every one of {', '.join(inputs)} is empty)")
+    if mask is not None and "volume" not in kinds.values():
+        raise InputError(f"{mask}: a mask selects voxels of NIfTI volumes, but no image column "
+                         f"holds volumes ({', '.join(f'{n}: {k}' for n, k in kinds.items())})")
+    for name in [n for n in roles if roles[n].startswith("truth")]:
+        if outcome is not None and kinds[name] != kinds[outcome]:
+            raise InputError(f"{csv_path}: truth column '{name}' holds {kinds[name]} files but the "
+                             f"outcome '{outcome}' holds {kinds[outcome]} files")

@@ -162,7 +162,6 @@ def mixture_predictive(components: list[tuple[object, list[torch.Tensor]]], *, n
     (W, b) are the first component's)."""
     for module, _ in components:
         module.eval()
-    mixed = len(components) > 1
     first, inputs = components[0]
     n, n_vox = inputs[0].shape[0], first.predictor.scale_head.out_features
     device = inputs[0].device
@@ -171,101 +170,150 @@ def mixture_predictive(components: list[tuple[object, list[torch.Tensor]]], *, n
     hidden_dim = max(module.cfg.predictor_hidden for module, _ in components)
     # Draws cost (chunk x block x V); only the kept draws also sample W, at (chunk x V x D).
     chunk_size = chunk_size or max(2, min(num_samples, (16 << 20) // (n_vox * block_size)))
-    kept_chunk = max(1, min(chunk_size, (16 << 20) // (n_vox * hidden_dim)))
-    grid = GRID.to(device)
-    means, sds, crps_maps, kept = [], [], [], []
-    quantiles = {p: [] for p in probs}
+    sizes = _ChunkSizes(num_samples, chunk_size, max(1, min(chunk_size, (16 << 20) // (n_vox * hidden_dim))))
     keep_draws = min(int(keep_draws), num_samples)
-    kept_seed = None
-    if keep_draws:
-        features = torch.arange(n_vox) if keep_features is None else torch.as_tensor(np.asarray(keep_features), dtype=torch.long)
-        features = features.to(device)
-        kept_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
-        kd = {"mean": [], "noise_sd": [], "outcome": [], "loglik": []}
-        kept_w = kept_b = None
+    kept = _KeptBuffer.start(keep_draws, keep_features, n_vox, len(components) > 1, generator, device) \
+        if keep_draws else None
+    blocks = []
     for start in range(0, n, block_size):
         parts = [_Component.of(module, [x[start:start + block_size] for x in xs]) for module, xs in components]
-        # the histogram's grid: around the (mixture's) mean, in units of the noise sd
-        reference = parts[0].reference if not mixed else torch.stack([c.reference for c in parts]).mean(0)
-        scale = parts[0].noise_sd if not mixed else torch.stack([c.noise_sd for c in parts]).mean(0)
-        moments = StreamingMoments()
-        crps = StreamingCRPS(observed[start:start + block_size]) if observed is not None else None
-        counts = torch.zeros(*reference.shape, len(grid) + 1, dtype=torch.int32, device=device)
-        block_kept, drawn = [], 0
-        if keep_draws:
-            # the same (W, b) draws for the kept draws of every block
-            kept_gen = seeded_generator(device, kept_seed)
-            block_draws = {"mean": [], "noise_sd": [], "outcome": [], "loglik": [], "w": [], "b": []}
-        while drawn < num_samples:
-            s = min(chunk_size, num_samples - drawn)
-            if drawn < keep_draws:
-                s = min(s, keep_draws - drawn, kept_chunk)   # a chunk is either wholly kept or not
-            if drawn < keep_draws:  # joint draws of (W, b), shared by every subject, for ArviZ
-                drawn_means = [c.kept_means(s, kept_gen, features) for c in parts]
-                which = (torch.arange(drawn, drawn + s, device=device) % len(parts))[:, None, None]
-                mean = _pick([m for m, _, _ in drawn_means], which)
-                noise_sd = _pick([c.noise_sd for c in parts], which)
-                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-                draws = mean + noise_sd * noise                                 # (s, B, V)
-            else:
-                noise = torch.randn((s, *reference.shape), generator=generator, device=device, dtype=reference.dtype)
-                if mixed:
-                    which = torch.randint(len(parts), (s, reference.shape[0], 1), generator=generator, device=device)
-                    draws = _pick([c.reference for c in parts], which) + _pick([c.total_sd for c in parts], which) * noise
-                else:
-                    draws = reference + parts[0].total_sd * noise
-            moments.update(draws)
-            if crps is not None:
-                crps.update(draws)
-            # GRID is uniform, so a draw's bin is arithmetic (no binary search): 0 below, len(GRID) above
-            bins = ((draws - reference) / scale).sub_(GRID_LOW).div_(GRID_STEP).floor_().add_(1)
-            bins = bins.clamp_(0, len(grid)).to(torch.int64)
-            counts.view(-1, counts.shape[-1]).scatter_add_(
-                1, bins.permute(1, 2, 0).reshape(-1, s), torch.ones(1, dtype=torch.int32, device=device).expand(bins.numel() // s, s))
-            if len(block_kept) * chunk_size < keep_samples:
-                block_kept.append(draws[: keep_samples - drawn].cpu())
-            if drawn < keep_draws:
-                block_draws["mean"].append(mean[..., features].cpu())
-                block_draws["noise_sd"].append(noise_sd.expand_as(mean)[..., features].cpu())
-                block_draws["outcome"].append(draws[..., features].cpu())
-                if observed is not None:
-                    y_block = observed[start:start + block_size]
-                    block_draws["loglik"].append(torch.distributions.Normal(mean, noise_sd).log_prob(y_block)
-                                                 .double().sum(-1).cpu())
-                if drawn_means[0][1] is not None and start == 0:
-                    block_draws["w"].append(drawn_means[0][1].cpu())
-                    block_draws["b"].append(drawn_means[0][2].cpu())
-            drawn += s
-        means.append(moments.mean.float().cpu())
-        sds.append(moments.sd().float().cpu())
-        for p, q in histogram_quantiles(counts, probs).items():
-            quantiles[p].append((reference + scale * q.to(reference.dtype)).cpu())
-        if crps is not None:
-            crps_maps.append(torch.as_tensor(crps.value(average=False)).float().cpu())
-        if keep_samples:
-            kept.append(torch.cat(block_kept, 0)[:keep_samples])
-        if keep_draws:
-            kd["mean"].append(torch.cat(block_draws["mean"], 0))
-            kd["outcome"].append(torch.cat(block_draws["outcome"], 0))
-            # the noise sd is the same for every draw of one module: (B, F) then, (K, B, F) for a mixture
-            kd["noise_sd"].append(torch.cat(block_draws["noise_sd"], 0) if mixed else block_draws["noise_sd"][0][0])
-            if block_draws["loglik"]:
-                kd["loglik"].append(torch.cat(block_draws["loglik"], 0))
-            if block_draws["w"]:
-                kept_w, kept_b = torch.cat(block_draws["w"], 0), torch.cat(block_draws["b"], 0)
-    cat = lambda parts, dim=0: torch.cat(parts, dim).numpy()
-    kept_draws = None
-    if keep_draws:
-        kept_draws = KeptDraws(
-            features=features.cpu().numpy(), component_mean=cat(kd["mean"], 1),
-            noise_sd=cat(kd["noise_sd"], 1 if mixed else 0),
-            outcome=cat(kd["outcome"], 1), output_weight=None if kept_w is None else kept_w.numpy(),
-            output_bias=None if kept_b is None else kept_b.numpy(),
-            image_loglik=cat(kd["loglik"], 1) if kd["loglik"] else None)
+        y = observed[start:start + block_size] if observed is not None else None
+        blocks.append(_block_predictive(parts, y, probs, sizes, keep_samples, kept, start == 0, generator))
+    cat = lambda values, dim=0: torch.cat(values, dim).numpy()  # noqa: E731
+    samples = [b["samples"] for b in blocks if b["samples"] is not None]
+    crps = [b["crps"] for b in blocks if b["crps"] is not None]
     return PredictiveSummary(
-        mean=cat(means), sd=cat(sds), quantiles={p: cat(v) for p, v in quantiles.items()},
-        crps=cat(crps_maps) if crps_maps else None, samples=cat(kept, 1) if kept else None,
-        draws=kept_draws)
+        mean=cat([b["mean"] for b in blocks]), sd=cat([b["sd"] for b in blocks]),
+        quantiles={p: cat([b["quantiles"][p] for b in blocks]) for p in probs},
+        crps=cat(crps) if crps else None, samples=cat(samples, 1) if samples else None,
+        draws=kept.result() if kept is not None else None)
+
+
+@dataclass
+class _ChunkSizes:
+    """Draws per subject, drawn ``chunk`` at a time (``kept_chunk`` while the kept draws are drawn)."""
+    num_samples: int
+    chunk: int
+    kept_chunk: int
+
+
+def _block_predictive(parts: list[_Component], observed, probs, sizes: _ChunkSizes, keep_samples: int,
+                      kept: "_KeptBuffer | None", first_block: bool, generator) -> dict:
+    """Mean, sd, quantiles (a histogram of the draws), CRPS and kept samples of one block of subjects."""
+    mixed, device = len(parts) > 1, parts[0].reference.device
+    # the histogram's grid: around the (mixture's) mean, in units of the noise sd
+    reference = parts[0].reference if not mixed else torch.stack([c.reference for c in parts]).mean(0)
+    scale = parts[0].noise_sd if not mixed else torch.stack([c.noise_sd for c in parts]).mean(0)
+    moments = StreamingMoments()
+    crps = StreamingCRPS(observed) if observed is not None else None
+    counts = torch.zeros(*reference.shape, len(GRID) + 1, dtype=torch.int32, device=device)
+    block_kept, drawn = [], 0
+    kept_gen = kept.begin_block(device) if kept is not None else None  # the same (W, b) draws in every block
+    while drawn < sizes.num_samples:
+        s = min(sizes.chunk, sizes.num_samples - drawn)
+        keeping = kept is not None and drawn < kept.count
+        if keeping:
+            s = min(s, kept.count - drawn, sizes.kept_chunk)   # a chunk is either wholly kept or not
+            draws, mean, noise_sd, drawn_means = _kept_chunk(parts, drawn, s, kept, kept_gen, generator)
+        else:
+            draws = _chunk(parts, reference, s, generator)
+        moments.update(draws)
+        if crps is not None:
+            crps.update(draws)
+        _count(counts, draws, reference, scale, s)
+        if len(block_kept) * sizes.chunk < keep_samples:
+            block_kept.append(draws[: keep_samples - drawn].cpu())
+        if keeping:
+            kept.add(mean, noise_sd, draws, observed, drawn_means[0][1:] if first_block else (None, None))
+        drawn += s
+    if kept is not None:
+        kept.end_block()
+    quantiles = {p: (reference + scale * q.to(reference.dtype)).cpu()
+                 for p, q in histogram_quantiles(counts, probs).items()}
+    return {"mean": moments.mean.float().cpu(), "sd": moments.sd().float().cpu(), "quantiles": quantiles,
+            "crps": torch.as_tensor(crps.value(average=False)).float().cpu() if crps is not None else None,
+            "samples": torch.cat(block_kept, 0)[:keep_samples] if keep_samples else None}
+
+
+def _chunk(parts: list[_Component], reference: torch.Tensor, s: int, generator) -> torch.Tensor:
+    """(s, B, V) draws, each subject's from a component chosen per draw, the output layer's spread in total_sd."""
+    noise = torch.randn((s, *reference.shape), generator=generator, device=reference.device, dtype=reference.dtype)
+    if len(parts) == 1:
+        return reference + parts[0].total_sd * noise
+    which = torch.randint(len(parts), (s, reference.shape[0], 1), generator=generator, device=reference.device)
+    return _pick([c.reference for c in parts], which) + _pick([c.total_sd for c in parts], which) * noise
+
+
+def _kept_chunk(parts: list[_Component], drawn: int, s: int, kept: "_KeptBuffer", kept_gen, generator):
+    """(draws, means, noise sds, each component's means and (W, b)) of s kept draws: joint draws of (W, b),
+    shared by every subject, for ArviZ; draw j from component j mod C."""
+    drawn_means = [c.kept_means(s, kept_gen, kept.features) for c in parts]
+    which = (torch.arange(drawn, drawn + s, device=kept.features.device) % len(parts))[:, None, None]
+    mean = _pick([m for m, _, _ in drawn_means], which)
+    noise_sd = _pick([c.noise_sd for c in parts], which)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + noise_sd * noise, mean, noise_sd, drawn_means
+
+
+def _count(counts: torch.Tensor, draws: torch.Tensor, reference, scale, s: int) -> None:
+    """Add the (s, B, V) draws to the (B, V, bins) histogram around ``reference`` in units of ``scale``."""
+    # GRID is uniform, so a draw's bin is arithmetic (no binary search): 0 below, len(GRID) above
+    bins = ((draws - reference) / scale).sub_(GRID_LOW).div_(GRID_STEP).floor_().add_(1)
+    bins = bins.clamp_(0, len(GRID)).to(torch.int64)
+    ones = torch.ones(1, dtype=torch.int32, device=counts.device).expand(bins.numel() // s, s)
+    counts.view(-1, counts.shape[-1]).scatter_add_(1, bins.permute(1, 2, 0).reshape(-1, s), ones)
+
+
+class _KeptBuffer:
+    """The first ``count`` draws of every subject kept whole at ``features``, block by block (``KeptDraws``)."""
+
+    def __init__(self, count: int, features: torch.Tensor, seed: int, mixed: bool):
+        self.count, self.features, self.seed, self.mixed = count, features, seed, mixed
+        self.parts = {"mean": [], "noise_sd": [], "outcome": [], "loglik": []}
+        self.weight = self.bias = None
+
+    @classmethod
+    def start(cls, count: int, keep_features, n_vox: int, mixed: bool, generator, device) -> "_KeptBuffer":
+        features = torch.arange(n_vox) if keep_features is None else torch.as_tensor(np.asarray(keep_features),
+                                                                                     dtype=torch.long)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
+        return cls(count, features.to(device), seed, mixed)
+
+    def begin_block(self, device) -> torch.Generator:
+        self.block = {"mean": [], "noise_sd": [], "outcome": [], "loglik": [], "w": [], "b": []}
+        return seeded_generator(device, self.seed)
+
+    def add(self, mean, noise_sd, draws, observed, weight_bias) -> None:
+        f = self.features
+        self.block["mean"].append(mean[..., f].cpu())
+        self.block["noise_sd"].append(noise_sd.expand_as(mean)[..., f].cpu())
+        self.block["outcome"].append(draws[..., f].cpu())
+        if observed is not None:
+            self.block["loglik"].append(torch.distributions.Normal(mean, noise_sd).log_prob(observed)
+                                        .double().sum(-1).cpu())
+        if weight_bias[0] is not None:
+            self.block["w"].append(weight_bias[0].cpu())
+            self.block["b"].append(weight_bias[1].cpu())
+
+    def end_block(self) -> None:
+        block = self.block
+        self.parts["mean"].append(torch.cat(block["mean"], 0))
+        self.parts["outcome"].append(torch.cat(block["outcome"], 0))
+        # the noise sd is the same for every draw of one module: (B, F) then, (K, B, F) for a mixture
+        self.parts["noise_sd"].append(torch.cat(block["noise_sd"], 0) if self.mixed else block["noise_sd"][0][0])
+        if block["loglik"]:
+            self.parts["loglik"].append(torch.cat(block["loglik"], 0))
+        if block["w"]:
+            self.weight, self.bias = torch.cat(block["w"], 0), torch.cat(block["b"], 0)
+
+    def result(self) -> KeptDraws:
+        cat = lambda values, dim: torch.cat(values, dim).numpy()  # noqa: E731
+        return KeptDraws(
+            features=self.features.cpu().numpy(), component_mean=cat(self.parts["mean"], 1),
+            noise_sd=cat(self.parts["noise_sd"], 1 if self.mixed else 0), outcome=cat(self.parts["outcome"], 1),
+            output_weight=None if self.weight is None else self.weight.numpy(),
+            output_bias=None if self.bias is None else self.bias.numpy(),
+            image_loglik=cat(self.parts["loglik"], 1) if self.parts["loglik"] else None)
 
 
 def _sample(distribution, s: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -188,70 +188,20 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
     In a torch.distributed process group each global minibatch is sharded across ranks and
     gradients are averaged (see distributed.py); rank 0 writes the checkpoints.
     """
-    device = train_data.device
     rank = distributed.rank()
-    optimizer = make_optimizer(module, cfg, device, capturable=uses_cuda_graphs(cfg, train_data))
+    optimizer = make_optimizer(module, cfg, train_data.device, capturable=uses_cuda_graphs(cfg, train_data))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = load_checkpoint(ckpt_path, module, optimizer) if resume else TrainingState()
     if rank > 0:  # independent latent and dropout noise on every rank (weights start identical)
         torch.manual_seed(seed + 7919 * rank + 104729 * state.epoch)
-    # Trace_ELBO's value and gradient, without its per-site host synchronisations (elbo.py).
-    elbo = DeviceTrace_ELBO()
-    # Pyro's validation (site shapes, model/guide match, distribution arguments) checks the program,
-    # which does not change between steps: the first step of a fit runs it, the others skip its
-    # cost (about 7% of a step at the benchmark size). Non-finite values are still caught below.
-    validate, validated = is_validation_enabled(), False
-    n = len(train_data)
-    params = [p for p in module.parameters() if p.requires_grad]
-    # Non-finite losses and gradient norms are looked at every ``check_every`` steps (one host
-    # synchronisation), and always before a checkpoint is written, so a checkpoint is never written
-    # after a bad step. On the CPU checking costs nothing, so it is done every step.
-    check_every = finite_check_steps(device)
-    prefetch = getattr(train_data, "prefetch", None)  # streaming.DiskBatches
-
-    def step(idx, kl_scale, rows=None, update=True, prefetch_next=None):
-        return svi_step(elbo, module, optimizer, params, train_data, idx, idx if rows is None else rows, n,
-                        kl_scale, cfg, update=update, prefetch_next=prefetch_next)
-
-    graphs = StepGraphs(step, device) if uses_cuda_graphs(cfg, train_data) else None
+    epochs = _Epochs(module, optimizer, train_data, cfg, ckpt_path)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, disable=not progress or rank > 0, desc="fit", unit="epoch")
     while state.epoch < cfg.epochs and not state.stopped_early:
-        module.train()
         kl_scale = kl_scale_at(state.epoch, cfg)
-        # The visiting order depends on (seed, epoch) only: identical on every rank and after a resume.
-        host_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
-        order = host_order.to(device)  # one copy per epoch; minibatch indices are slices of it
-        starts = range(0, n, cfg.batch_size)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)  # accumulated on the device
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (loss, gradient norm) not yet checked
-        for start in starts:
-            idx = distributed.shard(order[start:start + cfg.batch_size])
-            # Data read from disk is indexed on the host (no device round trip), and the next
-            # minibatch is read while this one trains (after this one was taken, in ``step``).
-            rows = distributed.shard(host_order[start:start + cfg.batch_size]) if prefetch else idx
-            following = host_order[start + cfg.batch_size:start + 2 * cfg.batch_size]
-            with pyro.validation_enabled(validate and not validated):
-                if graphs is not None:  # loss, backward, clipping and the update in one replay
-                    loss, grad_norm = graphs(idx, kl_scale)
-                else:
-                    loss, grad_norm = step(idx, kl_scale, rows=rows, update=False,
-                                           prefetch_next=(lambda: prefetch(distributed.shard(following)))
-                                           if prefetch and len(following) else None)
-            validated = validated or len(idx) > 0
-            if loss is not None:
-                epoch_loss += loss.double() * (len(idx) / n)
-            pending.append((loss.float() if loss is not None else grad_norm.new_zeros(()), grad_norm))
-            if len(pending) >= check_every:
-                _check_finite(pending, state, ckpt_path)
-            if graphs is None:
-                optimizer.step()
-        _check_finite(pending, state, ckpt_path)
-        state.graph_steps = graphs.replays if graphs is not None else 0
-        epoch_loss = distributed.sum_across_ranks(float(epoch_loss))
+        loss = epochs.run(state, kl_scale, seed) / len(train_data)
         val = validation_mse(module, val_data)  # identical on every rank: same weights, eval mode
         state.epoch += 1
-        for key, value in (("epoch", state.epoch), ("train_loss", epoch_loss / n), ("val_mse", val),
-                           ("kl_scale", kl_scale)):
+        for key, value in (("epoch", state.epoch), ("train_loss", loss), ("val_mse", val), ("kl_scale", kl_scale)):
             state.history[key].append(value)
         if val < state.best_val:
             state.best_val, state.best_epoch = val, state.epoch
@@ -261,7 +211,7 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
         if ckpt_path is not None and rank == 0:
             save_checkpoint(ckpt_path, module, optimizer, state)
         bar.update(1)
-        bar.set_postfix(neg_elbo=f"{epoch_loss / n:.1f}", val_mse=f"{val:.4f}", best=state.best_epoch)
+        bar.set_postfix(neg_elbo=f"{loss:.1f}", val_mse=f"{val:.4f}", best=state.best_epoch)
         if on_epoch_end is not None:
             on_epoch_end(state)
     bar.close()
@@ -269,6 +219,71 @@ def train(module, train_data: Batchable, val_data: Batchable, cfg: TrainingConfi
         module.load_state_dict(state.best_module)
     module.eval()
     return state
+
+
+class _Epochs:
+    """The SVI steps of one fit, an epoch at a time: the ELBO, the optimiser, how a step runs (eagerly or
+    replayed as a CUDA graph) and when the losses are looked at."""
+
+    def __init__(self, module, optimizer, data, cfg: TrainingConfig, ckpt_path: Path | None):
+        self.module, self.optimizer, self.data, self.cfg, self.ckpt_path = module, optimizer, data, cfg, ckpt_path
+        self.n = len(data)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        # Trace_ELBO's value and gradient, without its per-site host synchronisations (elbo.py).
+        self.elbo = DeviceTrace_ELBO()
+        # Pyro's validation (site shapes, model/guide match, distribution arguments) checks the program,
+        # which does not change between steps: the first step of a fit runs it, the others skip its
+        # cost (about 7% of a step at the benchmark size). Non-finite values are still caught below.
+        self.validate, self.validated = is_validation_enabled(), False
+        # Non-finite losses and gradient norms are looked at every ``check_every`` steps (one host
+        # synchronisation), and always before a checkpoint is written, so a checkpoint is never written
+        # after a bad step. On the CPU checking costs nothing, so it is done every step.
+        self.check_every = finite_check_steps(data.device)
+        self.prefetch = getattr(data, "prefetch", None)  # streaming.DiskBatches
+        self.graphs = StepGraphs(self.step, data.device) if uses_cuda_graphs(cfg, data) else None
+
+    def step(self, idx, kl_scale, rows=None, update=True, prefetch_next=None):
+        return svi_step(self.elbo, self.module, self.optimizer, self.params, self.data, idx,
+                        idx if rows is None else rows, self.n, kl_scale, self.cfg, update=update,
+                        prefetch_next=prefetch_next)
+
+    def run(self, state: TrainingState, kl_scale: float, seed: int) -> float:
+        """One pass over the training subjects; their summed loss, over every rank (a host float)."""
+        self.module.train()
+        batch, device = self.cfg.batch_size, self.data.device
+        # The visiting order depends on (seed, epoch) only: identical on every rank and after a resume.
+        host_order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 100_003 + state.epoch))
+        order = host_order.to(device)  # one copy per epoch; minibatch indices are slices of it
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)  # accumulated on the device
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (loss, gradient norm) not yet checked
+        for start in range(0, self.n, batch):
+            idx = distributed.shard(order[start:start + batch])
+            # Data read from disk is indexed on the host (no device round trip), and the next
+            # minibatch is read while this one trains (after this one was taken, in ``step``).
+            rows = distributed.shard(host_order[start:start + batch]) if self.prefetch else idx
+            loss, grad_norm = self._minibatch(idx, rows, host_order[start + batch:start + 2 * batch], kl_scale)
+            if loss is not None:
+                epoch_loss += loss.double() * (len(idx) / self.n)
+            pending.append((loss.float() if loss is not None else grad_norm.new_zeros(()), grad_norm))
+            if len(pending) >= self.check_every:
+                _check_finite(pending, state, self.ckpt_path)
+            if self.graphs is None:
+                self.optimizer.step()
+        _check_finite(pending, state, self.ckpt_path)
+        state.graph_steps = self.graphs.replays if self.graphs is not None else 0
+        return distributed.sum_across_ranks(float(epoch_loss))
+
+    def _minibatch(self, idx, rows, following, kl_scale):
+        """(loss, gradient norm) of one minibatch; the update itself waits for the finite check (eager steps)."""
+        with pyro.validation_enabled(self.validate and not self.validated):
+            if self.graphs is not None:  # loss, backward, clipping and the update in one replay
+                result = self.graphs(idx, kl_scale)
+            else:
+                prefetch_next = ((lambda: self.prefetch(distributed.shard(following)))
+                                 if self.prefetch and len(following) else None)
+                result = self.step(idx, kl_scale, rows=rows, update=False, prefetch_next=prefetch_next)
+        self.validated = self.validated or len(idx) > 0
+        return result
 
 
 def autocast(device: torch.device, enabled: bool):
