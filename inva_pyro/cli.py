@@ -112,7 +112,7 @@ def _check_devices(args) -> int:
         return 1
     if args.num_nodes > 1:
         raise InputError("--num-nodes > 1: start one process per device on every node with torchrun "
-                         "(see README, Clusters)")
+                         "(see docs/performance.md)")
     return args.devices
 
 

@@ -71,7 +71,7 @@ def _fit(sub) -> None:
                    "the cohort is read once into GPU memory when it takes at most half of what is free")
     p.add_argument("--cache-subjects", type=int, default=64, help="subjects kept in the --lazy read cache")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU workers) per node (default 1)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see README, Clusters)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes of a torchrun job (see docs/performance.md)")
 
 
 def _predict_and_evaluate(sub) -> None:

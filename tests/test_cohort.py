@@ -830,3 +830,13 @@ def test_lazy_reading_of_surfaces_and_region_tables(tmp_path):
     _regions_no_row(tmp_path / "reg")  # rows are looked up up front, even when lazy
     with pytest.raises(InputError, match="no row for subject 'sub-002'"):
         read_regions(tmp_path / "reg", lazy=True)
+
+
+def test_a_long_read_error_is_shortened_at_a_word_boundary(tmp_path):
+    from inva_pyro.data.io import _short_reason
+    reason = "could the file be damaged " * 20
+    short = _short_reason(ValueError(reason))
+    assert len(short) <= 200 and short.endswith(" ...") and "\n" not in short
+    kept = short[: -len(" ...")].split()
+    assert kept and all(word in ("could", "the", "file", "be", "damaged") for word in kept)  # whole words only
+    assert _short_reason(ValueError("short\nreason")) == "short reason"

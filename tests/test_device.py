@@ -11,7 +11,7 @@ here as it would on a GPU.
 (``.cpu()``, ``.item()``, ``float()``) return zeros (True for booleans), since meta tensors hold no
 values. The numbers are meaningless; only the devices are checked.
 
-Checked against the code before issue 13: with the output layer's prior built as
+Checked against earlier code: with the output layer's prior built as
 ``dist.Normal(0.0, tau).expand(...)`` (module.py before the fix) the model/guide, training-step
 and PSIS tests below fail with "Tensor on device cpu is not on the expected device meta!"
 (reverted by hand, run, restored: 6 of these tests failed); with Pyro's own ``psis_diagnostic``

@@ -1,8 +1,8 @@
 """The training step can be recorded as a CUDA graph: checked without a GPU.
 
 A CUDA graph records kernels; it cannot record a copy of a host tensor to the device ("Cannot copy
-between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned", the error
-issue 13 met) nor a synchronisation with the host (``.item()``, ``bool(tensor)``, ``nonzero``:
+between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned", the error a
+CUDA fit once met) nor a synchronisation with the host (``.item()``, ``bool(tensor)``, ``nonzero``:
 "operation not permitted when stream is capturing"). Both are found here on the ``meta`` device:
 
 - ``HostTensors`` (a torch-function mode) sees every ``torch.tensor`` / ``torch.as_tensor`` that

@@ -1,7 +1,7 @@
 """Predictions against observed outcomes: metrics.json, diagnostic figures, ArviZ InferenceData.
 
 ``evaluate_prediction`` writes into ``out_dir``:
-- ``metrics.json``: the CONTRACT.md metrics of the calibrated predictive, ``raw`` (the same
+- ``metrics.json``: the metrics of the calibrated predictive (docs/uncertainty.md, section 1), ``raw`` (the same
   interval figures, CRPS and NLL for the uncalibrated posterior predictive), ``calibration`` (the
   method) and ``diagnostics`` (model criticism: posterior-collapse diagnostics and Pareto k-hats of
   the guide when the model is given, PSIS-LOO of the pointwise log-likelihood, see
@@ -37,7 +37,7 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     """Write ``metrics.json``, figures and ``inference_data.nc`` for ``prediction`` into out_dir.
 
     ``prediction`` should cover CURVE_LEVELS (the calibration curve uses the levels it has).
-    The top-level metrics are those of the calibrated predictive (CONTRACT.md); ``raw`` holds the
+    The top-level metrics are those of the calibrated predictive (docs/uncertainty.md, section 1); ``raw`` holds the
     same interval figures for the uncalibrated posterior predictive. With ``model`` (the fitted
     InVA that made the prediction), ``diagnostics`` also has the posterior-collapse report and the
     guide's Pareto k-hats on ``psis_subjects`` subjects (0: skip), and the InferenceData has the

@@ -1,7 +1,7 @@
 """ArviZ ``InferenceData`` for posterior predictive checks, and across-run (multi-fit) diagnostics.
 
 ArviZ's Pyro converter only accepts MCMC, so the data are assembled with ``az.from_dict``
-(DESIGN.md). Whole images are too large to keep per draw (draws x subjects x voxels), so the
+(docs/design.md). Whole images are too large to keep per draw (draws x subjects x voxels), so the
 per-draw groups hold a **seeded uniform subset of features** (voxels inside the mask, vertices or
 regions; ``DEFAULT_FEATURES`` = 64) of every evaluated subject, plus one whole-image quantity per
 subject and draw (the joint log-likelihood of all its features). Groups and variables:

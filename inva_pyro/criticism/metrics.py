@@ -234,7 +234,7 @@ def evaluation_metrics(
     truth_sd=None,
     mask=None,
 ) -> dict:
-    """The metrics.json dictionary of CONTRACT.md.
+    """The metrics.json dictionary (docs/uncertainty.md, section 1).
 
     y, mean, sd: (n_subjects, n_features). intervals: level -> (lo, hi) arrays, keys are
     normalised with level_key. crps is passed in because it depends on the predictive form

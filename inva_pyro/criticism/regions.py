@@ -1,5 +1,5 @@
 """Region metrics for ``evaluate --regions``: coverage, width and CRPS of region means, their calibration
-curve and posterior predictive check (docs/uncertainty.md, "Joint uncertainty"); the region means and
+curve and posterior predictive check (docs/uncertainty.md, section 8); the region means and
 intervals themselves come from ``predict/regions.py``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A cohort manifest (CONTRACT.md) from a BIDS dataset and its derivatives, with pybids.
+"""A cohort manifest (docs/cohorts.md) from a BIDS dataset and its derivatives, with pybids.
 
 Each image column is named by the user together with the BIDS entities that select its file
 (``gm=space-MNI152NLin2009cAsym,label-GM,suffix-probseg``; keys as file names show them, ``acq``,

@@ -1,7 +1,7 @@
 """gzip for .nii.gz files, through zlib-ng (python-zlib-ng, a drop-in for the zlib and gzip modules).
 
 Decompression is most of the time it takes to read an image, and a whole-brain epoch streamed from
-disk on a GPU was bound by reading (issue 13). On this project's 2-core machine, 2 mm images
+disk on a GPU was bound by reading (docs/performance.md). On 2 CPU cores (x86_64), 2 mm images
 (``python benchmarks/nifti_io.py``, docs/results/nifti_io_2mm.txt) are read 2.2x as fast as with
 the gzip module when zlib compressed them at its default level 6 (152 against 68 files a second on
 one thread, 264 against 121 on two) and 1.4x as fast at level 1 (148 against 107; 267 against 181).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,9 +123,10 @@ def save_nifti(array3d: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
     atomic_write_bytes(path, payload, fsync=fsync)
 
 
-def _short_reason(exc: BaseException) -> str:
+def _short_reason(exc: BaseException, width: int = 200) -> str:
+    """A library's error message on one line, shortened at a word boundary (never mid-word)."""
     text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())[:200]
+    return textwrap.shorten(text, width=width, placeholder=" ...")
 
 
 def open_volume(path: str | Path, what: str = "image") -> nib.spatialimages.SpatialImage:

@@ -1,4 +1,4 @@
-"""Images that were not acquired: empty manifest cells (CONTRACT.md, "Cohort manifest").
+"""Images that were not acquired: empty manifest cells (docs/cohorts.md).
 
 A subject lacking an image has a row of NaN in that image's matrix (``Subset``), in its
 standardised matrix and in the tensors built from it; a ``streaming.LazyMatrix`` knows which rows

@@ -1,4 +1,4 @@
-"""Extra objective terms from the VAE tutorial (issue 6): DSSIM, MMD and KL-weight schedules.
+"""Extra objective terms from the VAE tutorial (docs/toolkit.md): DSSIM, MMD and KL-weight schedules.
 
 Plain, differentiable torch functions with no Pyro code; the Pyro program adds them as
 ``pyro.factor`` sites (see docs/toolkit.md for the wiring, the weights and when to use each).

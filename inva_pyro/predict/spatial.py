@@ -1,5 +1,5 @@
 """Jointly calibrated predictive: the spatial error covariance fitted on validation subjects, region
-moments in closed form, and streamed joint draws (docs/uncertainty.md, "Joint uncertainty").
+moments in closed form, and streamed joint draws (docs/uncertainty.md, section 8).
 
 With the predictive mean m_i and raw sd s_i of subject i (the streamed posterior predictive), the joint
 predictive is

@@ -2,7 +2,7 @@
 
 A step of the InVA program (ELBO through Pyro's traces, backward, clipping, AdamW) runs about
 1,400 small kernels. On a GPU each costs more to launch from Python than to run, so an eager step
-takes about the same 25-35 ms at 1,000 features as at 230,000 (issue 13's figures). A CUDA graph
+takes about the same 25-35 ms at 1,000 features as at 230,000 (docs/performance.md). A CUDA graph
 records the kernels of one step once and replays them with a single launch; Python (and Pyro's
 effect handlers) run only while recording.
 

@@ -1,4 +1,4 @@
-"""Writing a simulated design as a cohort folder (CONTRACT.md): images, manifest with splits, truth, cohort.json.
+"""Writing a simulated design as a cohort folder (docs/simulation.md): images, manifest with splits, truth, cohort.json.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
 
 def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None,
                  noise: str = "independent", unlabeled: int = 0, missing: float = 0.0) -> Path:
-    """Simulate ``design`` and write it as a cohort folder (CONTRACT.md): images, manifest, truth.
+    """Simulate ``design`` and write it as a cohort folder (docs/simulation.md): images, manifest, truth.
 
     ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4). ``noise``:
     ``independent`` outcome noise per voxel (default), or ``smooth`` (spatially correlated, a scanner's

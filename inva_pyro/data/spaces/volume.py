@@ -161,7 +161,7 @@ class VolumeSpace:
         The header is checked first, then the voxels are read in one pass and the mask's voxels
         taken in C order (as nilearn's ``apply_mask``). One pass: a gzip stream is decompressed
         front to back whatever is asked, and nibabel's reads of a sub-box, slab by slab, cost 4x
-        more at 2 mm (issue 13); memory holds one image while it is read.
+        more at 2 mm; memory holds one image while it is read.
         """
         img = open_volume(path, what)
         self.check_image(img, path, what)
