@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi -L
   python3 -c "import sys, torch, pyro; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available(), '| pyro', pyro.__version__)"
-  python3 -c "import inva_pyro, os; from inva_pyro.data import gz; print('inva_pyro from', os.path.dirname(inva_pyro.__file__), '| gzip by', gz._zlib.__name__)"
+  python3 -c "import importlib.util, inva_pyro, os; print('inva_pyro from', os.path.dirname(inva_pyro.__file__), '| gzip by', 'zlib-ng' if importlib.util.find_spec('zlib_ng') else 'zlib')"
 } 2>&1 | tee "$OUT/env.txt"
 # GPU_TESTS / GPU_SECTIONS / GPU_BUDGET_SCALE narrow a rerun (defaults: everything).
 timeout 180 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_device.py tests/test_graphs.py tests/test_gpu.py} 2>&1 | tee "$OUT/tests.log"
