@@ -168,7 +168,10 @@ class InVA:
         return space_from_dict(space).neighbour_pairs()
 
     def _warn_if_unsmoothed(self) -> None:
-        if self.preset.model.spatial_smoothing <= 0 or self.module.n_neighbour_pairs:
+        """Say so when a preset that asks for the spatial prior (not the default's, which is simply off on a
+        space without neighbours, such as a region table) cannot have it."""
+        cfg = self.preset.model
+        if cfg.spatial_smoothing <= 0 or self.module.n_neighbour_pairs or "spatial_smoothing" not in cfg.model_fields_set:
             return
         kind = (self.info.get("space") or {}).get("kind")
         why = (f"the outcome space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inva_pyro.data.cohort import Cohort
-from inva_pyro.config import Preset
+from inva_pyro.config import Preset, preset_to_toml
 
 # No spatial prior unless a test asks for one: toy features have no geometry to smooth over.
 TINY_MODEL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=6,
@@ -22,9 +22,15 @@ TINY_PREDICTION = dict(num_samples=200)
 
 def tiny_preset(model: dict | None = None, training: dict | None = None,
                 prediction: dict | None = None) -> Preset:
-    return Preset.model_validate({"model": {**TINY_MODEL, **(model or {})},
+    """The tests' one tiny preset, with the settings a test changes."""
+    return Preset.model_validate({"name": "tiny", "model": {**TINY_MODEL, **(model or {})},
                                   "training": {**TINY_TRAINING, **(training or {})},
                                   "prediction": {**TINY_PREDICTION, **(prediction or {})}})
+
+
+def tiny_toml(model: dict | None = None, training: dict | None = None, prediction: dict | None = None) -> str:
+    """The tiny preset as the text of a preset file (``inva fit --model FILE`` in command-line tests)."""
+    return preset_to_toml(tiny_preset(model, training, prediction))
 
 
 GRID = (8, 8)                   # outcome and "gm" live on an 8 x 8 grid (64 features)

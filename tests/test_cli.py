@@ -7,25 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import tiny_toml
 from inva_pyro import cli
 from inva_pyro.criticism.metrics import level_key
 
-TINY = """
-name = "tiny"
-[model]
-shallow_dim = 4
-deep_dim = 2
-hidden = 16
-shared_hidden = 8
-predictor_hidden = 8
-local_hidden = 8
-[training]
-epochs = {epochs}
-batch_size = 8
-patience = 50
-[prediction]
-num_samples = 20
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +22,7 @@ def cohort_dir(tmp_path_factory):
 
 def tiny_preset(tmp_path, epochs=3):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(epochs=epochs))
+    path.write_text(tiny_toml(training={"epochs": epochs, "batch_size": 8}, prediction={"num_samples": 20}))
     return path
 
 

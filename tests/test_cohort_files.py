@@ -14,27 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import tiny_preset as conftest_tiny_preset
+from conftest import tiny_toml
 from inva_pyro import InVA, cli
 from inva_pyro.data.cohort import Cohort
-from inva_pyro.config import Preset, read_toml
+from inva_pyro.config import Preset
 from inva_pyro.criticism.figures import plot_brain_maps
 
-TINY = """
-name = "tiny"
-[model]
-shallow_dim = 3
-deep_dim = 2
-hidden = 8
-shared_hidden = 6
-predictor_hidden = 6
-local_hidden = 6
-[training]
-epochs = 2
-batch_size = 8
-patience = 50
-[prediction]
-num_samples = 16
-"""
+TINY_CHANGES = dict(training={"epochs": 2, "batch_size": 8}, prediction={"num_samples": 16})
 SHAPE = (6, 5, 4)
 N = 15
 SPLIT = ["train"] * 9 + ["val"] * 3 + ["test"] * 3
@@ -44,12 +31,12 @@ REGIONS = [f"{h}_{name}_thickness" for h in ("lh", "rh") for name in ("bankssts"
 
 def tiny_preset_file(folder: Path) -> Path:
     path = folder / "tiny.toml"
-    path.write_text(TINY)
+    path.write_text(tiny_toml(**TINY_CHANGES))
     return path
 
 
 def tiny_preset() -> Preset:
-    return Preset.model_validate(read_toml(TINY.encode(), "tiny.toml"))
+    return conftest_tiny_preset(**TINY_CHANGES)
 
 
 # ----- writing small cohorts of each kind ---------------------------------------------------------

@@ -10,13 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from inva_pyro import InVA
 from inva_pyro.data.cohort import Cohort
-from inva_pyro.config import Preset
+from conftest import tiny_preset
 from inva_pyro.train.distributed import spawn
 
-PRESET = {"model": {"shallow_dim": 3, "deep_dim": 2, "hidden": 16, "shared_hidden": 8, "predictor_hidden": 8,
-                    "local_hidden": 8},
-          "training": {"epochs": 8, "batch_size": 8, "patience": 100, "learning_rate": 0.005},
-          "prediction": {"num_samples": 20}}
+PRESET = dict(training={"epochs": 8, "batch_size": 8}, prediction={"num_samples": 20})
 
 
 def tiny_cohort(seed=0, n=48, v=36):
@@ -30,7 +27,7 @@ def tiny_cohort(seed=0, n=48, v=36):
 def rank_worker(out_dir):
     """One rank: fit in the process group, then record its own weights and validation curve."""
     cohort = tiny_cohort()
-    model = InVA(Preset.model_validate(PRESET)).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False)
+    model = InVA(tiny_preset(**PRESET)).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False)
     rank = os.environ["RANK"]
     save_file({k: v.contiguous() for k, v in model.module.state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
     with open(f"{out_dir}/rank{rank}.json", "w") as fh:
@@ -59,7 +56,7 @@ def test_two_processes_fit_like_one_within_seed_spread(two_rank_run):
     # two-process fit is another draw from the distribution of single-process fits: its final
     # validation MSE must fall within the seed-to-seed spread of single-process fits (4 sd).
     cohort = tiny_cohort()
-    single = [InVA(Preset.model_validate(PRESET)).fit(cohort.train, cohort.val, seed=s, device="cpu",
+    single = [InVA(tiny_preset(**PRESET)).fit(cohort.train, cohort.val, seed=s, device="cpu",
                                                       progress=False).history["val_mse"][-1] for s in range(4)]
     two = json.loads((two_rank_run / "rank0.json").read_text())["val_mse"][-1]
     spread = max(np.std(single, ddof=1), 1e-3 * np.mean(single))
@@ -69,7 +66,7 @@ def test_two_processes_fit_like_one_within_seed_spread(two_rank_run):
 
 def test_fit_with_devices_writes_a_loadable_run(tmp_path):
     cohort = tiny_cohort()
-    model = InVA(Preset.model_validate(PRESET)).fit(cohort.train, cohort.val, seed=0, device="cpu",
+    model = InVA(tiny_preset(**PRESET)).fit(cohort.train, cohort.val, seed=0, device="cpu",
                                                    progress=False, run_dir=tmp_path / "run", devices=2)
     assert model.history["devices"] == 2
     reloaded = InVA.load(tmp_path / "run")
@@ -86,8 +83,8 @@ def test_two_processes_fit_a_cohort_with_empty_cells(tmp_path):
     y[[1, 4, 7, 10, 13]] = np.nan
     inputs["x2"][[2, 5, 20, 40]] = np.nan
     cohort = Cohort.from_arrays(inputs, y, split=["train"] * 32 + ["val"] * 16)
-    preset = Preset.model_validate({**PRESET, "model": {**PRESET["model"], "structure": "joint"},
-                                    "training": {**PRESET["training"], "epochs": 3, "pattern_submodels": True}})
+    preset = tiny_preset({"structure": "joint"}, {**PRESET["training"], "epochs": 3, "pattern_submodels": True},
+                         PRESET["prediction"])
     model = InVA(preset).fit(cohort.train, cohort.val, seed=0, device="cpu", progress=False,
                              run_dir=tmp_path / "run", devices=2)
     assert np.isfinite(model.history["train_loss"]).all() and model.info["n_train_labeled"] == 27

@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
+from conftest import tiny_toml
 from inva_pyro.data.cohort import Cohort
 from inva_pyro.data.missing import input_presence, outcome_presence
 from inva_pyro.data.preprocessing import Standardizer
@@ -147,23 +148,6 @@ def test_too_few_validation_subjects_with_the_outcome_is_one_line(make_preset, m
     assert "1 validation subject(s) have the outcome" in str(caught.value) and "\n" not in str(caught.value)
 
 
-TINY_TOML = """
-name = "tiny"
-[model]
-structure = "{structure}"
-shallow_dim = 4
-deep_dim = 2
-hidden = 16
-shared_hidden = 8
-predictor_hidden = 8
-local_hidden = 8
-[training]
-epochs = 2
-batch_size = 8
-patience = 50
-[prediction]
-num_samples = 20
-"""
 
 
 def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, capsys, make_manifest):
@@ -181,7 +165,7 @@ def test_cli_empty_cells_lazy_and_in_memory_alike_and_bad_rows_exit_2(tmp_path, 
     histories = {}
     for structure, manifest in (("joint", "manifest.csv"), ("integrative", "complete_test.csv")):
         preset = tmp_path / f"{structure}.toml"
-        preset.write_text(TINY_TOML.format(structure=structure))
+        preset.write_text(tiny_toml({"structure": structure}, {"epochs": 2, "batch_size": 8}, {"num_samples": 20}))
         for mode in ("memory", "lazy"):
             run = tmp_path / f"{structure}-{mode}"
             args = ["fit", "--manifest", str(cohort / manifest), "--inputs", "x1,x2,x3", "--outcome", "y",

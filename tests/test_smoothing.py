@@ -130,3 +130,18 @@ def test_a_space_without_a_graph_warns_that_the_prior_is_off(make_preset, make_c
     assert model.info["neighbour_pairs"] == 0
     with pytest.warns(RuntimeWarning, match=r"no effect: the training subjects carry no outcome space"):
         _fit(make_preset, make_cohort, 100.0, space=None)
+
+
+def test_the_default_prior_is_off_without_a_word_on_a_space_without_a_graph(make_cohort):
+    import warnings
+    from inva_pyro.config import Preset
+    cohort = make_cohort(40, 16, 8, seed=3)
+    regions = RegionSpace(regions=tuple(f"r{v}" for v in range(64)))
+    preset = Preset.model_validate({"model": {"hidden": 8, "shared_hidden": 4}, "training": {"epochs": 1},
+                                    "prediction": {"num_samples": 20}})
+    assert preset.model.spatial_smoothing == 100.0  # the default's strength, which this preset does not set
+    train, val = (dataclasses.replace(s, spaces={s.outcome_name: regions}) for s in (cohort.train, cohort.val))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = InVA(preset).fit(train, val, seed=0, device="cpu", progress=False)
+    assert model.info["neighbour_pairs"] == 0

@@ -8,14 +8,14 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
+from conftest import TINY_MODEL
 from inva_pyro import cli
 from inva_pyro.config import ModelConfig, TrainingConfig
 from inva_pyro.model.module import InVAModule
 from inva_pyro.train.loop import kl_scale_at
 
 GRID_2D, GRID_3D = (10, 12), (8, 9, 7)
-SMALL = dict(shallow_dim=3, deep_dim=2, hidden=16, shared_hidden=8, predictor_hidden=8, local_hidden=8,
-             conv_channels=[4, 8])
+SMALL = {**TINY_MODEL, "conv_channels": [4, 8]}
 
 
 def problem(grid, n=16, seed=0, masked=True):

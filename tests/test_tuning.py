@@ -10,30 +10,13 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from conftest import tiny_toml
 from inva_pyro import cli
 from inva_pyro.config import load_preset, parse_preset, preset_names, preset_to_toml, read_toml
 from inva_pyro.tune import tuning
 from inva_pyro.tune.search_space import Fixed, Range, load_space
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = """
-name = "tiny"
-[model]
-shallow_dim = 3
-deep_dim = 2
-hidden = 12
-shared_hidden = 8
-predictor_hidden = 6
-local_hidden = 8
-local_channels = 2
-voxel_embedding = 2
-context_dim = 3
-[training]
-epochs = 2
-batch_size = 8
-[prediction]
-num_samples = 20
-"""
 # Small sizes only, so that every trial takes a second or two.
 SPACE = """
 [model]
@@ -52,7 +35,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune")
     cohort = folder / "cohort"
     assert cli.main(["simulate", "--design", "regions", "--n-subjects", "30", "--seed", "2", "--out", str(cohort)]) == 0
-    (folder / "tiny.toml").write_text(TINY)
+    (folder / "tiny.toml").write_text(tiny_toml(training={"epochs": 2, "batch_size": 8}, prediction={"num_samples": 20}))
     (folder / "space.toml").write_text(SPACE)
     return folder
 
