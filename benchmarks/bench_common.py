@@ -119,7 +119,7 @@ def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
 
     def inva_step():  # as train/loop.py runs it
         new_opt.zero_grad(set_to_none=True)
-        loss = device_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode(xs), **kwargs)
+        loss = device_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode_inputs(xs), **kwargs)
         loss.backward()
         clip_and_guard(new_opt, params, loss, cfg.grad_clip)
         new_opt.step()
@@ -127,7 +127,7 @@ def step_arms(module, xs, y, idx, n_subjects, device) -> dict:
 
     def pyro_step():  # Pyro's Trace_ELBO (a host sync per site), loss.item(), checks per step
         old_opt.zero_grad(set_to_none=True)
-        loss = pyro_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode(xs), **kwargs)
+        loss = pyro_elbo.differentiable_loss(module.model, module.guide, xs, y, encoded=module.encode_inputs(xs), **kwargs)
         if torch.isfinite(loss):
             loss.backward()
             loss.item()

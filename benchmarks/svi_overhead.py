@@ -81,7 +81,7 @@ def main(argv=None):
 
     def pyro_step():  # as in training.train: one encoder pass shared by model and guide
         update(elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=args.subjects,
-                                        encoded=module.encode(xs)))
+                                        encoded=module.encode_inputs(xs)))
 
     def torch_step():
         update(common.torch_elbo_loss(module, xs, y, args.subjects))

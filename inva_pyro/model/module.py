@@ -44,6 +44,8 @@ sees each input at each voxel).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -58,6 +60,15 @@ from .experts import product_of_experts, stack_experts
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 from .smoothing import neighbour_table, smoothness_log_prior
+
+
+@dataclass
+class EncodedInputs:
+    """One encoder pass over a minibatch, shared by the model, the guide and the predictor: the inputs
+    zero-filled where not acquired, their (B, K) presence, and (loc, scale) of q(h_k | x_k) for every VAE."""
+    values: list[torch.Tensor]
+    present: torch.Tensor
+    experts: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def weighted(weight: float | torch.Tensor):
@@ -146,13 +157,16 @@ class InVAModule(nn.Module):
         """(B, number of VAEs): a VAE's latents count where any of its inputs is present."""
         return present.any(dim=-1, keepdim=True) if len(self.vae_names) != present.shape[-1] else present
 
+    def encode_inputs(self, xs: list[torch.Tensor]) -> EncodedInputs:
+        """One encoder pass over inputs whose missing rows are NaN (they are encoded as zeros; masks drop them)."""
+        values, present = self.split_missing(xs)
+        return EncodedInputs(values, present,
+                             [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(values))])
+
     def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors (the
-        experts of ``joint``). Missing inputs (NaN rows) are encoded as zeros; masks drop them."""
-        return self._encode_filled(self.split_missing(xs)[0])
-
-    def _encode_filled(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(xs))]
+        experts of ``joint``)."""
+        return self.encode_inputs(xs).experts
 
     def joint_posterior(self, encoded, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z | inputs present): the product of the experts present and the prior."""
@@ -187,20 +201,18 @@ class InVAModule(nn.Module):
             flags.append(here.to(xs[k].dtype).expand_as(xs[k]))
         return torch.stack(values + flags, dim=-1)
 
-    def outcome_parts(self, xs: list[torch.Tensor], encoded=None):
+    def outcome_parts(self, xs: list[torch.Tensor], encoded: EncodedInputs | None = None):
         """(H, local mean, sd): all of the outcome distribution except the output layer (NaN rows: missing)."""
-        xs, present = self.split_missing(xs)
-        return self._outcome_parts(xs, present, encoded or self._encode_filled(xs))
-
-    def _outcome_parts(self, xs: list[torch.Tensor], present: torch.Tensor, encoded):
+        encoded = encoded if encoded is not None else self.encode_inputs(xs)
         joint_loc = None
         if self.joint:
-            joint_loc, joint_scale = self.joint_posterior(encoded, present)
+            joint_loc, joint_scale = self.joint_posterior(encoded.experts, encoded.present)
             stats = torch.cat([joint_loc, joint_scale], dim=-1)
         else:
-            stats = self.latent_statistics(encoded)
+            stats = self.latent_statistics(encoded.experts)
         hidden = self.predictor.hidden(stats)
-        local_mean, sd = self.predictor.deterministic_parts(hidden, self.local_inputs(xs, present, joint_loc))
+        local = self.local_inputs(encoded.values, encoded.present, joint_loc)
+        local_mean, sd = self.predictor.deterministic_parts(hidden, local)
         return hidden, local_mean, sd
 
     def outcome_distribution(self, mean: torch.Tensor, sd: torch.Tensor):
@@ -233,19 +245,19 @@ class InVAModule(nn.Module):
             self.cfg.output_prior_scale))
 
     # ---- the Pyro program --------------------------------------------------------------------------
-    # Both programs take the inputs with missing rows as NaN and split them once into zero-filled
-    # values and presence. ``encoded`` (= self.encode(xs)) may be passed in so that model and guide share
-    # one encoder pass: the predictor conditions on the same summaries of x that parameterise q(h | x).
+    # Both programs take the inputs with missing rows as NaN. ``encoded`` (= self.encode_inputs(xs): the
+    # zero-filled values, their presence and the experts) may be passed in so that model and guide share one
+    # encoder pass: the predictor conditions on the same summaries of x that parameterise q(h | x).
     def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
               extra_terms=True, reconstruct=None):
         """p(W, b) p(latents) p(x | latents) p(y | x, latents; W, b) for the minibatch ``subjects`` of
         ``n_subjects``. ``extra_terms``: the DSSIM and MMD training penalties. ``reconstruct`` (structure
         ``joint``): the inputs whose reconstruction terms count, when they differ from ``xs``, the inputs the
         guide and the predictor see (inputs hidden for training, still observed)."""
-        xs, present = self.split_missing(xs)
-        encoded = encoded or self._encode_filled(xs)
+        encoded = encoded if encoded is not None else self.encode_inputs(xs)
+        xs, present = encoded.values, encoded.present
         weight, bias = self._output_layer()
-        hidden, local_mean, sd = self._outcome_parts(xs, present, encoded)
+        hidden, local_mean, sd = self.outcome_parts(xs, encoded)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             latents_and_inputs = self._subject_latent if self.joint else self._modality_latents
             top_latents = latents_and_inputs(xs, present, kl_scale, extra_terms, reconstruct)
@@ -320,14 +332,14 @@ class InVAModule(nn.Module):
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
-        xs, present = self.split_missing(xs)
-        encoded = encoded or self._encode_filled(xs)
+        encoded = encoded if encoded is not None else self.encode_inputs(xs)
+        present = encoded.present
         with pyro.plate("subjects", n_subjects, subsample=subjects), weighted(kl_scale):
             if self.joint:
-                pyro.sample("subject_latent", dist.Normal(*self.joint_posterior(encoded, present)).to_event(1))
+                pyro.sample("subject_latent", dist.Normal(*self.joint_posterior(encoded.experts, present)).to_event(1))
                 return
             vae_present = self.vae_presence(present)
-            for k, (name, (h_loc, h_scale)) in enumerate(zip(self.vae_names, encoded)):
+            for k, (name, (h_loc, h_scale)) in enumerate(zip(self.vae_names, encoded.experts)):
                 h = pyro.sample(f"shallow_latent_{name}",
                                 dist.Normal(h_loc, h_scale).to_event(1).mask(vae_present[:, k]))
                 if self.hierarchical:

@@ -332,7 +332,7 @@ def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, cfg: 
                            xs if cfg.reconstruct_hidden else None)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
-                                        encoded=module.encode(xs), kl_scale=kl_scale,
+                                        encoded=module.encode_inputs(xs), kl_scale=kl_scale,
                                         prediction_scale=cfg.prediction_weight, reconstruct=reconstruct)
     except ValueError:
         # Pyro validates distribution parameters, so non-finite weights surface here first.
