@@ -179,13 +179,22 @@ def _evaluate(args) -> None:
     if len(subset) == 0:
         raise InputError(f"{args.manifest}: no subject to evaluate has the outcome '{model.info['outcome']}'")
     regions = _region_labels(args, model)
+    by = None
+    if args.by is not None:  # checked before anything is predicted or written
+        from .criticism.groups import group_table, read_groups
+        images = [*model.info["inputs"], model.info["outcome"], *_truth_columns(args.manifest).values()]
+        by = (args.by, read_groups(args.manifest, args.by, subset.subjects, images))
     pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
                          seed=args.seed)
     with atomic_dir(args.out) as tmp:
         metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels, model=model,
                                       seed=args.seed, regions=regions, psis_subjects=args.psis_subjects,
-                                      psis_particles=args.psis_particles)
+                                      psis_particles=args.psis_particles, by=by)
     print_summary(metrics)
+    if by is not None:
+        print(f"\nby {args.by} (calibrated intervals; coverage_by_group.png):")
+        for line in group_table(metrics["by"]):
+            print(f"  {line}")
     print(f"metrics and figures in {args.out}")
 
 

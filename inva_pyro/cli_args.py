@@ -97,6 +97,9 @@ def _predict_and_evaluate(sub) -> None:
                                 "slowest part of evaluate on whole-brain images)")
             p.add_argument("--psis-particles", type=int, default=1000, metavar="M",
                            help="importance particles per subject for the k-hat (default 1000)")
+            p.add_argument("--by", metavar="COLUMN", help="also score each group of subjects sharing a value of "
+                           "this manifest column (site, sex, diagnosis, ...): metrics.json key by, "
+                           "coverage_by_group.png")
 
 
 def _latents(sub) -> None:

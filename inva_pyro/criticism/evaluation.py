@@ -33,7 +33,7 @@ COVERAGE_MAP_LEVEL = 0.9
 def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict | None = None,
                         levels: list[float] | None = None, *, model=None, inference_data: bool = True,
                         num_draws: int | None = None, n_features: int | None = None, psis_subjects: int = 16,
-                        psis_particles: int = 1000, seed: int = 0, regions=None) -> dict:
+                        psis_particles: int = 1000, seed: int = 0, regions=None, by=None) -> dict:
     """Write ``metrics.json``, figures and ``inference_data.nc`` for ``prediction`` into out_dir.
 
     ``prediction`` should cover CURVE_LEVELS (the calibration curve uses the levels it has).
@@ -47,6 +47,8 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     width, CRPS per level, joint and independent-voxel; ArviZ PPC of region means) and the figures
     ``region_calibration.png``, ``ppc_regions.png`` (regions.py). A prediction with a joint predictive also
     gets ``multivariate``: energy and variogram scores, joint and independent-voxel (scores.py).
+    ``by``: (column, one group value per subject of ``prediction``): adds ``by`` (metrics per group,
+    groups.py) and the figure ``coverage_by_group.png``.
     """
     from . import inference
 
@@ -90,6 +92,10 @@ def evaluate_prediction(prediction, subset: Subset, out_dir: Path, history: dict
     if regions is not None:
         from .regions import evaluate_regions
         result["regions"] = _jsonable(evaluate_regions(prediction, regions[0], levels, out_dir, seed=seed))
+    if by is not None:
+        from .groups import metrics_by_group, plot_coverage_by_group
+        result["by"] = _jsonable({"column": by[0], "groups": metrics_by_group(prediction, by[1], levels, **truth)})
+        plot_coverage_by_group(out_dir / "coverage_by_group.png", result["by"])
     result["diagnostics"] = _jsonable(diagnostics)
     paths = write_figures(prediction, subset, out_dir, history)
     paths += write_criticism_figures(out_dir, idata, diagnostics.get("collapse"), result["diagnostics"])
