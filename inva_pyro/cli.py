@@ -33,9 +33,13 @@ def _simulate(args) -> None:
         if not 1 <= args.voxel_mm <= 12:
             raise InputError(f"--voxel-mm {args.voxel_mm}: must be an integer from 1 to 12")
     out = write_cohort(args.out, args.design, args.n_subjects, args.seed, voxel_mm=args.voxel_mm,
-                       noise=args.noise, unlabeled=args.unlabeled, missing=args.missing)
+                       noise=args.noise, unlabeled=args.unlabeled, missing=args.missing, sites=args.sites,
+                       missing_covariates=args.missing_covariates)
     extra = f" and {args.unlabeled} MRI-only training subjects" if args.unlabeled else ""
     print(f"wrote {args.n_subjects} subjects{extra} to {out} (manifest.csv, cohort.json)")
+    if args.design == "multisite":
+        spec = json.loads((out / "cohort.json").read_text())
+        print(f"sites {', '.join(spec['sites'][:-1])} train/val/test; {spec['held_out_site']} held out (test only)")
 
 
 def _fit(args) -> None:

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _simulate(sub) -> None:
     """``inva simulate``."""
     p = sub.add_parser("simulate", help="write a simulated cohort with known truth")
-    p.add_argument("--design", default="paper", help="simulation design (default: paper)")
+    p.add_argument("--design", default="paper", help="simulation design: paper, volume, surface, regions or "
+                   "multisite (default: paper)")
     p.add_argument("--voxel-mm", type=int, help="voxel size in mm of the volume design (integer; default 4; "
                    "2 is whole-brain PET resolution, about 230,000 voxels in the brain mask)")
     p.add_argument("--n-subjects", type=int, default=500)
@@ -45,6 +46,10 @@ def _simulate(sub) -> None:
                    help="N more training subjects with MRI only (the outcome cell empty)")
     p.add_argument("--missing", type=float, default=0.0, metavar="P",
                    help="each input cell empty with probability P (never every input of a subject)")
+    p.add_argument("--missing-covariates", type=float, default=0.0, metavar="P",
+                   help="each covariate cell (cohort.json \"covariates\") empty with probability P")
+    p.add_argument("--sites", type=int, metavar="K", help="multisite design: K training sites and one held-out "
+                   "site (default 3)")
 
 
 def _fit(sub) -> None:

@@ -132,7 +132,7 @@ def test_cli_simulates_the_new_designs_and_refuses_unknown_ones(tmp_path, capsys
     assert (tmp_path / "r" / "cohort.json").exists()
     assert cli.main(["simulate", "--design", "mesh", "--n-subjects", "10", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "inva: error: --design mesh: unknown design (known: paper, volume, surface, regions)"
+    assert err == "inva: error: --design mesh: unknown design (known: paper, volume, surface, regions, multisite)"
     assert not (tmp_path / "m").exists()
     with pytest.raises(InputError):
         write_cohort(tmp_path / "x", "nope", 10, 0)

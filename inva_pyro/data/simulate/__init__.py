@@ -3,7 +3,9 @@
 Designs: ``paper`` (below, unchanged), and ``volume`` (MNI152 templates), ``surface``
 (fsaverage5 maps) and ``regions`` (the surface design per parcel), built from templates that
 ship inside the installed nilearn package; their equations are in docs/simulation.md and in the
-docstrings of VolumeDesign, SurfaceDesign and RegionDesign.
+docstrings of VolumeDesign, SurfaceDesign and RegionDesign. ``multisite``: the paper design measured
+at K training sites and one held-out site (per-site input and outcome calibration, an input bias
+field) with covariates age, sex and APOE4 that act on the outcome only (MultisiteDesign's docstring).
 
 Design ``paper`` (2-D, K = 3 inputs on a 32 x 32 grid, saved as 32 x 32 x 1 NIfTI images).
 Grid points v with coordinates in [-1, 1]^2; bump(c, w)(v) = exp(-|v - c|^2 / (2 w^2)).
@@ -30,10 +32,11 @@ saved beside every outcome image. A covariate ``age`` drives a_1 (a_i1 = 0.8 age
 from __future__ import annotations
 
 from .common import default_split
+from .multisite import MultisiteDesign, site_parameters
 from .paper import LOADINGS, PAPER_GRID, paper_patterns, simulate_paper
 from .surface import RegionDesign, SurfaceDesign, sphere_parcels
 from .volume import VolumeDesign
 from .write import DESIGNS, VOLUME_VOXEL_MM, write_cohort
 
-__all__ = ["DESIGNS", "LOADINGS", "PAPER_GRID", "VOLUME_VOXEL_MM", "RegionDesign", "SurfaceDesign", "VolumeDesign",
-           "default_split", "paper_patterns", "simulate_paper", "sphere_parcels", "write_cohort"]
+__all__ = ["DESIGNS", "LOADINGS", "PAPER_GRID", "VOLUME_VOXEL_MM", "MultisiteDesign", "RegionDesign", "SurfaceDesign",
+           "VolumeDesign", "default_split", "site_parameters", "paper_patterns", "simulate_paper", "sphere_parcels", "write_cohort"]

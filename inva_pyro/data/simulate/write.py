@@ -13,61 +13,96 @@ from ...errors import InputError
 from ..io import atomic_dir, save_gifti_map, save_nifti
 from ..spaces import HEMISPHERES
 from .common import NOISE_KINDS, default_split
+from .multisite import DEFAULT_SITES, MultisiteDesign
 from .paper import simulate_paper
 from .surface import RegionDesign, SurfaceDesign
 from .volume import VolumeDesign
 
 
-DESIGNS = ("paper", "volume", "surface", "regions")
+DESIGNS = ("paper", "volume", "surface", "regions", "multisite")
 VOLUME_VOXEL_MM = 4
 _CHUNK = 50  # subjects generated at once by the surface and region designs
 _TRUTH = {"mean": "pet_true_mean", "sd": "pet_true_sd"}
 
 
 def write_cohort(out: Path, design: str, n_subjects: int, seed: int, *, voxel_mm: int | None = None,
-                 noise: str = "independent", unlabeled: int = 0, missing: float = 0.0) -> Path:
+                 noise: str = "independent", unlabeled: int = 0, missing: float = 0.0, sites: int | None = None,
+                 missing_covariates: float = 0.0) -> Path:
     """Simulate ``design`` and write it as a cohort folder (docs/simulation.md): images, manifest, truth.
 
     ``voxel_mm`` sets the voxel size of the ``volume`` design (integer mm, default 4). ``noise``:
     ``independent`` outcome noise per voxel (default), or ``smooth`` (spatially correlated, a scanner's
-    point-spread function: paper, volume and surface designs; recorded in cohort.json).
+    point-spread function: paper, volume, surface and multisite designs; recorded in cohort.json).
     ``unlabeled``: that many more training subjects (ids after the others) with every input and an
     empty outcome cell (MRI only; their outcome and truth images are not written). ``missing``: each
     input cell of every subject is left empty with this probability, independently (seeded), never
     every input of a subject (a subject drawn with none keeps one input chosen at random). The
     unlabeled subjects are drawn from the design together with the others; the first ``n_subjects``
-    keep the design's 60/20/20 split.
+    keep the design's split (60/20/20; multisite: see MultisiteDesign.split). ``sites``: the number of
+    training sites of the ``multisite`` design (default 3; one more site is held out).
+    ``missing_covariates``: each cell of the covariates named in cohort.json "covariates" is left
+    empty with this probability, independently (seeded).
     """
-    if design not in DESIGNS:
-        raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
-    if noise not in NOISE_KINDS:
-        raise InputError(f"--noise {noise}: unknown noise (known: {', '.join(NOISE_KINDS)})")
-    if noise != "independent" and design == "regions":
-        raise InputError("--noise smooth: the regions design draws its noise per region (use paper, volume or surface)")
-    if unlabeled < 0 or not 0.0 <= missing < 1.0:
-        raise InputError(f"--unlabeled {unlabeled} / --missing {missing}: need N >= 0 and 0 <= P < 1")
+    _check_options(design, noise, unlabeled, missing, sites, missing_covariates, n_subjects)
     writers = {"paper": _write_paper, "volume": _write_volume, "surface": _write_surface,
-               "regions": _write_regions}
+               "regions": _write_regions, "multisite": _write_multisite}
     with atomic_dir(Path(out)) as tmp:
         (tmp / "images").mkdir()
         split = list(default_split(n_subjects, seed)) + ["train"] * unlabeled
         subjects = [f"sub-{i + 1:04d}" for i in range(n_subjects + unlabeled)]
         options = {"voxel_mm": voxel_mm or VOLUME_VOXEL_MM} if design == "volume" else {}
         noise_option = {"noise": noise} if design != "regions" else {}
-        rows, spec, covariates = writers[design](tmp, subjects, seed, **options, **noise_option)
+        site_options = {"sites": sites or DEFAULT_SITES, "n_labeled": n_subjects} if design == "multisite" else {}
+        rows, spec, covariates = writers[design](tmp, subjects, seed, **options, **noise_option, **site_options)
         for row, subject, label in zip(rows, subjects, split):
-            row.update({"subject": subject, "split": label})
+            row.update({"subject": subject, "split": row.get("split", label)})
         _not_acquired(tmp, rows, spec, n_subjects, missing, seed)
+        spec.setdefault("covariates", list(covariates.columns))
+        covariates = _missing_covariates(covariates.reset_index(drop=True), spec["covariates"], missing_covariates,
+                                         seed)
         manifest = pd.DataFrame(rows)
         front = ["subject", "split"]
         manifest = manifest[front + [c for c in manifest.columns if c not in front]]
-        manifest = pd.concat([manifest, covariates.reset_index(drop=True)], axis=1)
+        manifest = pd.concat([manifest, covariates], axis=1)
         manifest.to_csv(tmp / "manifest.csv", index=False)
-        cohort = {"design": design, **spec, "covariates": list(covariates.columns), "seed": seed,
+        cohort = {"design": design, **spec, "seed": seed,
                   "n_subjects": n_subjects, **options, "noise": noise, **({"unlabeled": unlabeled} if unlabeled else {}),
-                  **({"missing": missing} if missing else {})}
+                  **({"missing": missing} if missing else {}),
+                  **({"missing_covariates": missing_covariates} if missing_covariates else {})}
         (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2))
     return Path(out)
+
+
+def _check_options(design: str, noise: str, unlabeled: int, missing: float, sites: int | None,
+                   missing_covariates: float, n_subjects: int) -> None:
+    if design not in DESIGNS:
+        raise InputError(f"--design {design}: unknown design (known: {', '.join(DESIGNS)})")
+    if noise not in NOISE_KINDS:
+        raise InputError(f"--noise {noise}: unknown noise (known: {', '.join(NOISE_KINDS)})")
+    if noise != "independent" and design == "regions":
+        raise InputError("--noise smooth: the regions design draws its noise per region (use paper, volume, "
+                         "surface or multisite)")
+    if unlabeled < 0 or not 0.0 <= missing < 1.0:
+        raise InputError(f"--unlabeled {unlabeled} / --missing {missing}: need N >= 0 and 0 <= P < 1")
+    if not 0.0 <= missing_covariates < 1.0:
+        raise InputError(f"--missing-covariates {missing_covariates}: need 0 <= P < 1")
+    if sites is not None:
+        if design != "multisite":
+            raise InputError(f"--sites: only the multisite design has sites (not '{design}')")
+        if not 1 <= sites < n_subjects:
+            raise InputError(f"--sites {sites}: need at least 1 training site and fewer sites than subjects")
+
+
+def _missing_covariates(covariates: pd.DataFrame, names: list[str], p: float, seed: int) -> pd.DataFrame:
+    """Empty each cell of the columns ``names`` with probability ``p`` (row i's draws are the same
+    whatever the number of subjects)."""
+    if p <= 0 or not names:
+        return covariates
+    gone = np.random.default_rng([seed, 37]).random((len(covariates), len(names))) < p
+    covariates = covariates.copy()
+    for j, name in enumerate(names):
+        covariates[name] = covariates[name].mask(gone[:, j])
+    return covariates
 
 
 def _not_acquired(tmp: Path, rows: list[dict], spec: dict, n_labeled: int, missing: float, seed: int) -> None:
@@ -164,4 +199,23 @@ def _write_regions(tmp: Path, subjects: list[str], seed: int):
         for row in rows:
             row[name] = rel
     spec = {"inputs": ["thickness", "area", "curv", "sulc"], "outcome": "pet", "mask": None, "truth": _TRUTH}
+    return rows, spec, design.covariates
+
+
+def _write_multisite(tmp: Path, subjects: list[str], seed: int, sites: int, n_labeled: int,
+                     noise: str = "independent"):
+    design = MultisiteDesign(len(subjects), seed, sites, noise=noise, n_labeled=n_labeled)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # as the paper design: 2 mm pixels, one slice thick
+    rows = []
+    for i, (subject, label) in enumerate(zip(subjects, design.split())):
+        row = {}
+        for col, values in design.subject(i).items():
+            rel = f"images/{subject}_{col}.nii.gz"
+            save_nifti(values[..., None].astype(np.float32), affine, None, tmp / rel, fsync=False)
+            row[col] = rel
+        rows.append({**row, "split": label})
+    spec = {"inputs": ["x1", "x2", "x3"], "outcome": "y", "mask": None,
+            "truth": {"mean": "y_true_mean", "sd": "y_true_sd"}, "covariates": ["age", "sex", "apoe4"],
+            "site": "site", "sites": design.names, "held_out_site": design.held_out_site,
+            "site_parameters": design.parameters}
     return rows, spec, design.covariates
