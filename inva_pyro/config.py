@@ -66,6 +66,8 @@ class ModelConfig(_Strict):
                                      "output layer's (model/smoothing.py); 0: none. Needs a volume outcome or "
                                      "an fsaverage5 surface")
     min_scale: float = Field(1e-3, gt=0.0, description="floor of every predicted sd (standardised units)")
+    site_embedding: int = Field(4, ge=1, description="size of the learned site embedding read by the input "
+                                "decoders and the predictor (fits with --site only)")
     # The VAE tutorial's toolkit (docs/toolkit.md)
     network: Literal["mlp", "conv"] = Field("mlp", description="encoders/decoders: MLPs on masked vectors, or "
                                             "2-D/3-D convolutions on the image grid (volumes and 2-D grids only)")

@@ -18,6 +18,7 @@ import torch
 
 from . import runs
 from .config import Preset, load_preset
+from .data.covariates import CovariateEncoder, SiteLevels
 from .data.missing import (check_labeled_val, drop_input, input_presence, labeled, missingness_patterns,
                            outcome_presence, require_inputs)
 from .data.preprocessing import Standardizer
@@ -26,6 +27,7 @@ from .data.splits import calibration_split, holdout
 from .data.streaming import DiskBatches, DiskSubset
 from .data.subset import Subset
 from .errors import InputError
+from .model.conditions import Conditions, NewSiteWarning, encode_conditions
 from .model.module import InVAModule
 from .predict.calibration import Calibrator, central_probs
 from .predict.patterns import calibrate as calibrate_patterns
@@ -57,6 +59,8 @@ class InVA:
         self.standardizer: Standardizer | None = None
         self.calibrator: Calibrator | None = None
         self.spatial_covariance: SpatialCovariance | None = None
+        self.covariates: CovariateEncoder | None = None  # how the covariates a fit conditions on are encoded
+        self.sites: SiteLevels | None = None              # the training sites (data/covariates.py)
         self.history: dict | None = None
         self.submodels: dict[str, "InVA"] = {}  # pattern submodels, by the input each lacks (predict/routing.py)
         self.info: dict = {}
@@ -110,7 +114,7 @@ class InVA:
             runs.write_config(run_dir, self.preset, self.standardizer)
             runs.write_info(run_dir, self.info)
         train_data = self._training_data(train_set)
-        state = train(self.module, train_data, Batchable(*self.tensors(val)), self.preset.training, seed=seed,
+        state = train(self.module, train_data, Batchable(*self.tensors(val), self.conditions(val)), self.preset.training, seed=seed,
                       checkpoint_dir=run_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
         self.history = dict(state.history, best_epoch=state.best_epoch, stopped_early=state.stopped_early,
                             devices=distributed.world_size())
@@ -145,9 +149,13 @@ class InVA:
             standardizer = (Standardizer.fit_streaming(train_set) if isinstance(train_set, DiskSubset)
                             else Standardizer.fit(train_set))
         self.standardizer = standardizer
+        self.covariates = None if train_set.conditions is None else CovariateEncoder.fit(train_set.conditions)
+        self.sites = None if train_set.sites is None else SiteLevels.fit(train_set.sites)
         self.info = runs.new_info("inva", train_set, seed=seed, versioned=VERSIONED, n_val=len(val),
                                   n_calibration=len(calibration),
-                                  n_train_labeled=int(outcome_presence(train_set).sum()), **(extra_info or {}))
+                                  n_train_labeled=int(outcome_presence(train_set).sum()),
+                                  covariates=self.covariates.names if self.covariates else [],
+                                  site=self.sites.column if self.sites else None, **(extra_info or {}))
 
     def _build(self) -> None:
         """The Pyro module for run.json's inputs, on the model's device."""
@@ -157,7 +165,8 @@ class InVA:
             shape = getattr(space, "grid_shape", None)
             grids.append((shape, np.flatnonzero(space.mask)) if shape and len(shape) in (2, 3) else None)
         self.module = InVAModule(info["inputs"], info["input_sizes"], info["n_outcome"], self.preset.model, grids,
-                                 self._neighbour_pairs()).to(self.device)
+                                 self._neighbour_pairs(), covariate_spec=self.covariates.spec() if self.covariates else None,
+                                 n_sites=len(self.sites.levels) if self.sites else 0).to(self.device)
         info["neighbour_pairs"] = self.module.n_neighbour_pairs
 
     def _neighbour_pairs(self) -> np.ndarray | None:
@@ -181,10 +190,18 @@ class InVA:
 
     def _training_data(self, train_set):
         """In-memory tensors, or minibatches read from disk (read once into device memory where they fit)."""
+        conditions = self.conditions(train_set)
         if not isinstance(train_set, DiskSubset):
-            return Batchable(*self.tensors(train_set))
-        data = DiskBatches(train_set, self.standardizer, self.info["inputs"], self.device)
-        return Batchable(*data.read_all()) if distributed.fits_on_device(data.nbytes(), self.device) else data
+            return Batchable(*self.tensors(train_set), conditions)
+        data = DiskBatches(train_set, self.standardizer, self.info["inputs"], self.device, conditions=conditions)
+        if distributed.fits_on_device(data.nbytes(), self.device):
+            return Batchable(*data.read_all(), conditions)
+        return data
+
+    def conditions(self, subset) -> Conditions | None:
+        """The covariates (encoded as in training) and site numbers of ``subset``'s subjects, on the model's
+        device; None for a model fitted without them (model/conditions.py)."""
+        return encode_conditions(subset, self.covariates, self.sites, self.device)
 
     def tensors(self, subset: Subset, with_outcome: bool = True):
         """([x_k (n, V_k)], y (n, V_y) or None): ``subset`` standardised, on the model's device (NaN rows:
@@ -240,12 +257,14 @@ class InVA:
         """The voxel calibrator and the outcome's spatial covariance, on subjects never fitted."""
         cfg = self.preset.prediction
         xs, y = self.tensors(calibration)
+        conditions = self.conditions(calibration)
         # One predictive pass over every calibration subject (the inputs each has) serves both calibrations.
         summary = posterior_predictive(self.predictive_module, xs, num_samples=cfg.num_samples, probs=[],
-                                       generator=self._generator(seed + 1))
+                                       generator=self._generator(seed + 1), conditions=conditions)
         self.calibrator = calibrate_patterns(self.predictive_module, xs, y, self.info["inputs"],
                                              num_samples=cfg.num_samples, method=cfg.calibration,
-                                             generator=self._generator(seed + 2), summary=summary)
+                                             generator=self._generator(seed + 2), summary=summary,
+                                             conditions=conditions)
         self.spatial_covariance = None
         if cfg.spatial_covariance and len(y) >= 2:
             factor, diag, self.spatial_covariance = fit_spatial_covariance(
@@ -289,10 +308,15 @@ class InVA:
         cfg = self.preset.prediction
         levels = sorted(levels or cfg.levels)
         xs, y = self.tensors(subset)
+        unseen = self.unseen_sites(subset)
+        if unseen:
+            warnings.warn(f"site(s) {', '.join(unseen)} not seen in training: predicted with the pooled site "
+                          "(inva adapt fits a new site from a few of its subjects with the outcome)", NewSiteWarning,
+                          stacklevel=2)
         correlated = keep_samples if self.spatial_covariance is not None else 0
         summary = posterior_predictive(self.predictive_module, xs, num_samples=num_samples or cfg.num_samples,
                                        probs=central_probs(levels), observed=y, keep_samples=keep_samples - correlated,
-                                       generator=self._generator(seed))
+                                       generator=self._generator(seed), conditions=self.conditions(subset))
         if correlated:
             summary.samples = np.concatenate(list(spatial_draws(summary.mean, summary.sd, self.spatial_covariance,
                                                                 correlated, seed=seed)), 0)
@@ -310,11 +334,16 @@ class InVA:
             observed=subset.outcome, space=space, spatial_covariance=self.spatial_covariance,
             patterns=missingness_patterns(input_presence(subset, self.info["inputs"]), self.info["inputs"]))
 
+    def unseen_sites(self, subset) -> list[str]:
+        """The sites of ``subset`` that training never saw (predicted with the pooled site)."""
+        return [] if self.sites is None or subset.sites is None else self.sites.unseen(subset.sites)
+
     # ---- persistence (runs.py) ---------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> Path:
         """Everything needed to predict later: config, weights, preprocessing, calibration, spaces."""
         run_dir = Path(run_dir)
         runs.write_config(run_dir, self.preset, self.standardizer)
+        runs.write_conditions(run_dir, self.covariates, self.sites)
         runs.write_tensors(run_dir, "weights.safetensors", self.module.state_dict())
         runs.write_json(run_dir, "calibration.json", self.calibrator.to_dict())
         if self.spatial_covariance is not None:
@@ -330,6 +359,7 @@ class InVA:
     def _read_config(self, run_dir: Path) -> None:
         self.info = runs.read_info(run_dir)
         self.preset, self.standardizer = runs.read_config(run_dir)
+        self.covariates, self.sites = runs.read_conditions(run_dir)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "InVA":

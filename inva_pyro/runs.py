@@ -100,6 +100,22 @@ def read_config(run_dir: str | Path) -> tuple[Preset, Standardizer]:
                 Standardizer.from_dict(read_json(run_dir, "standardizer.json")))
 
 
+def write_conditions(run_dir: str | Path, covariates, sites) -> None:
+    """``covariates.json``: how a fit encoded its covariates and numbered its sites (none: no file)."""
+    if covariates is not None or sites is not None:
+        write_json(run_dir, "covariates.json", {"covariates": covariates.to_dict() if covariates else None,
+                                                "site": sites.to_dict() if sites else None})
+
+
+def read_conditions(run_dir: str | Path):
+    """(CovariateEncoder or None, SiteLevels or None) of a run folder."""
+    from .data.covariates import CovariateEncoder, SiteLevels
+    with reading(run_dir):
+        saved = read_json(run_dir, "covariates.json", default={})
+        return (CovariateEncoder.from_dict(saved["covariates"]) if saved.get("covariates") else None,
+                SiteLevels.from_dict(saved["site"]) if saved.get("site") else None)
+
+
 def write_info(run_dir: str | Path, info: dict) -> None:
     write_json(run_dir, "run.json", info, indent=2)
 

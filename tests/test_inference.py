@@ -78,7 +78,7 @@ def test_kept_draws_are_joint_across_blocks(fitted):
     d = s.draws
     assert d.component_mean.shape == (12, len(cohort.test), y.shape[1]) and d.image_loglik.shape == (12, len(cohort.test))
     with torch.no_grad():
-        hidden, local, sd = module.outcome_parts(xs)
+        hidden, local, sd, _ = module.outcome_parts(xs)
     w, b = torch.from_numpy(d.output_weight), torch.from_numpy(d.output_bias)
     rebuilt = torch.einsum("nd,svd->snv", hidden, w) + b[:, None] + local
     np.testing.assert_allclose(d.component_mean, rebuilt.numpy(), rtol=1e-5, atol=1e-5)

@@ -71,7 +71,7 @@ def test_elbo_with_masked_outcomes_is_the_sum_of_its_parts(make_preset, make_arr
                 term += Normal(0.0, 1.0).log_prob(h).sum(-1)
             per_subject += present[:, k] * term
         outcome_counts = y_present & present.all(-1)  # the other structures cannot tell a missing input
-    hidden, local_mean, sd = module.outcome_parts(xs)
+    hidden, local_mean, sd, _ = module.outcome_parts(xs)
     mean = hidden @ module.output_weight.T + module.output_bias + local_mean
     per_subject += outcome_counts * Normal(mean, sd).log_prob(torch.nan_to_num(yt)).sum(-1)
     expected = -(n_subjects / 12) * per_subject.sum()

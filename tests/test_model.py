@@ -258,7 +258,7 @@ def test_posterior_predictive_matches_the_exact_normal(make_preset):
     summary = posterior_predictive(module, xs, num_samples=S, probs=probs, chunk_size=64,
                                    generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        hidden, local_mean, sd = module.outcome_parts(xs)
+        hidden, local_mean, sd, _ = module.outcome_parts(xs)
         w, b = module.output_layer_mean()
         mean = (hidden @ w.T + b + local_mean).double().numpy()
         sd = sd.double().numpy()

@@ -119,7 +119,7 @@ def kl_per_dimension(module, xs: list[torch.Tensor], num_samples: int = 16, seed
                 sums["deep"] = sums["deep"] + kl_z.mean(0).sum(0).double()
                 eps_z = torch.randn(z_loc.shape, generator=gen, device=h_loc.device, dtype=h_loc.dtype)
                 z = z_loc + z_scale * eps_z
-                log_p_h = torch.distributions.Normal(*module.shared_decoder(z)).log_prob(h)
+                log_p_h = torch.distributions.Normal(*module.shared_prior(z)).log_prob(h)
             else:
                 log_p_h = torch.distributions.Normal(0.0, 1.0).log_prob(h)
             sums["shallow"] = sums["shallow"] + (log_q_h - log_p_h).mean(0).sum(0).double()
@@ -140,7 +140,7 @@ def reconstruction_variance(module, xs: list[torch.Tensor], batch_size: int = 25
         recon = []
         for sl in _batches(vae_xs[k].shape[0], batch_size):
             h_loc, _ = module.shallow_encoders[k](vae_xs[k][sl])
-            recon.append(module.modality_decoders[k](h_loc)[0])
+            recon.append(module.decode(k, h_loc)[0])
         xhat = torch.cat(recon).double().cpu().numpy()
         x = vae_xs[k].double().cpu().numpy()
         data_var = float(x.var(axis=0, ddof=1).sum()) if x.shape[0] > 1 else 0.0

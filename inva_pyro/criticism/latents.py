@@ -116,16 +116,17 @@ def write_latents(model, subset, path: str | Path) -> Path:
 
 
 def _modality_decoder(module, model, modality: str):
-    """(decoder, feature slice) that maps a shallow latent to ``modality``'s standardised features."""
+    """(decoder number k, feature slice, VAE name): decoder k maps a shallow latent to ``modality``'s
+    standardised features (``module.decode``)."""
     inputs = list(model.info["inputs"])
     if modality not in inputs:
         raise InputError(f"unknown modality '{modality}' (this model's inputs: {', '.join(inputs)})")
     if module.vae_names == ["concat"]:
         sizes = [int(s) for s in model.info["input_sizes"]]
         start = sum(sizes[:inputs.index(modality)])
-        return module.modality_decoders[0], slice(start, start + sizes[inputs.index(modality)]), "concat"
+        return 0, slice(start, start + sizes[inputs.index(modality)]), "concat"
     k = module.vae_names.index(modality)
-    return module.modality_decoders[k], slice(None), modality
+    return k, slice(None), modality
 
 
 def _space_for(model, modality: str, n_features: int):
@@ -173,7 +174,7 @@ def traversal_images(model, modality: str, subset=None, sd: float = 2.0, steps: 
         raise ValueError(f"steps must be at least 2, got {steps}")
     if not sd > 0:
         raise ValueError(f"sd must be positive, got {sd}")
-    decoder, features, vae_name = _modality_decoder(module, model, modality)
+    k, features, vae_name = _modality_decoder(module, model, modality)
     dim = module.cfg.deep_dim if module.hierarchical else module.cfg.shallow_dim
     if subset is not None:
         encoded = _encode_all(model, subset)[vae_name]
@@ -191,8 +192,8 @@ def traversal_images(model, modality: str, subset=None, sd: float = 2.0, steps: 
     was_training = module.training
     module.eval()
     try:
-        h = module.shared_decoder(z)[0] if module.hierarchical else z
-        x = decoder(h)[0][:, features].double().cpu().numpy()
+        h = module.shared_prior(z)[0] if module.hierarchical else z
+        x = module.decode(k, h)[0][:, features].double().cpu().numpy()
     finally:
         module.train(was_training)
     st = model.standardizer

@@ -30,6 +30,7 @@ from .spaces import ArraySpace, Space, VolumeSpace
 from .manifest import (DEFAULT_VAL_FRACTION, SPLIT_COLUMN, SPLITS, SUBJECT_COLUMN, ImageReader, check_input_names,
                        covariate_columns, has_image, image_columns, read_cohort_json, read_manifest, split_labels,
                        subject_ids)
+from .covariates import is_numeric
 from .missing import outcome_presence
 from .splits import split_indices
 from .streaming import DiskSubset, RowCache
@@ -68,6 +69,7 @@ class Cohort:
                       mask: str | Path | None = None, *, require_outcome: bool = True,
                       space: Space | dict[str, Space] | None = None, truth_mean: str | None = None,
                       truth_sd: str | None = None, covariates: Sequence[str] | None = None,
+                      conditions: Sequence[str] | None = None, site: str | None = None,
                       seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION,
                       lazy: bool = False, cache_subjects: int = 64) -> "Cohort":
         """Read a cohort from a manifest CSV.
@@ -81,6 +83,9 @@ class Cohort:
         outcome column gives ``outcome=None`` (predict time).
         ``truth_mean``/``truth_sd`` name true-mean/true-sd images (in the outcome's space).
         ``covariates`` lists covariate columns; None takes every other numeric column.
+        ``conditions`` lists the covariates a fit is to condition on (numeric or text columns), and ``site``
+        names the column of each subject's site (scanner, centre): the subsets carry them as ``conditions``
+        and ``sites``.
         ``lazy=True`` checks every file (headers, vertex counts, table rows) but reads no voxel
         data: the subsets are ``streaming.DiskSubset`` views that read on demand, keeping the
         last ``cache_subjects`` subjects' vectors in memory.
@@ -116,9 +121,11 @@ class Cohort:
         covariate_names = covariate_columns(table, covariates, used_columns, csv_path)
         covariate_frame = None
         if covariate_names:
-            covariate_frame = table[covariate_names].apply(pd.to_numeric).astype(np.float64).set_axis(
-                pd.Index(subjects, name=SUBJECT_COLUMN))
+            covariate_frame = table[covariate_names].apply(
+                lambda column: pd.to_numeric(column).astype(np.float64) if is_numeric(column) else column
+            ).set_axis(pd.Index(subjects, name=SUBJECT_COLUMN))
 
+        extra = _condition_columns(table, conditions, site, used_columns, subjects, csv_path)
         names = inputs + ([outcome] if outcome is not None else [])
         if lazy:
             data = DiskSubset.from_sources(
@@ -133,13 +140,14 @@ class Cohort:
                 truth_sd=matrices.get(truth_sd) if truth_sd is not None else None,
                 covariates=covariate_frame,
             )
-        return cls(data, {name: spaces[name] for name in names}, inputs, outcome, split, csv_path,
-                   seed, val_fraction)
+        return cls(dataclasses.replace(data, **extra), {name: spaces[name] for name in names}, inputs, outcome,
+                   split, csv_path, seed, val_fraction)
 
     @classmethod
     def from_dir(cls, directory: str | Path, *, require_outcome: bool = True, seed: int = 0,
                  val_fraction: float = DEFAULT_VAL_FRACTION, lazy: bool = False,
-                 cache_subjects: int = 64) -> "Cohort":
+                 cache_subjects: int = 64, conditions: Sequence[str] | None = None,
+                 site: str | None = None) -> "Cohort":
         """Read a cohort folder made by ``inva simulate``: ``cohort.json`` + ``manifest.csv``.
 
         ``cohort.json`` = ``{"design": ..., "inputs": [...], "outcome": ..., "mask": path
@@ -156,16 +164,19 @@ class Cohort:
             directory / "manifest.csv", inputs=spec["inputs"], outcome=spec.get("outcome"),
             mask=mask, require_outcome=require_outcome, truth_mean=truth.get("mean"),
             truth_sd=truth.get("sd"), covariates=spec.get("covariates"), seed=seed,
-            val_fraction=val_fraction, lazy=lazy, cache_subjects=cache_subjects)
+            val_fraction=val_fraction, lazy=lazy, cache_subjects=cache_subjects, conditions=conditions, site=site)
 
     @classmethod
     def from_arrays(cls, inputs: dict[str, np.ndarray], outcome: np.ndarray | None,
                     subjects: Sequence[str] | None = None, split: Sequence[str] | None = None,
                     space: VolumeSpace | None = None, truth_mean: np.ndarray | None = None,
                     truth_sd: np.ndarray | None = None, *, outcome_name: str = "outcome",
-                    covariates: pd.DataFrame | None = None, seed: int = 0,
+                    covariates: pd.DataFrame | None = None, conditions: pd.DataFrame | None = None,
+                    sites: pd.Series | None = None, seed: int = 0,
                     val_fraction: float = DEFAULT_VAL_FRACTION) -> "Cohort":
         """A cohort from in-memory (n, V) matrices (tests, simulations, notebooks).
+        ``conditions`` (covariates to condition a fit on) and ``sites`` (named by their column) are per subject,
+        in the order of the rows.
 
         ``space`` (shared by every input and the outcome) defaults to one ``ArraySpace`` per
         name: features of unknown geometry, written as (V, 1, 1) volumes. ``subjects`` defaults to
@@ -189,9 +200,12 @@ class Cohort:
 
         inputs = {name: checked(name, array) for name, array in inputs.items()}
         outcome = checked(outcome_name, outcome)
+        index = pd.Index(subjects, name=SUBJECT_COLUMN)
         data = Subset(subjects=subjects, inputs=inputs, outcome=outcome,
                       truth_mean=checked("truth_mean", truth_mean),
-                      truth_sd=checked("truth_sd", truth_sd), covariates=covariates)
+                      truth_sd=checked("truth_sd", truth_sd), covariates=covariates,
+                      conditions=None if conditions is None else conditions.set_axis(index),
+                      sites=None if sites is None else pd.Series(list(sites), index=index, name=sites.name or "site"))
         if len(set(subjects)) != len(subjects):
             raise ValueError("subjects must be unique")
         split = None if split is None else split_labels(pd.Series(list(split)), subjects, "split")
@@ -269,3 +283,23 @@ def _check_columns(csv_path: Path, subjects, inputs, outcome, roles: dict, sourc
         if outcome is not None and kinds[name] != kinds[outcome]:
             raise InputError(f"{csv_path}: truth column '{name}' holds {kinds[name]} files but the "
                              f"outcome '{outcome}' holds {kinds[outcome]} files")
+
+
+def _condition_columns(table: pd.DataFrame, conditions, site, image_columns: set, subjects, csv_path) -> dict:
+    """``conditions`` (a frame of the named columns, raw) and ``sites`` (a series) of a manifest, checked."""
+    reserved = {SUBJECT_COLUMN, SPLIT_COLUMN} | set(image_columns)
+    names = list(conditions or []) + ([site] if site else [])
+    for name in names:
+        if name not in table.columns:
+            known = [c for c in table.columns if c not in reserved]
+            raise InputError(f"{csv_path}: no column '{name}' for --{'site' if name == site else 'covariates'} "
+                             f"(columns that could be: {', '.join(known) or 'none'})")
+        if name in reserved:
+            raise InputError(f"{csv_path}: column '{name}' is an image, subject or split column, not a covariate")
+    if site and site in (conditions or []):
+        raise InputError(f"{csv_path}: column '{site}' is the site; it cannot be a covariate as well")
+    index = pd.Index(subjects, name=SUBJECT_COLUMN)
+    frame = table[list(conditions)].set_axis(index) if conditions else None
+    sites = table[site].set_axis(index).rename(site) if site else None
+    return {"conditions": frame, "sites": sites}
+

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .covariates import is_numeric
 from .io import load_gifti_map, load_region_table, open_volume
 from .spaces import HEMISPHERES, RegionSpace, Space, SurfaceSpace, VolumeSpace, load_mask
 
@@ -108,26 +109,13 @@ def split_labels(values: pd.Series, subjects: list[str], source: str | Path) -> 
 def covariate_columns(table: pd.DataFrame, requested: Sequence[str] | None,
                        image_columns: set[str], csv_path: Path) -> list[str]:
     if requested is not None:
-        for column in requested:
+        for column in requested:  # named ones may hold text (a categorical covariate)
             _require_column(table, column, "covariate", csv_path)
-            if not _is_numeric(table[column]):
-                raise InputError(f"{csv_path}: covariate column '{column}' is not numeric")
         return list(requested)
     # Other numeric columns; text columns (unused image paths, notes) are ignored.
     reserved = {SUBJECT_COLUMN, SPLIT_COLUMN} | image_columns
     return [column for column in table.columns
-            if column not in reserved and _is_numeric(table[column])]
-
-
-def _is_numeric(values: pd.Series) -> bool:
-    present = values.dropna()
-    if present.empty:
-        return False
-    try:
-        pd.to_numeric(present)
-    except (ValueError, TypeError):
-        return False
-    return True
+            if column not in reserved and is_numeric(table[column])]
 
 
 def read_cohort_json(path: Path) -> dict[str, Any]:

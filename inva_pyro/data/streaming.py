@@ -170,6 +170,8 @@ class DiskSubset:
     covariates: pd.DataFrame | None = None
     outcome_name: str | None = None
     spaces: dict = field(default_factory=dict)
+    conditions: pd.DataFrame | None = None
+    sites: pd.Series | None = None
 
     @classmethod
     def from_sources(cls, subjects: list[str], sources: dict[str, list[Source]], spaces: dict,
@@ -208,6 +210,8 @@ class DiskSubset:
             **{key: None if m is None else m.subset(idx) for key, m in self._matrices().items()},
             covariates=None if self.covariates is None else self.covariates.iloc[idx],
             outcome_name=self.outcome_name, spaces=dict(self.spaces),
+            conditions=None if self.conditions is None else self.conditions.iloc[idx],
+            sites=None if self.sites is None else self.sites.iloc[idx],
         )
 
     def rows(self, indices=None) -> Subset:
@@ -220,6 +224,8 @@ class DiskSubset:
             **{key: None if m is None else m[idx] for key, m in self._matrices().items()},
             covariates=None if self.covariates is None else self.covariates.iloc[idx],
             outcome_name=self.outcome_name, spaces=dict(self.spaces),
+            conditions=None if self.conditions is None else self.conditions.iloc[idx],
+            sites=None if self.sites is None else self.sites.iloc[idx],
         )
 
     def chunks(self, size: int = 64):
@@ -243,7 +249,9 @@ class DiskBatches:
     """
 
     def __init__(self, subset: DiskSubset, standardizer, input_names: Sequence[str], device="cpu",
-                 workers: int | None = None):
+                 workers: int | None = None, conditions=None):
+        """``conditions``: the subjects' conditions (covariates, sites) for every row, already on ``device``
+        (small: kept whole, indexed like the images)."""
         import torch
 
         missing = [name for name in input_names if name not in subset.inputs]
@@ -257,9 +265,17 @@ class DiskBatches:
         self._readers: ThreadPoolExecutor | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
         self._pending = None  # (row positions, future) of the prefetched minibatch
+        self.conditions = conditions
 
     def __len__(self) -> int:
         return len(self.subset)
+
+    def conditions_of(self, idx):
+        import torch
+
+        if self.conditions is None:
+            return None
+        return self.conditions.rows(torch.as_tensor(self._positions(idx), device=self.device))
 
     @staticmethod
     def _positions(idx) -> np.ndarray:

@@ -19,7 +19,9 @@ class Subset:
     (simulated cohorts) or None; ``covariates``: numeric columns indexed by subject, or None.
     ``outcome_name`` names the outcome image, and ``spaces`` gives the feature space of each input and
     of the outcome by name (empty when they are not known): a model fitted on the subset records both,
-    so that its predictions are written as files of the outcome's kind.
+    so that its predictions are written as files of the outcome's kind. ``conditions``: the covariates a
+    model fitted on the subset conditions on (raw cells, text allowed, NaN where empty), and ``sites``: the
+    site (scanner, centre) of each subject, named by its column; both None when a fit is to ignore them.
     """
 
     subjects: list[str]
@@ -30,6 +32,8 @@ class Subset:
     covariates: pd.DataFrame | None = None
     outcome_name: str | None = None
     spaces: dict = field(default_factory=dict)
+    conditions: pd.DataFrame | None = None
+    sites: pd.Series | None = None
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -55,4 +59,6 @@ class Subset:
             truth_mean=rows(self.truth_mean),
             truth_sd=rows(self.truth_sd),
             covariates=None if self.covariates is None else self.covariates.iloc[idx],
+            conditions=None if self.conditions is None else self.conditions.iloc[idx],
+            sites=None if self.sites is None else self.sites.iloc[idx],
         )

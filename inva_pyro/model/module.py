@@ -1,50 +1,39 @@
 """The InVA Pyro program: generative model and guide (docs/design.md).
 
-Subjects i, input modalities k = 1..K, inputs x_ki in R^{V_k}, outcome y_i in R^{V_y}:
+Subjects i, input modalities k = 1..K, inputs x_ki in R^{V_k}, outcome y_i in R^{V_y}, and optionally
+covariates c_i and a site s_i with embedding e_s (conditions.py):
 
-    z_ki ~ Normal(0, I_q)                              deep latent
-    h_ki ~ Normal(f_shared(z_ki), s_shared(z_ki))      shared decoder (same weights for every k)
-    x_ki ~ Normal(g_k(h_ki), sigma_k)                  modality-specific decoder
-    W, b ~ Normal(0, tau^2)                            Bayesian output layer of the predictor (optional)
-    y_i  ~ Normal(m(F_i; W, b), s(F_i))                predictor, heteroscedastic per voxel
+    z_ki ~ Normal(0, I_q)                                deep latent
+    h_ki ~ Normal(f_shared(z_ki, c_i), s_shared(.))      shared decoder (same weights for every k)
+    x_ki ~ Normal(g_k(h_ki, c_i, e_s), sigma_k)          modality-specific decoder
+    W, b ~ Normal(0, tau^2)                              Bayesian output layer of the predictor (optional)
+    y_i  ~ Normal(a_s + b_s m(F_i, c_i, e_s; W, b), b_s s(.))   predictor, heteroscedastic per voxel
            (low-rank-plus-diagonal across voxels once ``outcome_covariance`` is fitted: covariance.py)
 
-F_i are the paper's predictor inputs: for every k the means and sds of q(h_ki|x_ki) and of
-q(z_ki|h_ki) at the shallow mean. The guide is amortised: q(h_ki|x_ki) is modality-specific,
-q(z_ki|h_ki) is shared, and q(W, b) is a mean-field Normal. KL weights enter through
-``poutine.scale``; minibatches through the subsampled ``subjects`` plate, so every ELBO estimate is
-scaled to the full training size. No training or I/O code lives here.
+F_i are the paper's predictor inputs: for every k the means and sds of q(h_ki|x_ki) and of q(z_ki|h_ki) at
+the shallow mean. The guide is amortised: q(h_ki|x_ki) is modality-specific, q(z_ki|h_ki) shared, q(W, b)
+a mean-field Normal. KL weights enter through ``poutine.scale``; minibatches through the subsampled
+``subjects`` plate, so every ELBO estimate is scaled to the full training size. No training or I/O here.
 
-Options from the VAE tutorial (docs/toolkit.md): a Laplace likelihood for the inputs; a DSSIM
-term per input image, ``pyro.factor(-w V DSSIM(g_k(h_ki), x_ki))`` (w per voxel, like the
-likelihood); an InfoVAE term ``pyro.factor(-lambda N MMD(q(z), p(z)))`` on the top latent level
-over the minibatch; an extra weight on the deep level's KL; convolutional encoders/decoders.
+Options from the VAE tutorial (docs/toolkit.md): a Laplace likelihood for the inputs; a DSSIM term per
+input image, ``pyro.factor(-w V DSSIM(g_k(h_ki), x_ki))``; an InfoVAE term ``pyro.factor(-lambda N
+MMD(q(z), p(z)))`` on the top latent level over the minibatch; an extra weight on the deep level's KL;
+convolutional encoders/decoders. Peer structures (``cfg.structure``): ``separate`` drops the shared level
+(h_ki ~ Normal(0, I_p)); ``concatenated`` is one plain VAE on the inputs concatenated; both keep the same
+predictor. Structure ``joint`` (docs/model.md, "Missing inputs"): one subject latent z_i ~ Normal(0, I_p)
+shared by every modality, x_ki ~ g_k(z_i); q(z_i | inputs present) is the product of the modality experts
+and the prior expert (``experts.py``); the local pathway sees each local input where present and its
+reconstruction g_k(E[z]) where not, with a presence channel.
 
-Structure ``joint`` (docs/model.md, "Missing inputs"): one subject latent z_i ~ Normal(0, I_p) shared by
-every modality, x_ki ~ g_k(z_i); the guide's q(z_i | inputs present) is the product of the modality
-experts q_k(z | x_ki) and the prior expert (``experts.py``), so any subset of inputs gives a posterior;
-the predictor conditions on its mean and sd, and the local pathway on each local input where present
-and on its reconstruction g_k(E[z]) where not, with a presence channel.
-
-Images not acquired (``data/missing.py``) arrive as rows of NaN: each program splits them once into
-zero-filled values and presence. Every missingness mask is on a site's distribution (``.mask``): an
-input's reconstruction counts only where it is present, the latents of a modality-specific VAE only
-where its input is, and the outcome only where it is present (and, outside ``joint``, every input too:
-the other predictors cannot tell a missing input from a zero one). Inside the subsampled plate, the
-ELBO stays an unbiased estimate of the full-data sum of the terms present.
-
-Every structure shares one ``outcome`` site, ``outcome_distribution``: independent Normals while
-training, low-rank plus diagonal across features once the spatial covariance is fitted
-(``covariance.py``), so the program that diagnostics score is the one that predicts.
-
-Peer structures (``cfg.structure``), for comparisons: ``separate`` drops the shared level
-(h_ki ~ Normal(0, I_p), one plain VAE per modality); ``concatenated`` is one plain VAE on the
-inputs concatenated into a single vector. Both keep the same predictor (the local pathway still
-sees each input at each voxel).
+Images not acquired (``data/missing.py``) arrive as rows of NaN, split once per step into zero-filled values
+and presence. Every missingness mask is on a site's distribution (``.mask``): an input's reconstruction
+counts only where it is present, the latents of a modality-specific VAE only where its input is, the
+outcome only where it is present (and, outside ``joint``, every input too: the other predictors cannot tell
+a missing input from a zero one), an observed covariate's likelihood only where it was acquired. Every
+structure shares one ``outcome`` site, ``outcome_distribution``, so the program diagnostics score is the
+one that predicts.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -54,21 +43,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.missing import fill_missing
+from .conditions import ConditionNetwork, Conditions
+from .values import EncodedInputs, OutcomeParts
 from .conv import ConvDecoder, ConvEncoder
 from .covariance import OutcomeCovariance
 from .experts import product_of_experts, stack_experts
 from .losses import DSSIM, mmd
 from .networks import GaussianNet, MeanFieldNormal, ModalityDecoder, Predictor
 from .smoothing import neighbour_table, smoothness_log_prior
-
-
-@dataclass
-class EncodedInputs:
-    """One encoder pass over a minibatch, shared by the model, the guide and the predictor: the inputs
-    zero-filled where not acquired, their (B, K) presence, and (loc, scale) of q(h_k | x_k) for every VAE."""
-    values: list[torch.Tensor]
-    present: torch.Tensor
-    experts: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def weighted(weight: float | torch.Tensor):
@@ -88,9 +70,12 @@ def standard_normal(like: torch.Tensor, batch: int, dim: int) -> dist.Normal:
 
 class InVAModule(nn.Module):
     def __init__(self, input_names: list[str], input_sizes: list[int], n_outcome: int, cfg: ModelConfig,
-                 input_grids: list | None = None, neighbour_pairs=None):
+                 input_grids: list | None = None, neighbour_pairs=None,
+                 covariate_spec: list[tuple[str, str, int]] | None = None, n_sites: int = 0):
         """``input_grids[k]``: (grid shape, flat mask indices) of input k's image, or None (no grid).
-        ``neighbour_pairs``: (E, 2) outcome features that touch, for ``spatial_smoothing`` (None: no graph)."""
+        ``neighbour_pairs``: (E, 2) outcome features that touch, for ``spatial_smoothing`` (None: no graph).
+        ``covariate_spec``: (name, kind, encoded width) of each covariate the program conditions on;
+        ``n_sites``: the number of training sites (0: no site) (conditions.py)."""
         super().__init__()
         if not input_names:
             raise ValueError("InVA needs at least one input modality")
@@ -103,6 +88,10 @@ class InVAModule(nn.Module):
         self.vae_names = ["concat"] if cfg.structure == "concatenated" else self.input_names
         vae_sizes = [sum(input_sizes)] if cfg.structure == "concatenated" else list(input_sizes)
         grids = list(input_grids) if input_grids is not None else [None] * len(vae_sizes)
+        self.conditioning = (ConditionNetwork(covariate_spec or [], n_sites, cfg.site_embedding)
+                             if covariate_spec or n_sites else None)
+        cov_dim = self.conditioning.covariate_dim if self.conditioning else 0
+        condition_dim = cov_dim + (self.conditioning.site_dim if self.conditioning else 0)
         if cfg.network == "conv" or cfg.dssim_weight > 0:
             flat = [name for name, g in zip(self.vae_names, grids) if g is None or len(g[0]) not in (2, 3)]
             if flat:
@@ -110,16 +99,17 @@ class InVAModule(nn.Module):
                                  f"{', '.join(flat)} has none")
         if cfg.network == "conv":
             self.shallow_encoders = nn.ModuleList(ConvEncoder(*g, p, cfg.conv_channels, cfg.hidden) for g in grids)
-            self.modality_decoders = nn.ModuleList(ConvDecoder(*g, p, cfg.conv_channels, cfg.hidden) for g in grids)
+            self.modality_decoders = nn.ModuleList(ConvDecoder(*g, p + condition_dim, cfg.conv_channels, cfg.hidden)
+                                                   for g in grids)
         else:
             self.shallow_encoders = nn.ModuleList(GaussianNet(v, cfg.hidden, p) for v in vae_sizes)
-            self.modality_decoders = nn.ModuleList(ModalityDecoder(p, cfg.hidden, v) for v in vae_sizes)
+            self.modality_decoders = nn.ModuleList(ModalityDecoder(p + condition_dim, cfg.hidden, v) for v in vae_sizes)
         self.likelihood = dist.Laplace if cfg.reconstruction == "laplace" else dist.Normal
         self.dssim_terms = (nn.ModuleList(DSSIM(*g, win_size=cfg.dssim_window) for g in grids)
                             if cfg.dssim_weight > 0 else None)
         if self.hierarchical:
             self.shared_encoder = GaussianNet(p, cfg.shared_hidden, q)
-            self.shared_decoder = GaussianNet(q, cfg.shared_hidden, p)
+            self.shared_decoder = GaussianNet(q + cov_dim, cfg.shared_hidden, p)
         # The local pathway sees, at each outcome voxel, the inputs defined on the same voxels.
         self.local_modalities = [k for k, v in enumerate(input_sizes) if v == n_outcome] if cfg.predictor == "local" else []
         if cfg.predictor == "local" and not self.local_modalities:
@@ -128,7 +118,7 @@ class InVAModule(nn.Module):
         n_stats = 2 * p if self.joint else len(vae_sizes) * stats_per_vae
         # joint: each local input comes with a presence channel
         n_local = len(self.local_modalities) * (2 if self.joint else 1)
-        self.predictor = Predictor(n_stats, n_outcome, cfg, n_local)
+        self.predictor = Predictor(n_stats + condition_dim, n_outcome, cfg, n_local)
         shape = (n_outcome, cfg.predictor_hidden)
         if cfg.bayesian_output:
             self.output_weight_q = MeanFieldNormal(shape)
@@ -157,16 +147,59 @@ class InVAModule(nn.Module):
         """(B, number of VAEs): a VAE's latents count where any of its inputs is present."""
         return present.any(dim=-1, keepdim=True) if len(self.vae_names) != present.shape[-1] else present
 
-    def encode_inputs(self, xs: list[torch.Tensor]) -> EncodedInputs:
-        """One encoder pass over inputs whose missing rows are NaN (they are encoded as zeros; masks drop them)."""
+    def encode_inputs(self, xs: list[torch.Tensor], conditions: Conditions | None = None) -> EncodedInputs:
+        """One encoder pass over inputs whose missing rows are NaN (they are encoded as zeros; masks drop them),
+        with the subjects' ``conditions`` (without them, covariates read as not acquired and the site as
+        pooled)."""
         values, present = self.split_missing(xs)
-        return EncodedInputs(values, present,
-                             [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(values))])
+        experts = [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(values))]
+        if self.conditioning is None:
+            return EncodedInputs(values, present, experts)
+        conditions = self._complete(conditions, values[0])
+        return EncodedInputs(values, present, experts, conditions,
+                             self.conditioning.covariate_vector(conditions.covariates),
+                             self.conditioning.site_vector(conditions.site),
+                             self.conditioning.site_affine(conditions.site))
+
+    def _complete(self, conditions: Conditions | None, like: torch.Tensor) -> Conditions:
+        """``conditions`` with what is not given filled in: covariates not acquired, the pooled site."""
+        conditions = conditions or Conditions()
+        batch, width = like.shape[0], sum(w for _, _, w in self.conditioning.spec)
+        covariates = conditions.covariates
+        if covariates is None and width:
+            covariates = like.new_full((batch, width), float("nan"))
+        site = conditions.site
+        if site is None and self.conditioning.n_sites:
+            site = torch.full((batch,), -1, dtype=torch.long, device=like.device)
+        return Conditions(covariates, site)
 
     def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors (the
         experts of ``joint``)."""
         return self.encode_inputs(xs).experts
+
+    def decode(self, k: int, latent: torch.Tensor, encoded: EncodedInputs | None = None):
+        """(mean, scale) of input k given its latent (..., B, p) and the subjects' conditions (from ``encoded``;
+        without it, covariates not acquired and the pooled site)."""
+        condition = self._condition_for(latent, encoded, site=True)
+        return self.modality_decoders[k](latent if condition is None else torch.cat([latent, condition], dim=-1))
+
+    def shared_prior(self, z: torch.Tensor, encoded: EncodedInputs | None = None):
+        """(loc, scale) of p(h | z, covariates): the shared decoder (structure ``integrative``)."""
+        condition = self._condition_for(z, encoded, site=False)
+        return self.shared_decoder(z if condition is None else torch.cat([z, condition], dim=-1))
+
+    def _condition_for(self, latent: torch.Tensor, encoded: EncodedInputs | None, site: bool):
+        """The condition vector that goes with ``latent`` (its leading dims), or None without conditions."""
+        if self.conditioning is None:
+            return None
+        if encoded is None:  # no subjects' conditions: covariates not acquired, the pooled site
+            conditions = self._complete(None, latent.reshape(-1, latent.shape[-1])[:1])
+            encoded = EncodedInputs([], latent.new_zeros(0), [], conditions,
+                                    self.conditioning.covariate_vector(conditions.covariates),
+                                    self.conditioning.site_vector(conditions.site))
+        condition = encoded.condition(site=site)
+        return None if condition is None else condition.expand(*latent.shape[:-1], condition.shape[-1])
 
     def joint_posterior(self, encoded, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z | inputs present): the product of the experts present and the prior."""
@@ -187,7 +220,7 @@ class InVAModule(nn.Module):
         return torch.cat(stats, dim=-1)
 
     def local_inputs(self, xs: list[torch.Tensor], present: torch.Tensor | None = None,
-                     joint_loc: torch.Tensor | None = None) -> torch.Tensor | None:
+                     joint_loc: torch.Tensor | None = None, encoded: EncodedInputs | None = None) -> torch.Tensor | None:
         """(B, V, channels) local inputs (zero-filled ``xs``). ``joint``: where input k is missing
         its reconstruction from the joint posterior mean stands in, and presence channels follow."""
         if not self.local_modalities:
@@ -197,23 +230,26 @@ class InVAModule(nn.Module):
         values, flags = [], []
         for k in self.local_modalities:
             here = present[:, k:k + 1]
-            values.append(torch.where(here, xs[k], self.modality_decoders[k](joint_loc)[0]))
+            values.append(torch.where(here, xs[k], self.decode(k, joint_loc, encoded)[0]))
             flags.append(here.to(xs[k].dtype).expand_as(xs[k]))
         return torch.stack(values + flags, dim=-1)
 
-    def outcome_parts(self, xs: list[torch.Tensor], encoded: EncodedInputs | None = None):
-        """(H, local mean, sd): all of the outcome distribution except the output layer (NaN rows: missing)."""
-        encoded = encoded if encoded is not None else self.encode_inputs(xs)
+    def outcome_parts(self, xs: list[torch.Tensor], encoded: EncodedInputs | None = None,
+                      conditions: Conditions | None = None) -> OutcomeParts:
+        """All of the outcome distribution except the output layer (NaN rows of ``xs``: missing)."""
+        encoded = encoded if encoded is not None else self.encode_inputs(xs, conditions)
         joint_loc = None
         if self.joint:
             joint_loc, joint_scale = self.joint_posterior(encoded.experts, encoded.present)
             stats = torch.cat([joint_loc, joint_scale], dim=-1)
         else:
             stats = self.latent_statistics(encoded.experts)
-        hidden = self.predictor.hidden(stats)
-        local = self.local_inputs(encoded.values, encoded.present, joint_loc)
+        condition = encoded.condition()
+        hidden = self.predictor.hidden(stats if condition is None else torch.cat([stats, condition], dim=-1))
+        local = self.local_inputs(encoded.values, encoded.present, joint_loc, encoded)
         local_mean, sd = self.predictor.deterministic_parts(hidden, local)
-        return hidden, local_mean, sd
+        parts = OutcomeParts(hidden, local_mean, sd, encoded.affine)
+        return parts._replace(sd=parts.gain() * sd) if encoded.affine is not None else parts
 
     def outcome_distribution(self, mean: torch.Tensor, sd: torch.Tensor):
         """y_i given mean and sd: independent Normal, or low-rank-plus-diagonal once fitted (covariance.py)."""
@@ -245,24 +281,27 @@ class InVAModule(nn.Module):
             self.cfg.output_prior_scale))
 
     # ---- the Pyro program --------------------------------------------------------------------------
-    # Both programs take the inputs with missing rows as NaN. ``encoded`` (= self.encode_inputs(xs): the
-    # zero-filled values, their presence and the experts) may be passed in so that model and guide share one
+    # Both programs take the inputs with missing rows as NaN, and the subjects' ``conditions`` (covariates,
+    # site; conditions.py). ``encoded`` (= self.encode_inputs(xs, conditions): the zero-filled values, their
+    # presence, the experts and the condition vectors) may be passed in so that model and guide share one
     # encoder pass: the predictor conditions on the same summaries of x that parameterise q(h | x).
-    def model(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
-              extra_terms=True, reconstruct=None):
-        """p(W, b) p(latents) p(x | latents) p(y | x, latents; W, b) for the minibatch ``subjects`` of
-        ``n_subjects``. ``extra_terms``: the DSSIM and MMD training penalties. ``reconstruct`` (structure
-        ``joint``): the inputs whose reconstruction terms count, when they differ from ``xs``, the inputs the
-        guide and the predictor see (inputs hidden for training, still observed)."""
-        encoded = encoded if encoded is not None else self.encode_inputs(xs)
-        xs, present = encoded.values, encoded.present
+    def model(self, xs, y=None, *, subjects, n_subjects, conditions=None, encoded=None, kl_scale=1.0,
+              prediction_scale=1.0, extra_terms=True, reconstruct=None):
+        """p(W, b) p(covariates) p(latents | covariates) p(x | latents, covariates, site)
+        p(y | x, latents, covariates, site; W, b) for the minibatch ``subjects`` of ``n_subjects``.
+        ``extra_terms``: the DSSIM and MMD training penalties. ``reconstruct`` (structure ``joint``): the
+        inputs whose reconstruction terms count, when they differ from ``xs``, the inputs the guide and the
+        predictor see (inputs hidden for training, still observed)."""
+        encoded = encoded if encoded is not None else self.encode_inputs(xs, conditions)
         weight, bias = self._output_layer()
-        hidden, local_mean, sd = self.outcome_parts(xs, encoded)
+        parts = self.outcome_parts(encoded.values, encoded)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
+            if encoded.covariate_vector is not None:
+                self.conditioning.covariate_likelihood(encoded.conditions.covariates)
             latents_and_inputs = self._subject_latent if self.joint else self._modality_latents
-            top_latents = latents_and_inputs(xs, present, kl_scale, extra_terms, reconstruct)
-            self._outcome(hidden @ weight.transpose(-1, -2) + bias + local_mean, sd, y, present, prediction_scale)
-        if extra_terms and self.cfg.mmd_weight > 0 and xs[0].shape[0] >= 2:
+            top_latents = latents_and_inputs(encoded, kl_scale, extra_terms, reconstruct)
+            self._outcome(parts.mean(weight, bias), parts.sd, y, encoded.present, prediction_scale)
+        if extra_terms and self.cfg.mmd_weight > 0 and encoded.values[0].shape[0] >= 2:
             # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
             for name, z in zip(["subject"] if self.joint else self.vae_names, top_latents):
                 pyro.factor(f"mmd_{name}", -self.cfg.mmd_weight * n_subjects *
@@ -278,32 +317,37 @@ class InVAModule(nn.Module):
         self.smoothness_prior(weight, bias)
         return weight, bias
 
-    def _modality_latents(self, xs, present, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
-        """Structures ``integrative`` (z_k -> h_k -> x_k), ``separate`` and ``concatenated`` (h_k -> x_k):
-        one chain of latents per VAE, counted where its input is present. Returns the top latents."""
+    def _modality_latents(self, encoded: EncodedInputs, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
+        """Structures ``integrative`` (z_k -> h_k -> x_k, the shared level given the covariates), ``separate``
+        and ``concatenated`` (h_k -> x_k): one chain of latents per VAE, counted where its input is present.
+        Returns the top latents."""
+        xs, present = encoded.values, encoded.present
         batch, cfg, top = xs[0].shape[0], self.cfg, []
         vae_present = self.vae_presence(present)
-        for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, self.vae_inputs(xs))):
+        for k, (name, x) in enumerate(zip(self.vae_names, self.vae_inputs(xs))):
             with weighted(kl_scale):
                 if self.hierarchical:
                     with weighted(cfg.deep_kl_weight):
                         z = pyro.sample(f"deep_latent_{name}",
                                         standard_normal(x, batch, cfg.deep_dim).to_event(1).mask(vae_present[:, k]))
-                    h_prior = dist.Normal(*self.shared_decoder(z))
+                    h_prior = dist.Normal(*self.shared_prior(z, encoded))
                 else:
                     h_prior = standard_normal(x, batch, cfg.shallow_dim)
                 h = pyro.sample(f"shallow_latent_{name}", h_prior.to_event(1).mask(vae_present[:, k]))
-            self._reconstruction(name, k, decoder(h), x, self._feature_presence(present, k, x), extra_terms)
+            self._reconstruction(name, k, self.decode(k, h, encoded), x, self._feature_presence(present, k, x),
+                                 extra_terms)
             top.append(z if self.hierarchical else h)
         return top
 
-    def _subject_latent(self, xs, present, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
+    def _subject_latent(self, encoded: EncodedInputs, kl_scale, extra_terms, reconstruct) -> list[torch.Tensor]:
         """Structure ``joint``: one subject latent z -> every x_k, each counted where present."""
+        xs, present = encoded.values, encoded.present
         with weighted(kl_scale):
             z = pyro.sample("subject_latent", standard_normal(xs[0], xs[0].shape[0], self.cfg.shallow_dim).to_event(1))
         targets, observed = (xs, present) if reconstruct is None else self.split_missing(reconstruct)
-        for k, (name, decoder, x) in enumerate(zip(self.vae_names, self.modality_decoders, targets)):
-            self._reconstruction(name, k, decoder(z), x, observed[:, k:k + 1].expand_as(x), extra_terms)
+        for k, (name, x) in enumerate(zip(self.vae_names, targets)):
+            self._reconstruction(name, k, self.decode(k, z, encoded), x, observed[:, k:k + 1].expand_as(x),
+                                 extra_terms)
         return [z]
 
     def _reconstruction(self, name: str, k: int, x_params, x, observed: torch.Tensor, extra_terms: bool) -> None:
@@ -325,14 +369,14 @@ class InVAModule(nn.Module):
         with poutine.scale(scale=prediction_scale):
             pyro.sample("outcome", outcome, obs=y)
 
-    def guide(self, xs, y=None, *, subjects, n_subjects, encoded=None, kl_scale=1.0, prediction_scale=1.0,
-              reconstruct=None):
+    def guide(self, xs, y=None, *, subjects, n_subjects, conditions=None, encoded=None, kl_scale=1.0,
+              prediction_scale=1.0, reconstruct=None):
         """q(W, b) q(latents | x): amortised, with the arguments of ``model``."""
         if self.cfg.bayesian_output:
             weight_q, bias_q = self.output_layer_posterior()
             pyro.sample("output_weight", weight_q)
             pyro.sample("output_bias", bias_q)
-        encoded = encoded if encoded is not None else self.encode_inputs(xs)
+        encoded = encoded if encoded is not None else self.encode_inputs(xs, conditions)
         present = encoded.present
         with pyro.plate("subjects", n_subjects, subsample=subjects), weighted(kl_scale):
             if self.joint:

@@ -31,7 +31,7 @@ def impose(xs: list[torch.Tensor], pattern) -> list[torch.Tensor]:
 
 
 def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: list[str], *, num_samples: int,
-              method: str, generator: torch.Generator, summary=None) -> Calibrator:
+              method: str, generator: torch.Generator, summary=None, conditions=None) -> Calibrator:
     """The pooled calibrator of the complete validation subjects, with s_p and Q_p per pattern (joint models);
     without enough complete subjects, or for a model that needs every input, the pooled calibrator of all
     (from ``summary``, the raw predictive of all of ``val_xs``, when the caller has it already)."""
@@ -40,13 +40,16 @@ def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: li
     joint = getattr(module, "joint", False)
     if not joint or complete.sum() < MIN_LABELED_VAL:
         if summary is None:
-            summary = posterior_predictive(module, val_xs, num_samples=num_samples, probs=[], generator=generator)
+            summary = posterior_predictive(module, val_xs, num_samples=num_samples, probs=[], generator=generator,
+                                           conditions=conditions)
         return Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, method)
     rows = torch.as_tensor(np.flatnonzero(complete), device=val_y.device)
     xs, y = [x[rows] for x in val_xs], val_y[rows].cpu().numpy()
+    conditions = None if conditions is None else conditions.rows(rows)
 
     def z(inputs):
-        summary = posterior_predictive(module, inputs, num_samples=num_samples, probs=[], generator=generator)
+        summary = posterior_predictive(module, inputs, num_samples=num_samples, probs=[], generator=generator,
+                                       conditions=conditions)
         return summary, (y - summary.mean) / summary.sd
 
     reference, z_ref = z(xs)

@@ -94,16 +94,17 @@ def posterior_predictive(module, inputs: list[torch.Tensor], *, num_samples: int
                          observed: torch.Tensor | None = None, block_size: int | None = None,
                          chunk_size: int | None = None, keep_samples: int = 0,
                          generator: torch.Generator | None = None, keep_draws: int = 0,
-                         keep_features=None) -> PredictiveSummary:
+                         keep_features=None, conditions=None) -> PredictiveSummary:
     """Posterior predictive summaries of ``num_samples`` draws for every subject (see the module doc).
 
     ``keep_draws``/``keep_features`` (default: every feature): keep the first draws per draw
-    (``PredictiveSummary.draws``); the other outputs do not change in distribution. ``module`` may also be
+    (``PredictiveSummary.draws``); the other outputs do not change in distribution. ``conditions``: the
+    subjects' covariates and sites (model/conditions.py), for a model fitted with them. ``module`` may also be
     an object with a ``routed_predictive`` method taking the same arguments (``routing.PatternRoutes``).
     """
     kwargs = dict(num_samples=num_samples, probs=probs, observed=observed, block_size=block_size,
                   chunk_size=chunk_size, keep_samples=keep_samples, generator=generator, keep_draws=keep_draws,
-                  keep_features=keep_features)
+                  keep_features=keep_features, conditions=conditions)
     routed = getattr(module, "routed_predictive", None)
     if routed is not None:
         return routed(inputs, **kwargs)
@@ -120,15 +121,20 @@ class _Component:
     reference: torch.Tensor      # the mean, at the output layer's posterior mean
     total_sd: torch.Tensor       # noise and output-layer spread together (local reparameterisation)
 
+    parts: object = None         # the module's OutcomeParts (the site's offset and gain)
+
     @classmethod
-    def of(cls, module, xs: list[torch.Tensor]) -> "_Component":
-        hidden, local_mean, noise_sd = module.outcome_parts(xs)
-        w_mean, b_mean = module.output_layer_mean()
+    def of(cls, module, xs: list[torch.Tensor], conditions=None) -> "_Component":
+        parts = module.outcome_parts(xs, conditions=conditions)
+        hidden, local_mean, noise_sd = parts.hidden, parts.local_mean, parts.sd
         total_sd = noise_sd
         if module.cfg.bayesian_output:  # local reparameterisation: the output layer's spread per entry
             w_sd, b_sd = module.output_weight_q.scale, module.output_bias_q.scale
-            total_sd = torch.sqrt(hidden.square() @ w_sd.square().T + b_sd.square() + noise_sd.square())
-        return cls(module, hidden, local_mean, noise_sd, hidden @ w_mean.T + b_mean + local_mean, total_sd)
+            spread = hidden.square() @ w_sd.square().T + b_sd.square()
+            if parts.affine is not None:  # the site gain scales the output layer's spread too
+                spread = parts.gain().square() * spread
+            total_sd = torch.sqrt(spread + noise_sd.square())
+        return cls(module, hidden, local_mean, noise_sd, parts.mean(*module.output_layer_mean()), total_sd, parts)
 
     def kept_means(self, s: int, generator, features: torch.Tensor):
         """(s, B, V) means given s joint draws of (W, b) (shared by the subjects), and those draws at
@@ -137,7 +143,7 @@ class _Component:
             return self.reference.expand(s, -1, -1), None, None
         weight_q, bias_q = self.module.output_layer_posterior()
         weight, bias = _sample(weight_q, s, generator), _sample(bias_q, s, generator)  # (s, V, D), (s, V)
-        mean = torch.einsum("bd,svd->sbv", self.hidden, weight) + bias[:, None, :] + self.local_mean
+        mean = self.parts.scaled(torch.einsum("bd,svd->sbv", self.hidden, weight) + bias[:, None, :] + self.local_mean)
         return mean, weight[:, features], bias[:, features]
 
 
@@ -154,7 +160,7 @@ def mixture_predictive(components: list[tuple[object, list[torch.Tensor]]], *, n
                        probs: list[float], observed: torch.Tensor | None = None, block_size: int | None = None,
                        chunk_size: int | None = None, keep_samples: int = 0,
                        generator: torch.Generator | None = None, keep_draws: int = 0,
-                       keep_features=None) -> PredictiveSummary:
+                       keep_features=None, conditions=None) -> PredictiveSummary:
     """``posterior_predictive`` of the equal-weight mixture of the predictives of ``components``, (module, its
     inputs) for the same subjects; one component: that module's predictive. A draw of subject i comes from a
     component chosen uniformly for that draw and subject; kept draw s comes from component s mod C for every
@@ -176,7 +182,9 @@ def mixture_predictive(components: list[tuple[object, list[torch.Tensor]]], *, n
         if keep_draws else None
     blocks = []
     for start in range(0, n, block_size):
-        parts = [_Component.of(module, [x[start:start + block_size] for x in xs]) for module, xs in components]
+        rows = slice(start, start + block_size)
+        block_conditions = None if conditions is None else conditions.rows(rows)
+        parts = [_Component.of(module, [x[rows] for x in xs], block_conditions) for module, xs in components]
         y = observed[start:start + block_size] if observed is not None else None
         blocks.append(_block_predictive(parts, y, probs, sizes, keep_samples, kept, start == 0, generator))
     cat = lambda values, dim=0: torch.cat(values, dim).numpy()  # noqa: E731

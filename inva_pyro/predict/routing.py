@@ -72,7 +72,8 @@ class PatternRoutes:
             route[lacks_one & ~present[:, k]] = k
         return route
 
-    def routed_predictive(self, inputs: list[torch.Tensor], *, observed=None, **kwargs) -> PredictiveSummary:
+    def routed_predictive(self, inputs: list[torch.Tensor], *, observed=None, conditions=None,
+                          **kwargs) -> PredictiveSummary:
         route = self.route(inputs)
         parts = []
         for k in (-1, *sorted(self.submodels)):
@@ -85,7 +86,8 @@ class PatternRoutes:
             if k >= 0:
                 components.append((self.submodels[k], [x for j, x in enumerate(xs) if j != k]))
             parts.append((rows, mixture_predictive(
-                components, observed=None if observed is None else observed[index], **kwargs)))
+                components, observed=None if observed is None else observed[index],
+                conditions=None if conditions is None else conditions.rows(index), **kwargs)))
         return parts[0][1] if len(parts) == 1 else merge(parts, len(route))
 
 

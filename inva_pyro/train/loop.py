@@ -42,12 +42,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Batchable:
-    """Standardised training tensors in memory: one (N, V_k) tensor per input, and the (N, V_y) outcome.
+    """Standardised training tensors in memory: one (N, V_k) tensor per input, the (N, V_y) outcome, and the
+    subjects' conditions (covariates and sites, model/conditions.py) when the model has them.
 
-    The loop needs only ``len``, ``take(idx)`` and ``device``: ``streaming.DiskBatches`` offers the
-    same for cohorts read from disk minibatch by minibatch."""
+    The loop needs only ``len``, ``take(idx)``, ``conditions_of(idx)`` and ``device``:
+    ``streaming.DiskBatches`` offers the same for cohorts read from disk minibatch by minibatch."""
     inputs: list[torch.Tensor]
     outcome: torch.Tensor
+    conditions: object = None
 
     def __len__(self) -> int:
         return self.outcome.shape[0]
@@ -55,8 +57,12 @@ class Batchable:
     def take(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return [x[idx] for x in self.inputs], self.outcome[idx]
 
+    def conditions_of(self, idx: torch.Tensor):
+        return None if self.conditions is None else self.conditions.rows(idx)
+
     def to(self, device) -> "Batchable":
-        return Batchable([x.to(device) for x in self.inputs], self.outcome.to(device))
+        return Batchable([x.to(device) for x in self.inputs], self.outcome.to(device),
+                         None if self.conditions is None else self.conditions.to(device))
 
     @property
     def device(self) -> torch.device:
@@ -81,11 +87,9 @@ def kl_scale_at(epoch: int, cfg: TrainingConfig) -> float:
 
 
 @torch.no_grad()
-def predictive_mean(module, xs: list[torch.Tensor]) -> torch.Tensor:
+def predictive_mean(module, xs: list[torch.Tensor], conditions=None) -> torch.Tensor:
     """(B, V) the predictive mean with the output layer at its posterior mean, standardised units."""
-    weight, bias = module.output_layer_mean()
-    hidden, local_mean, _ = module.outcome_parts(xs)
-    return hidden @ weight.T + bias + local_mean
+    return module.outcome_parts(xs, conditions=conditions).mean(*module.output_layer_mean())
 
 
 @torch.no_grad()
@@ -96,7 +100,7 @@ def validation_mse(module, data: Batchable, batch_size: int = 256) -> float:
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         xs, y = data.take(idx)
-        total += ((predictive_mean(module, xs) - y) ** 2).sum().double()  # on the device: one synchronisation at the end
+        total += ((predictive_mean(module, xs, data.conditions_of(idx)) - y) ** 2).sum().double()  # on the device: one synchronisation at the end
         count += y.numel()
     return float(total) / count
 
@@ -332,7 +336,7 @@ def _minibatch_loss(elbo, module, data: Batchable, idx, rows, n, kl_scale, cfg: 
                            xs if cfg.reconstruct_hidden else None)
     try:
         return elbo.differentiable_loss(module.model, module.guide, xs, y, subjects=idx, n_subjects=n,
-                                        encoded=module.encode_inputs(xs), kl_scale=kl_scale,
+                                        encoded=module.encode_inputs(xs, data.conditions_of(rows)), kl_scale=kl_scale,
                                         prediction_scale=cfg.prediction_weight, reconstruct=reconstruct)
     except ValueError:
         # Pyro validates distribution parameters, so non-finite weights surface here first.
