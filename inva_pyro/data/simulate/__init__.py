@@ -39,4 +39,5 @@ from .volume import VolumeDesign
 from .write import DESIGNS, VOLUME_VOXEL_MM, write_cohort
 
 __all__ = ["DESIGNS", "LOADINGS", "PAPER_GRID", "VOLUME_VOXEL_MM", "MultisiteDesign", "RegionDesign", "SurfaceDesign",
-           "VolumeDesign", "default_split", "site_parameters", "paper_patterns", "simulate_paper", "sphere_parcels", "write_cohort"]
+           "VolumeDesign", "default_split", "paper_patterns", "simulate_paper", "site_parameters", "sphere_parcels",
+           "write_cohort"]
