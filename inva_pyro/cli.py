@@ -54,7 +54,8 @@ def _fit(args) -> None:
             raise InputError(f"{run_dir / 'run.json'}: no fit arguments recorded; this run cannot be resumed")
         cohort = Cohort.from_manifest(fit_args["manifest"], fit_args["inputs"], fit_args["outcome"],
                                       mask=fit_args.get("mask"), seed=run["seed"], lazy=fit_args.get("lazy", False),
-                                      cache_subjects=fit_args.get("cache_subjects", 64))
+                                      cache_subjects=fit_args.get("cache_subjects", 64),
+                                      conditions=fit_args.get("covariates"), site=fit_args.get("site"))
         model = model_class(run.get("family", "inva"))()
         model.fit(cohort.train, cohort.val, seed=run["seed"], device=fit_args.get("device", "auto"),
                   run_dir=run_dir, resume=True, progress=sys.stderr.isatty())
@@ -79,8 +80,10 @@ def _fit(args) -> None:
                 raise InputError(f"--calibration-share {args.calibration_share}: must be at least 0 and below 1")
             preset.training.calibration_share = args.calibration_share
         cohort = Cohort.from_manifest(args.manifest, args.inputs, args.outcome, mask=args.mask, seed=args.seed,
-                                      lazy=args.lazy, cache_subjects=args.cache_subjects)
+                                      lazy=args.lazy, cache_subjects=args.cache_subjects, conditions=args.covariates,
+                                      site=args.site)
         fit_args = {"manifest": str(args.manifest.resolve()), "inputs": args.inputs, "outcome": args.outcome,
+                    "covariates": args.covariates, "site": args.site,
                     "mask": str(args.mask.resolve()) if args.mask else None, "device": args.device,
                     "lazy": args.lazy, "cache_subjects": args.cache_subjects,
                     "model": str(args.model)}
@@ -128,9 +131,25 @@ def _load_for_manifest(args, require_outcome: bool):
     truth = _truth_columns(args.manifest)
     cohort = Cohort.from_manifest(args.manifest, model.info["inputs"], model.info["outcome"],
                                   require_outcome=require_outcome, space=_run_spaces(model, args.run),
-                                  truth_mean=truth.get("mean"), truth_sd=truth.get("sd"))
+                                  truth_mean=truth.get("mean"), truth_sd=truth.get("sd"),
+                                  conditions=model.info.get("covariates") or None, site=model.info.get("site"))
     subset = cohort.test if cohort.has_split else cohort.all
     return model, subset
+
+
+def _predict_noted(model, subset, **kwargs):
+    """``model.predict`` with what a user should know said in one line each (a site training never saw)."""
+    import warnings
+    from .model.conditions import NewSiteWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NewSiteWarning)
+        prediction = model.predict(subset, **kwargs)
+    for warning in caught:
+        if issubclass(warning.category, NewSiteWarning):
+            print(f"inva: note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return prediction
 
 
 def _run_spaces(model, run_dir: Path) -> dict | None:
@@ -165,7 +184,7 @@ def _region_labels(args, model):
 def _predict(args) -> None:
     model, subset = _load_for_manifest(args, require_outcome=False)
     regions = _region_labels(args, model)
-    pred = model.predict(subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
+    pred = _predict_noted(model, subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
     tables = {"regions.csv": pred.regions(regions[0], names=regions[1])} if regions is not None else None
     pred.to_files(args.out, calibrated=not args.raw, tables=tables)
     print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them"
@@ -188,8 +207,8 @@ def _evaluate(args) -> None:
         from .criticism.groups import group_table, read_groups
         images = [*model.info["inputs"], model.info["outcome"], *_truth_columns(args.manifest).values()]
         by = (args.by, read_groups(args.manifest, args.by, subset.subjects, images))
-    pred = model.predict(subset, num_samples=args.samples, levels=sorted(set(args.levels) | set(CURVE_LEVELS)),
-                         seed=args.seed)
+    pred = _predict_noted(model, subset, num_samples=args.samples,
+                          levels=sorted(set(args.levels) | set(CURVE_LEVELS)), seed=args.seed)
     with atomic_dir(args.out) as tmp:
         metrics = evaluate_prediction(pred, subset, tmp, history=model.history, levels=args.levels, model=model,
                                       seed=args.seed, regions=regions, psis_subjects=args.psis_subjects,

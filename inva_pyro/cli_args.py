@@ -60,6 +60,11 @@ def _fit(sub) -> None:
     p.add_argument("--outcome", help="outcome image column")
     p.add_argument("--mask", type=Path, help="brain mask (NIfTI) for volume cohorts")
     p.add_argument("--model", default="inva", help="preset name from models/ or a TOML path (default: inva)")
+    p.add_argument("--covariates", type=_names, metavar="COL[,COL...]",
+                   help="manifest columns the model conditions on (numeric ones standardised, text ones one-hot; "
+                   "an empty cell is a covariate not acquired); predict then needs the same columns")
+    p.add_argument("--site", metavar="COL", help="manifest column of each subject's site (scanner, centre): the "
+                   "input decoders and the outcome's offset and gain depend on it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override the preset's maximum number of epochs")

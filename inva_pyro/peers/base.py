@@ -75,6 +75,9 @@ class PeerModel:
             raise InputError(f"--devices {devices}: a '{self.family}' model runs in one process on the CPU")
         if resume:
             raise InputError(f"{run_dir}: a '{self.family}' fit has no checkpoints to resume; fit it again")
+        if train_set.conditions is not None or train_set.sites is not None:
+            raise InputError(f"a '{self.family}' model conditions on no covariates or sites (--covariates, --site): "
+                             "fit an InVA preset")
         if val is None or len(val) == 0:
             train_set, val = holdout(train_set, self.preset.training.val_share, seed)
         if train_set.outcome is None or val.outcome is None:

@@ -1,0 +1,196 @@
+"""Covariates and sites: their encoding, their place in the Pyro program, and what a fit gains from them."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from inva_pyro.data.cohort import Cohort
+from inva_pyro.data.covariates import CovariateEncoder, SiteLevels
+from inva_pyro.errors import InputError
+from inva_pyro.estimator import InVA
+from inva_pyro.model.conditions import Conditions, NewSiteWarning
+from inva_pyro.model.module import InVAModule
+from inva_pyro.train.elbo import DeviceTrace_ELBO
+
+SPEC = [("age", "numeric", 1), ("sex", "categorical", 2)]
+
+
+def test_covariates_are_standardised_one_hot_and_nan_where_empty():
+    frame = pd.DataFrame({"age": [60.0, 70.0, np.nan, 80.0], "sex": ["F", None, "M", "F"]},
+                         index=pd.Index(list("abcd"), name="subject"))
+    encoder = CovariateEncoder.fit(frame)
+    assert encoder.spec() == SPEC and encoder.columns[0]["mean"] == 70.0
+    values = encoder.transform(frame)
+    sd = np.std([60.0, 70.0, 80.0])
+    np.testing.assert_allclose(values[:, 0], [-10 / sd, 0.0, np.nan, 10 / sd])
+    np.testing.assert_array_equal(values[[0, 2, 3], 1:], [[1, 0], [0, 1], [1, 0]])
+    assert np.isnan(values[1, 1:]).all()
+    again = CovariateEncoder.from_dict(encoder.to_dict())
+    np.testing.assert_array_equal(again.transform(frame), values)
+
+
+def test_covariate_problems_are_one_line_naming_the_place():
+    encoder = CovariateEncoder.fit(pd.DataFrame({"sex": ["F", "M"]}, index=["a", "b"]))
+    with pytest.raises(InputError, match=r"^m\.csv: covariate 'sex' of subject 'c' is 'X', a level training never "
+                                         r"saw \(levels: F, M\)$"):
+        encoder.transform(pd.DataFrame({"sex": ["X"]}, index=["c"]), "m.csv")
+    with pytest.raises(InputError, match=r"^m\.csv: no covariate column 'sex' \(the run was fitted with covariates sex\)"):
+        encoder.transform(pd.DataFrame({"age": [1.0]}, index=["c"]), "m.csv")
+    with pytest.raises(InputError, match="covariate 'age' is empty for every training subject"):
+        CovariateEncoder.fit(pd.DataFrame({"age": [np.nan, np.nan]}))
+
+
+def test_sites_are_numbered_and_an_unknown_one_is_pooled():
+    levels = SiteLevels.fit(pd.Series(["S2", "S1", "S2", None], name="site"))
+    assert levels.levels == ["S1", "S2"]
+    sites = pd.Series(["S2", "S9", None, "S1"], name="site")
+    np.testing.assert_array_equal(levels.index(sites), [1, -1, -1, 0])
+    assert levels.unseen(sites) == ["S9"]
+    assert levels.with_sites(["S9"]).levels == ["S1", "S2", "S9"]
+
+
+def _module(make_preset, n_sites=2, spec=SPEC, structure="integrative"):
+    return InVAModule(["gm", "wm"], [20, 8], 20, make_preset({"structure": structure}).model,
+                      covariate_spec=spec, n_sites=n_sites)
+
+
+def _batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 20, generator=g), torch.randn(n, 8, generator=g)]
+    covariates = torch.tensor([[0.5, 1.0, 0.0], [float("nan"), 0.0, 1.0], [1.5, float("nan"), float("nan")],
+                               [-1.0, 1.0, 0.0]])[:n]
+    return xs, torch.randn(n, 20, generator=g), Conditions(covariates, torch.tensor([0, 1, -1, 1])[:n])
+
+
+@pytest.mark.parametrize("structure", ["integrative", "joint"])
+def test_observed_covariates_are_scored_by_their_prior_and_empty_ones_not(make_preset, structure):
+    module = _module(make_preset, structure=structure)
+    xs, y, conditions = _batch()
+    kwargs = dict(subjects=torch.arange(4), n_subjects=4, conditions=conditions)
+    guide = poutine.trace(module.guide).get_trace(xs, y, **kwargs)
+    trace = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(xs, y, **kwargs)
+    trace.compute_log_prob()
+    age = trace.nodes["covariate_age"]["log_prob"]
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(torch.tensor([0.5, 0.0, 1.5, -1.0]))
+    np.testing.assert_allclose(age.detach(), (expected * torch.tensor([1.0, 0.0, 1.0, 1.0])).numpy(), rtol=1e-6)
+    sex = trace.nodes["covariate_sex"]["log_prob"]
+    np.testing.assert_allclose(sex.detach(), [np.log(0.5), np.log(0.5), 0.0, np.log(0.5)], rtol=1e-6)
+
+
+def test_the_pooled_site_is_the_average_site_and_the_gain_scales_mean_and_sd(make_preset):
+    module = _module(make_preset)
+    with torch.no_grad():
+        module.conditioning.site_offset.copy_(torch.tensor([1.0, 3.0]))
+        module.conditioning.site_log_gain.copy_(torch.tensor([np.log(0.5), np.log(2.0)]))
+    xs, _, conditions = _batch()
+    offset, gain = module.conditioning.site_affine(conditions.site)
+    np.testing.assert_allclose(offset.squeeze(-1).detach(), [1.0, 3.0, 2.0, 3.0])
+    np.testing.assert_allclose(gain.squeeze(-1).detach(), [0.5, 2.0, 1.0, 2.0], rtol=1e-6)  # exp(mean log gain)
+    module.eval()
+    parts = module.outcome_parts(xs, conditions=conditions)
+    weight, bias = module.output_layer_mean()
+    raw = parts.hidden @ weight.T + bias + parts.local_mean
+    np.testing.assert_allclose(parts.mean(weight, bias).detach(), (offset + gain * raw).detach(), rtol=1e-5)
+
+
+def test_a_conditioned_program_runs_on_the_module_device(make_preset):
+    from test_device import META, MetaHost
+    module = _module(make_preset).to(META)
+    xs, y, conditions = _batch()
+    xs, y, conditions = [x.to(META) for x in xs], y.to(META), conditions.to(META)
+    with pyro.validation_enabled(False), MetaHost():
+        loss = DeviceTrace_ELBO().differentiable_loss(module.model, module.guide, xs, y, subjects=torch.arange(
+            4, device=META), n_subjects=10, conditions=conditions)
+        loss.backward()
+    assert loss.device == META and all(p.grad is None or p.grad.device == META for p in module.parameters())
+
+
+def _site_cohort(n=160, seed=0, effect="site"):
+    """gm, wm ~ N(0, 1) and y = 1.5 gm + site offset (+-1.5) or + 1.2 age, noise sd 0.3: without the site (age)
+    no model can know its part, whose variance is about 2.25 (1.44) against a noise floor of 0.09."""
+    rng = np.random.default_rng(seed)
+    gm, wm = rng.standard_normal((n, 16)), rng.standard_normal((n, 6))
+    site = rng.integers(0, 2, n)
+    age = rng.standard_normal(n)
+    extra = np.where(site == 1, 1.5, -1.5)[:, None] if effect == "site" else 1.2 * age[:, None]
+    y = 1.5 * gm + extra + 0.3 * rng.standard_normal((n, 16))
+    split = ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
+    return Cohort.from_arrays({"gm": gm, "wm": wm}, y, split=split,
+                              conditions=pd.DataFrame({"age": 70 + 8 * age}),
+                              sites=pd.Series([f"S{s + 1}" for s in site], name="site"))
+
+
+@pytest.mark.parametrize("effect", ["site", "age"])
+def test_a_fit_that_knows_what_moves_the_outcome_predicts_it(make_preset, effect):
+    import dataclasses
+    cohort = _site_cohort(effect=effect)
+    keep = {"site": dict(conditions=None), "age": dict(sites=None)}[effect]
+    drop = dict(conditions=None, sites=None)
+    preset = make_preset(training={"epochs": 40, "batch_size": 16})
+    mse = {}
+    for name, fields in (("with", keep), ("without", drop)):
+        train, val, test = (dataclasses.replace(s, **fields) for s in (cohort.train, cohort.val, cohort.test))
+        model = InVA(preset).fit(train, val, seed=0, progress=False, device="cpu")
+        mse[name] = float(((model.predict(test, seed=0).mean - test.outcome) ** 2).mean())
+    # without it the part it explains (variance 2.25 or 1.44) stays in the error; with it most of it goes
+    assert mse["without"] > 1.0 and mse["with"] < 0.5 * mse["without"], mse
+
+
+def test_a_run_with_conditions_saves_loads_and_pools_an_unseen_site(make_preset, tmp_path):
+    import dataclasses
+    cohort = _site_cohort(n=80, seed=1)
+    model = InVA(make_preset(training={"epochs": 3})).fit(cohort.train, cohort.val, seed=0, progress=False,
+                                                          device="cpu", run_dir=tmp_path / "run")
+    assert model.info["covariates"] == ["age"] and model.info["site"] == "site"
+    assert (tmp_path / "run" / "covariates.json").exists()
+    loaded = InVA.load(tmp_path / "run")
+    test = cohort.test
+    np.testing.assert_array_equal(model.predict(test, seed=2).mean, loaded.predict(test, seed=2).mean)
+    new = dataclasses.replace(test, sites=pd.Series(["S9"] * len(test), index=test.sites.index, name="site"))
+    with pytest.warns(NewSiteWarning, match=r"site\(s\) S9 not seen in training: predicted with the pooled site"):
+        pooled = loaded.predict(new, seed=2)
+    assert not np.allclose(pooled.mean, loaded.predict(test, seed=2).mean)
+    with pytest.raises(InputError, match="no site column; this run was fitted with sites from column 'site'"):
+        loaded.predict(dataclasses.replace(test, sites=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NewSiteWarning)
+        loaded.predict(test, seed=2)  # every site known: no word
+
+
+def test_cli_fits_with_covariates_and_site_and_says_what_predict_needs(tmp_path, capsys):
+    from conftest import tiny_toml
+    from inva_pyro import cli
+    cohort = tmp_path / "cohort"
+    assert cli.main(["simulate", "--design", "multisite", "--sites", "2", "--n-subjects", "40", "--seed", "1",
+                     "--out", str(cohort)]) == 0
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(tiny_toml(training={"epochs": 2, "batch_size": 8}, prediction={"num_samples": 20}))
+    manifest = cohort / "manifest.csv"
+    fit = ["fit", "--manifest", str(manifest), "--inputs", "x1,x2,x3", "--outcome", "y", "--model", str(preset),
+           "--device", "cpu", "--covariates", "age,sex,apoe4", "--site", "site"]
+    assert cli.main([*fit, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", "--run", str(tmp_path / "run"), "--manifest", str(manifest), "--samples", "20",
+                     "--out", str(tmp_path / "pred")]) == 0
+    err = capsys.readouterr().err  # the held-out site's test subjects: pooled, said once
+    assert err.count("inva: note: site(s) S3 not seen in training: predicted with the pooled site") == 1
+    table = pd.read_csv(manifest).drop(columns=["age"])
+    table.to_csv(cohort / "no_age.csv", index=False)
+    assert cli.main(["predict", "--run", str(tmp_path / "run"), "--manifest", str(cohort / "no_age.csv"),
+                     "--out", str(tmp_path / "pred2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("inva: error: ") and "no column 'age'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pred2").exists()
+    typo = [a if a != "age,sex,apoe4" else "agee" for a in fit]
+    peer = [a if a != str(preset) else "ridge" for a in fit]
+    for args, message in ((typo, "no column 'agee' for --covariates"),
+                          (peer, "a 'ridge' model conditions on no covariates or sites")):
+        assert cli.main([*args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
