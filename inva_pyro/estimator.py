@@ -29,6 +29,7 @@ from .data.subset import Subset
 from .errors import InputError
 from .model.conditions import Conditions, NewSiteWarning, encode_conditions
 from .model.module import InVAModule
+from .model.smoothing import unsmoothed_warning
 from .predict.calibration import Calibrator, central_probs
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
@@ -123,7 +124,7 @@ class InVA:
             self._fit_submodels(train_set, val_all, val, seed=seed, device=device, progress=progress)
         self._calibrate(calibration, seed)
         if distributed.rank() == 0:
-            self._check_collapse(train_data)
+            self._check_fit(train_data, calibration)
         self.info["complete"] = True
         if writes:
             self.save(run_dir)
@@ -177,16 +178,9 @@ class InVA:
         return space_from_dict(space).neighbour_pairs()
 
     def _warn_if_unsmoothed(self) -> None:
-        """Say so when a preset that asks for the spatial prior (not the default's, which is simply off on a
-        space without neighbours, such as a region table) cannot have it."""
-        cfg = self.preset.model
-        if cfg.spatial_smoothing <= 0 or self.module.n_neighbour_pairs or "spatial_smoothing" not in cfg.model_fields_set:
-            return
-        kind = (self.info.get("space") or {}).get("kind")
-        why = (f"the outcome space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)"
-               if kind else "the training subjects carry no outcome space (fit the subsets of a Cohort)")
-        warnings.warn(f"spatial_smoothing = {self.preset.model.spatial_smoothing:g} has no effect: {why}",
-                      RuntimeWarning, stacklevel=3)
+        message = unsmoothed_warning(self.preset.model, self.module.n_neighbour_pairs, self.info.get("space"))
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _training_data(self, train_set):
         """In-memory tensors, or minibatches read from disk (read once into device memory where they fit)."""
@@ -278,14 +272,27 @@ class InVA:
         space = self.info.get("space")
         return space_from_dict(space).feature_coordinates() if space and space.get("kind") == "volume" else None
 
-    def _check_collapse(self, train_data) -> None:
-        """PosteriorCollapseWarning and a line on stderr when latents carry nothing (criticism/diagnostics.py)."""
+    def _check_fit(self, train_data, calibration: Subset) -> None:
+        """After training (criticism/): a PosteriorCollapseWarning and a line on stderr when latents carry
+        nothing, and the validation subjects' input ELBOs that novelty scores are measured against."""
         from .criticism.diagnostics import warn_if_collapsed
+        from .criticism.novelty import input_elbo, reference
         sample = train_data.take(torch.arange(min(len(train_data), COLLAPSE_CHECK_SUBJECTS), device=self.device))[0]
         report = warn_if_collapsed(self.module, self.module.split_missing(sample)[0])  # not acquired: zeros
         self.history["collapse"] = {"active_units": report["active_units"]["count"],
                                     "collapsed_modalities": report["collapsed_modalities"],
                                     "inactive_deep": report["inactive_deep"]}
+        xs, _ = self.tensors(calibration, with_outcome=False)
+        self.info["novelty_reference"] = reference(input_elbo(self.module, xs, self.conditions(calibration)))
+
+    def novelty(self, subset: Subset) -> np.ndarray | None:
+        """(n,) how unlike the fit's validation subjects each subject's inputs are, as a robust z score of the
+        model's ELBO of them (criticism/novelty.py); None for a run from before novelty scores."""
+        from .criticism.novelty import input_elbo, novelty
+        if self.info.get("novelty_reference") is None:
+            return None
+        xs, _ = self.tensors(subset, with_outcome=False)
+        return novelty(input_elbo(self.module, xs, self.conditions(subset)), self.info["novelty_reference"])
 
     def _generator(self, seed: int) -> torch.Generator:
         return seeded_generator(self.device, seed)

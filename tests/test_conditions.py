@@ -194,3 +194,20 @@ def test_cli_fits_with_covariates_and_site_and_says_what_predict_needs(tmp_path,
         assert cli.main([*args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_novelty_is_near_zero_for_subjects_like_the_fit_and_large_for_shifted_inputs(make_preset):
+    import dataclasses
+    from inva_pyro.criticism.novelty import NOVEL
+    cohort = _site_cohort(n=120, seed=2)
+    model = InVA(make_preset(training={"epochs": 15})).fit(cohort.train, cohort.val, seed=0, progress=False,
+                                                           device="cpu")
+    ref = model.info["novelty_reference"]
+    assert ref["n"] == len(cohort.val) and ref["scale"] > 0
+    test = cohort.test
+    usual = model.novelty(test)
+    shifted = model.novelty(dataclasses.replace(test, inputs={k: v + 2.0 for k, v in test.inputs.items()}))
+    # a robust z against the validation subjects: test subjects like them mostly under NOVEL, shifted ones far over
+    assert np.median(np.abs(usual)) < 1.5 and (usual > NOVEL).mean() <= 0.2
+    assert (shifted > NOVEL).all() and np.median(shifted) > 3 * NOVEL
+    np.testing.assert_array_equal(model.novelty(test), usual)  # seeded: the same scores again

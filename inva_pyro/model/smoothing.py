@@ -70,3 +70,14 @@ def smoothness_log_prior(maps: list[torch.Tensor], table: torch.Tensor, degree: 
     """-lambda / (2 tau^2) times the summed roughness of ``maps`` (each with voxels on dim -2, or (V,))."""
     total = sum(roughness(m, table, degree) for m in maps)
     return total * (-strength / (2.0 * prior_scale ** 2))
+
+
+def unsmoothed_warning(cfg, n_neighbour_pairs: int, space: dict | None) -> str | None:
+    """What to say when a preset that asks for the spatial prior (not the default's, which is simply off on a
+    space without neighbours, such as a region table) cannot have it; None when all is well."""
+    if cfg.spatial_smoothing <= 0 or n_neighbour_pairs or "spatial_smoothing" not in cfg.model_fields_set:
+        return None
+    kind = (space or {}).get("kind")
+    why = (f"the outcome space ({kind}) has no neighbour graph (a volume or an fsaverage5 surface has one)"
+           if kind else "the training subjects carry no outcome space (fit the subsets of a Cohort)")
+    return f"spatial_smoothing = {cfg.spatial_smoothing:g} has no effect: {why}"
