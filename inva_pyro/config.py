@@ -221,6 +221,17 @@ class PredictionConfig(_Strict):
         16, description="rank of the error covariance's factor, by probabilistic PCA of the validation "
         "residuals (at most n_val - 1; 16: the energy score of joint draws prefers denoised directions, "
         "docs/uncertainty.md); 'full': their sample second moment (rank n_val)")
+    coverage_confidence: float | None = Field(
+        None, gt=0, lt=1, description="probability that a fit's intervals (voxels, regions, whole mask) cover at "
+        "least their nominal level over the draw of the validation subjects (training-conditional conformal; "
+        "0.9: at most one fit in ten below nominal, for wider intervals); unset: intervals right on average over "
+        "fits (docs/calibration.md)")
+    group_spread: float = Field(
+        0.04, gt=0, description="calibration per group (site): the prior sd of a group's coverage of the pooled "
+        "80% interval; a group's own quantiles get weight n_g / (n_g + n0), n0 = (variance of one subject's "
+        "coverage) / group_spread^2 (docs/calibration.md)")
+    group_min_subjects: int = Field(5, ge=1, description="calibration per group: the fewest validation subjects "
+                                    "for a group's own calibration; smaller groups get the pooled one")
 
 
 def _family_of(value: Any) -> str:

@@ -31,10 +31,13 @@ def impose(xs: list[torch.Tensor], pattern) -> list[torch.Tensor]:
 
 
 def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: list[str], *, num_samples: int,
-              method: str, generator: torch.Generator, summary=None, conditions=None) -> Calibrator:
+              method: str, generator: torch.Generator, summary=None, conditions=None, groups=None,
+              **options) -> Calibrator:
     """The pooled calibrator of the complete validation subjects, with s_p and Q_p per pattern (joint models);
     without enough complete subjects, or for a model that needs every input, the pooled calibrator of all
-    (from ``summary``, the raw predictive of all of ``val_xs``, when the caller has it already)."""
+    (from ``summary``, the raw predictive of all of ``val_xs``, when the caller has it already).
+    ``groups`` (a label per validation subject, e.g. its site) and ``options`` (``confidence``,
+    ``group_spread``, ``group_min_subjects``: ``calibration.calibration_options``) go to ``Calibrator.fit``."""
     present = torch.stack([~torch.isnan(x).all(-1) for x in val_xs], dim=-1)
     complete = present.all(-1).cpu().numpy()
     joint = getattr(module, "joint", False)
@@ -42,10 +45,11 @@ def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: li
         if summary is None:
             summary = posterior_predictive(module, val_xs, num_samples=num_samples, probs=[], generator=generator,
                                            conditions=conditions)
-        return Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, method)
+        return Calibrator.fit(val_y.cpu().numpy(), summary.mean, summary.sd, method, groups, **options)
     rows = torch.as_tensor(np.flatnonzero(complete), device=val_y.device)
     xs, y = [x[rows] for x in val_xs], val_y[rows].cpu().numpy()
     conditions = None if conditions is None else conditions.rows(rows)
+    groups = None if groups is None else [groups[i] for i in np.flatnonzero(complete)]
 
     def z(inputs):
         summary = posterior_predictive(module, inputs, num_samples=num_samples, probs=[], generator=generator,
@@ -53,7 +57,7 @@ def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: li
         return summary, (y - summary.mean) / summary.sd
 
     reference, z_ref = z(xs)
-    calibrator = Calibrator.fit(y, reference.mean, reference.sd, method)
+    calibrator = Calibrator.fit(y, reference.mean, reference.sd, method, groups, **options)
     for pattern in proper_patterns(len(xs)):
         label = missingness_patterns(np.array([pattern]), names)[0]
         scale, quantiles = pattern_fit(z_ref, z(impose(xs, pattern))[1])

@@ -16,7 +16,9 @@ class Prediction:
 
     ``mean`` is the posterior predictive mean. ``raw_sd`` and ``raw_intervals`` come straight from
     the predictive draws; ``sd`` and ``intervals`` are recalibrated on validation subjects (see
-    ``calibration.py``). ``samples`` holds the first draws when they were asked for.
+    ``calibration.py``), per missingness pattern (``patterns``) and per group (``groups``, a label per
+    subject such as its site; a group the calibration never saw gets the pooled calibration).
+    ``samples`` holds the first draws when they were asked for.
     """
     subjects: list[str]
     outcome_name: str
@@ -31,6 +33,7 @@ class Prediction:
     space: object | None = None
     spatial_covariance: object | None = None  # SpatialCovariance (spatial.py): region means, correlated draws
     patterns: list[str] | None = None       # missingness pattern of each subject (data/missing.py)
+    groups: list[str] | None = None         # calibration group (site) of each subject (calibration.py)
     sd: np.ndarray = field(init=False)
     intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False)
 
@@ -43,8 +46,12 @@ class Prediction:
             if self.patterns is not None and self.calibrator.pattern_scale:
                 scale = self.calibrator.row_scale(self.patterns, len(self.raw_sd))
                 self.cal_base_sd = (self.raw_sd * scale).astype(self.raw_sd.dtype)
-            self.sd = self.calibrator.sd(self.cal_base_sd)
-            self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv, self.patterns)
+            if self.groups is not None:
+                self.groups = [str(g) for g in self.groups]
+                if len(self.groups) != len(self.raw_sd):
+                    raise ValueError(f"groups must give one label per subject ({len(self.raw_sd)}), got {len(self.groups)}")
+            self.sd = self.calibrator.sd(self.cal_base_sd, self.groups)
+            self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv, self.patterns, self.groups)
                               for lv in self.levels}
 
     def __len__(self) -> int:
@@ -81,12 +88,15 @@ class Prediction:
 
     def _by_pattern(self, score) -> np.ndarray:
         """(n, V) ``score(observed, mean, sd, atoms)`` of the calibrated predictive, each subject's rows
-        with its missingness pattern's atoms (``calibration.py``)."""
-        groups = ({None: np.arange(len(self.mean))} if self.patterns is None or not self.calibrator.pattern_quantiles
-                  else {p: np.flatnonzero(np.asarray(self.patterns) == p) for p in dict.fromkeys(self.patterns)})
+        with its missingness pattern's and group's atoms (``calibration.py``)."""
+        n = len(self.mean)
+        patterns = self.patterns if self.calibrator.pattern_quantiles else None
+        groups = self.groups if self.calibrator.group_quantiles else None
+        keys = list(zip(patterns or [None] * n, groups or [None] * n))
         out = np.empty(self.observed.shape, dtype=np.float64)
-        for pattern, rows in groups.items():
-            out[rows] = score(self.observed[rows], self.mean[rows], self.cal_base_sd[rows], self.calibrator.atoms(pattern))
+        for key in dict.fromkeys(keys):
+            rows = np.flatnonzero([k == key for k in keys])
+            out[rows] = score(self.observed[rows], self.mean[rows], self.cal_base_sd[rows], self.calibrator.atoms(*key))
         return out
 
     def to_inference_data(self, model=None, subset=None, **kwargs):

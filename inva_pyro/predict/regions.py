@@ -39,11 +39,12 @@ def region_summary(prediction, labels) -> tuple[list, np.ndarray, np.ndarray, np
     return regions, mean, sd, observed, weights
 
 
-def region_interval(covariance, mean, sd, weights, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Central ``level`` intervals (n, L) of region means, with each region's size-matched quantiles."""
+def region_interval(covariance, mean, sd, weights, level: float, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Central ``level`` intervals (n, L) of region means, with each region's size-matched quantiles (of each
+    subject's group, ``groups``: a label per row, where the calibration has groups)."""
     fractions = weights.getnnz(axis=1) / weights.shape[1]
-    return (mean + sd * covariance.z_regions((1 - level) / 2, fractions),
-            mean + sd * covariance.z_regions((1 + level) / 2, fractions))
+    z_lo, z_hi = covariance.interval_z(level, fractions, groups)
+    return mean + sd * z_lo, mean + sd * z_hi
 
 
 def region_table(prediction, labels, levels, names: dict | None = None) -> pd.DataFrame:
@@ -55,6 +56,6 @@ def region_table(prediction, labels, levels, names: dict | None = None) -> pd.Da
              "region": np.tile(np.asarray([names.get(r, str(r)) for r in regions], dtype=object), n),
              "mean": mean.ravel(), "sd": sd.ravel()}
     for lv in sorted(levels):
-        lo, hi = region_interval(prediction.spatial_covariance, mean, sd, weights, lv)
+        lo, hi = region_interval(prediction.spatial_covariance, mean, sd, weights, lv, getattr(prediction, "groups", None))
         frame[f"lo{level_tag(lv)}"], frame[f"hi{level_tag(lv)}"] = lo.ravel(), hi.ravel()
     return pd.DataFrame(frame)

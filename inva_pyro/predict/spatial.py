@@ -25,18 +25,25 @@ without draws. Fitting (``fit_spatial_covariance``) on the validation subjects, 
 
 Single voxels keep the voxel calibrator (``calibration.py``); the joint model describes their
 variance too (the voxel family), so joint draws have calibrated marginal variances.
+
+As the voxel calibrator, the region quantiles can be kept per group (site: each family's Q_k of the
+group's subjects, shrunk towards the pooled one) and their intervals can hold with probability
+``coverage_confidence`` per fit (``conformal.py``: exactly, by order statistics, for the whole mask, one
+score per subject; by the subject-level rule for families of several regions per subject). Both leave
+alpha, beta and the covariance pooled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from scipy import sparse
 
 from ..model.covariance import fit_factor
+from .conformal import (GROUP_SPREAD, MIN_GROUP_SUBJECTS, N_QUANTILES, PROBS, confident_level, design_effect,
+                        group_quantiles, subject_coverage)
 
-N_QUANTILES = 1000
 PARTITION_CELLS = (2, 4, 8, 16, 32, 64, 128)
 PARTITIONS_PER_SIZE = 2
 
@@ -51,34 +58,85 @@ class SpatialCovariance:
     info: dict = field(default_factory=dict)
     family_fraction: np.ndarray | None = None     # (K,) mean share of the mask of a region of family k, sorted
     family_quantiles: np.ndarray | None = None    # (K, N_QUANTILES) Q of family k
+    family_scores: np.ndarray | None = None       # (K,) regions per subject of family k (1: the whole mask)
+    family_design: np.ndarray | None = None       # (K, N_QUANTILES / 2) design effect of family k (conformal.py)
+    n_subjects: int = 0                           # validation subjects fitted (0: from before it was kept)
+    group_family_quantiles: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (K, N_QUANTILES), shrunk
+    group_info: dict[str, dict] = field(default_factory=dict)   # group -> subjects, per-family weight, ...
+    coverage_confidence: float | None = None
 
     @property
     def rank(self) -> int:
         return int(self.factor.shape[1])
 
-    def atoms(self, fraction: float | None = None) -> np.ndarray:
-        """Quantile function of the standardised error of a region covering ``fraction`` of the mask:
-        interpolated in log(fraction) between the families' (Mondrian conformal by region size);
-        without ``fraction`` (or families), that of all families together."""
-        if fraction is None or self.family_fraction is None:
-            return self.z_quantiles
+    def _neighbours(self, fraction: float) -> tuple[int, int, float]:
+        """The families k - 1, k around a region covering ``fraction`` of the mask, and its weight t on k."""
         x = np.log(np.clip(fraction, self.family_fraction[0], self.family_fraction[-1]))
         logs = np.log(self.family_fraction)
         k = int(np.clip(np.searchsorted(logs, x), 1, len(logs) - 1))
         t = 0.0 if logs[k] == logs[k - 1] else (x - logs[k - 1]) / (logs[k] - logs[k - 1])
-        return (1 - t) * self.family_quantiles[k - 1] + t * self.family_quantiles[k]
+        return k - 1, k, float(t)
 
-    def z(self, prob: float, fraction: float | None = None) -> float:
-        probs = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
-        return float(np.interp(prob, probs, self.atoms(fraction)))
+    def atoms(self, fraction: float | None = None, group: str | None = None) -> np.ndarray:
+        """Quantile function of the standardised error of a region covering ``fraction`` of the mask (of a
+        subject of ``group``): interpolated in log(fraction) between the families' (Mondrian conformal by
+        region size); without ``fraction`` (or families), that of all families together."""
+        if fraction is None or self.family_fraction is None:
+            return self.z_quantiles
+        table = self.group_family_quantiles.get(group, self.family_quantiles)
+        k0, k1, t = self._neighbours(fraction)
+        return (1 - t) * table[k0] + t * table[k1]
 
-    def z_regions(self, prob: float, fractions) -> np.ndarray:
+    def z(self, prob: float, fraction: float | None = None, group: str | None = None) -> float:
+        return float(np.interp(prob, PROBS, self.atoms(fraction, group)))
+
+    def z_regions(self, prob: float, fractions, group: str | None = None) -> np.ndarray:
         """z(prob) for regions covering ``fractions`` (L,) of the mask."""
-        return np.array([self.z(prob, f) for f in np.atleast_1d(fractions)])
+        return np.array([self.z(prob, f, group) for f in np.atleast_1d(fractions)])
+
+    def central_level(self, level: float, family: int, group: str | None = None) -> float:
+        """The central level of family ``family``'s quantile function reported at ``level``: ``level``, or with
+        ``coverage_confidence`` the narrowest that holds with that probability (conformal.py)."""
+        if self.coverage_confidence is None or self.family_design is None or self.n_subjects < 2:
+            return level
+        regions, n = float(self.family_scores[family]), float(self.n_subjects)
+        design = self.family_design[family] if regions > 1 else None
+        if group in self.group_family_quantiles:
+            n = self.group_info[group]["effective_subjects"][family]
+            design = np.ones(self.family_design.shape[1]) if design is None else design
+        return confident_level(level, self.coverage_confidence, n, n * regions, design)[0]
+
+    def interval_z(self, level: float, fractions, groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised ends of the central ``level`` intervals of regions covering ``fractions`` (L,) of the
+        mask: (L,) arrays, or (n, L) with ``groups`` (one per subject)."""
+        fractions = np.atleast_1d(fractions)
+        rows = [None] if groups is None or not self.group_family_quantiles else list(groups)
+        ends = {g: self._interval_z(level, fractions, g) for g in dict.fromkeys(rows)}
+        lo, hi = (np.stack([ends[g][side] for g in rows]) for side in (0, 1))
+        return (lo[0], hi[0]) if groups is None or not self.group_family_quantiles else (lo, hi)
+
+    def _interval_z(self, level: float, fractions: np.ndarray, group: str | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.coverage_confidence is None or self.family_fraction is None:
+            return (self.z_regions((1 - level) / 2, fractions, group), self.z_regions((1 + level) / 2, fractions, group))
+        table = self.group_family_quantiles.get(group, self.family_quantiles)
+        lo, hi = np.empty(len(fractions)), np.empty(len(fractions))
+        for i, fraction in enumerate(fractions):   # each neighbouring family at its own level, then interpolated
+            k0, k1, t = self._neighbours(fraction)
+            ends = [(np.interp((1 - p) / 2, PROBS, table[k]), np.interp((1 + p) / 2, PROBS, table[k]))
+                    for k in (k0, k1) for p in [self.central_level(level, k, group)]]
+            lo[i], hi[i] = ((1 - t) * ends[0][side] + t * ends[1][side] for side in (0, 1))
+        return lo, hi
 
     def region_moments(self, mean: np.ndarray, sd: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, L) means and sds of the regions with averaging weights (L, V)."""
         return region_moments(mean, sd, weights, self.factor, self.diag, self.alpha, self.beta)
+
+    def with_confidence(self, confidence: float | None) -> "SpatialCovariance":
+        """This calibration with region intervals at ``coverage_confidence`` (None: right on average)."""
+        if confidence is not None and (not 0 < confidence < 1 or self.family_design is None):
+            raise ValueError("coverage_confidence must be in (0, 1) and needs a region calibration that kept its "
+                             f"design effects (refit with this version), got {confidence}")
+        return replace(self, coverage_confidence=confidence)
 
     def to_dict(self) -> dict:
         """Everything but the arrays F and d (``covariance.safetensors`` keeps those)."""
@@ -87,15 +145,27 @@ class SpatialCovariance:
         if self.family_fraction is not None:
             out.update(family_fraction=self.family_fraction.tolist(),
                        family_quantiles=np.round(self.family_quantiles, 6).tolist())
+        if self.family_design is not None:
+            out.update(family_scores=self.family_scores.tolist(), family_design=np.round(self.family_design, 6).tolist(),
+                       n_subjects=self.n_subjects, coverage_confidence=self.coverage_confidence,
+                       group_family_quantiles={g: np.round(q, 6).tolist() for g, q in self.group_family_quantiles.items()},
+                       group_info=self.group_info)
         return out
 
     @classmethod
     def from_parts(cls, d: dict, factor: np.ndarray, diag: np.ndarray) -> "SpatialCovariance":
+        # covariance.json files from before groups and coverage_confidence lack their keys: pooled, on average
+        optional = lambda key: np.asarray(d[key], dtype=np.float64) if d.get(key) is not None else None  # noqa: E731
         return cls(factor=np.asarray(factor, dtype=np.float64), diag=np.asarray(diag, dtype=np.float64),
                    alpha=float(d["alpha"]), beta=float(d["beta"]),
                    z_quantiles=np.asarray(d["z_quantiles"], dtype=np.float64), info=dict(d.get("info") or {}),
-                   family_fraction=np.asarray(d["family_fraction"]) if "family_fraction" in d else None,
-                   family_quantiles=np.asarray(d["family_quantiles"]) if "family_quantiles" in d else None)
+                   family_fraction=optional("family_fraction"), family_quantiles=optional("family_quantiles"),
+                   family_scores=optional("family_scores"), family_design=optional("family_design"),
+                   n_subjects=int(d.get("n_subjects", 0)),
+                   group_family_quantiles={str(g): np.asarray(q, dtype=np.float64)
+                                           for g, q in (d.get("group_family_quantiles") or {}).items()},
+                   group_info={str(g): dict(v) for g, v in (d.get("group_info") or {}).items()},
+                   coverage_confidence=d.get("coverage_confidence"))
 
 
 def label_weights(labels: np.ndarray) -> tuple[list[int], sparse.csr_matrix]:
@@ -186,7 +256,10 @@ def fit_scales(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
 
 
 def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
-              folds: int = 2, seed: int = 0, final: str = "folds") -> tuple[torch.Tensor, torch.Tensor, SpatialCovariance]:
+                           folds: int = 2, seed: int = 0, final: str = "folds", groups=None,
+                           confidence: float | None = None, group_spread: float = GROUP_SPREAD,
+                           group_min_subjects: int = MIN_GROUP_SUBJECTS
+                           ) -> tuple[torch.Tensor, torch.Tensor, SpatialCovariance]:
     """Fit (F, d) and the joint calibration on validation subjects (module doc).
 
     ``observed`` (n, V) tensor; ``mean``, ``sd`` (n, V) arrays of the raw predictive, same units.
@@ -197,6 +270,8 @@ def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None
     very estimates the calibration scores were standardised with; ``final="all"``, one fit on every
     validation subject, whose region variances differ systematically from the folds' when the factor
     is a PCA of a few dozen subjects (50 regions under-covered by 0.02 to 0.04: docs/uncertainty.md, 8).
+    ``groups`` (a label per subject), ``confidence``, ``group_spread``, ``group_min_subjects``: region
+    quantiles per group and intervals that hold per fit, as ``Calibrator.fit`` (``conformal.py``).
     """
     device = observed.device
     y = observed.detach().double()
@@ -206,33 +281,10 @@ def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None
     n, n_vox = residuals.shape
     folds = max(2, min(int(folds), n // 2)) if n >= 4 else min(2, n)
     fold_of = np.random.default_rng([seed, 13]).permutation(n) % folds
-    e_all, s_all = (y - m).cpu().numpy(), s.cpu().numpy()
     families = region_families(n_vox, coords, seed)
-    parts: dict[str, list] = {}
-    fold_fits = []
-    for k in range(folds):
-        rows = np.flatnonzero(fold_of == k)
-        train_rows = np.flatnonzero(fold_of != k) if folds > 1 else rows
-        factor_t, diag_t = fit_factor(residuals[torch.as_tensor(train_rows, device=device)], rank)
-        fold_fits.append((factor_t, diag_t))
-        factor, diag = factor_t.cpu().numpy(), diag_t.cpu().numpy()
-        e, s_k = e_all[rows], s_all[rows]
-        parts.setdefault("voxel", []).append(_voxel_moments(e, s_k, factor, diag))
-        for name, weights in families.items():
-            err = np.asarray(weights @ e.T).T
-            var_low, var_diag = region_variances(s_k, weights, factor, diag)
-            parts.setdefault(name, []).append((err.ravel() ** 2, var_low.ravel(), var_diag.ravel()))
-    joined = {name: tuple(np.concatenate([p[j] for p in pieces]) for j in range(3)) for name, pieces in parts.items()}
+    errors = (y - m).cpu().numpy()
+    joined, fold_fits = _cross_fitted_moments(residuals, errors, s.cpu().numpy(), families, fold_of, rank)
     alpha, beta, ratios = fit_scales(joined)
-    probs = (np.arange(N_QUANTILES) + 0.5) / N_QUANTILES
-    quantiles, fractions = [], []
-    for name in families:
-        fractions.append(float(np.mean(families[name].getnnz(axis=1))) / n_vox)
-        e2, var_low, var_diag = joined[name]
-        sign = np.concatenate([np.sign(np.asarray(families[name] @ e_all[fold_of == k].T).T).ravel()
-                               for k in range(folds)])
-        z = sign * np.sqrt(e2 / (alpha ** 2 * var_low + beta ** 2 * var_diag))
-        quantiles.append(np.quantile(z, probs))
     if final == "folds":
         factor_t = torch.cat([f for f, _ in fold_fits], dim=1) / np.sqrt(len(fold_fits))
         diag_t = torch.stack([d for _, d in fold_fits]).mean(0)
@@ -242,12 +294,77 @@ def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None
         raise ValueError(f"final must be 'all' or 'folds', got {final!r}")
     info = {"n_subjects": int(n), "folds": int(folds), "rank": int(factor_t.shape[1]), "final": final,
             "mean_square_ratio": {k: round(v, 4) for k, v in ratios.items()}}
+    scores = {name: _family_scores(weights, joined[name], errors, fold_of, alpha, beta)
+              for name, weights in families.items()}
+    fractions = np.array([float(np.mean(weights.getnnz(axis=1))) / n_vox for weights in families.values()])
+    calibration = SpatialCovariance(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha, beta=beta,
+                                    z_quantiles=np.zeros(N_QUANTILES), info=info, n_subjects=int(n))
+    _calibrate_families(calibration, list(scores.values()), fractions, groups, group_spread, group_min_subjects)
+    return factor_t.float(), diag_t.float(), calibration.with_confidence(confidence)
+
+
+def _cross_fitted_moments(residuals: torch.Tensor, errors: np.ndarray, sd: np.ndarray, families: dict,
+                          fold_of: np.ndarray, rank: int | None) -> tuple[dict, list]:
+    """Per family (and ``voxel``): (squared errors, low-rank variances, diagonal variances) of every fold's
+    regions under the factor of the other folds, joined fold by fold; and each fold's (F, d)."""
+    folds = int(fold_of.max()) + 1
+    parts: dict[str, list] = {}
+    fold_fits = []
+    for k in range(folds):
+        rows = np.flatnonzero(fold_of == k)
+        train_rows = np.flatnonzero(fold_of != k) if folds > 1 else rows
+        factor_t, diag_t = fit_factor(residuals[torch.as_tensor(train_rows, device=residuals.device)], rank)
+        fold_fits.append((factor_t, diag_t))
+        factor, diag = factor_t.cpu().numpy(), diag_t.cpu().numpy()
+        e, s_k = errors[rows], sd[rows]
+        parts.setdefault("voxel", []).append(_voxel_moments(e, s_k, factor, diag))
+        for name, weights in families.items():
+            err = np.asarray(weights @ e.T).T
+            var_low, var_diag = region_variances(s_k, weights, factor, diag)
+            parts.setdefault(name, []).append((err.ravel() ** 2, var_low.ravel(), var_diag.ravel()))
+    joined = {name: tuple(np.concatenate([p[j] for p in pieces]) for j in range(3)) for name, pieces in parts.items()}
+    return joined, fold_fits
+
+
+def _family_scores(weights, moments: tuple, errors: np.ndarray, fold_of: np.ndarray, alpha: float,
+                   beta: float) -> np.ndarray:
+    """(n, L) standardised region errors e_R / sd_R of a family, one row per subject (subject order)."""
+    e2, var_low, var_diag = moments
+    n_regions = weights.shape[0]
+    scores = np.empty((len(fold_of), n_regions))
+    offset = 0
+    for k in range(int(fold_of.max()) + 1):   # the moments are joined fold by fold
+        rows = np.flatnonzero(fold_of == k)
+        size = len(rows) * n_regions
+        sign = np.sign(np.asarray(weights @ errors[rows].T).T).ravel()
+        z = sign * np.sqrt(e2[offset:offset + size] / (alpha ** 2 * var_low[offset:offset + size]
+                                                       + beta ** 2 * var_diag[offset:offset + size]))
+        scores[rows] = z.reshape(len(rows), n_regions)
+        offset += size
+    return scores
+
+
+def _calibrate_families(calibration: SpatialCovariance, scores: list[np.ndarray], fractions: np.ndarray, groups,
+                        spread: float, min_subjects: int) -> None:
+    """The families' quantile functions (sorted by region size), design effects and per-group tables."""
+    quantiles = np.stack([np.quantile(z.ravel(), PROBS) for z in scores])
+    calibration.z_quantiles = np.mean(quantiles, axis=0)
     order = np.argsort(fractions)
-    calibration = SpatialCovariance(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha,
-                                   beta=beta, z_quantiles=np.mean(quantiles, axis=0), info=info,
-                                   family_fraction=np.asarray(fractions)[order],
-                                   family_quantiles=np.asarray(quantiles)[order])
-    return factor_t.float(), diag_t.float(), calibration
+    scores, quantiles = [scores[k] for k in order], quantiles[order]
+    calibration.family_fraction, calibration.family_quantiles = fractions[order], quantiles
+    calibration.family_scores = np.array([z.shape[1] for z in scores])
+    calibration.family_design = np.stack([design_effect(subject_coverage(z, q), z.shape[1])
+                                          for z, q in zip(scores, quantiles)])
+    if groups is None:
+        return
+    tables = [group_quantiles(z, groups, q, spread=spread, min_subjects=min_subjects) for z, q in zip(scores, quantiles)]
+    for label in tables[0]:
+        per_family = [table[label] for table in tables]
+        calibration.group_info[label] = {"subjects": per_family[0]["subjects"],
+                                         **{key: [round(float(g[key]), 6) for g in per_family]
+                                            for key in ("weight", "effective_subjects", "prior_subjects")}}
+        if per_family[0]["weight"] > 0:
+            calibration.group_family_quantiles[label] = np.stack([g["quantiles"] for g in per_family])
 
 
 def spatial_draws(mean, sd, joint: SpatialCovariance, num: int, *, seed: int = 0, chunk: int = 64,
