@@ -88,7 +88,7 @@ def agree(stats: dict, other: dict | None = None) -> tuple[bool, bool]:
 def fitted():
     params = truth()
     train = simulate(params=params)
-    return params, train, ComBat().fit(train, covariates=["age", "sex"])
+    return params, train, ComBat.fit(train, covariates=["age", "sex"])
 
 
 def test_sites_share_one_location_and_scale_after_harmonising(fitted):
@@ -117,7 +117,7 @@ def test_covariate_effects_are_kept(fitted):
     z = slope_errors(train, combat.transform(train).inputs["x"], params)
     assert np.all(np.abs(z) <= Z) and np.all(np.abs(z.mean(axis=1)) <= Z / np.sqrt(V))
     # Age differs between sites: unprotected, ComBat takes the between-site part of its effect away.
-    unprotected = slope_errors(train, ComBat().fit(train).transform(train).inputs["x"], params)
+    unprotected = slope_errors(train, ComBat.fit(train).transform(train).inputs["x"], params)
     assert unprotected[0].mean() < -Z / np.sqrt(V)
 
 
@@ -141,6 +141,17 @@ def test_held_out_subjects_come_out_on_the_training_scale(fitted):
     assert agree(site_stats(new, combat.transform(new).inputs["x"], params), reference) == (True, True)
 
 
+def test_neurocombat_options(fitted):
+    params, train, _ = fitted
+    plain = ComBat.fit(train, ["age", "sex"], eb=False)   # per-site estimates, no shrinkage
+    assert plain.options == {"eb": False, "parametric": True, "mean_only": False}
+    assert agree(site_stats(train, plain.transform(train).inputs["x"], params)) == (True, True)
+    shifted = ComBat.fit(train, ["age", "sex"], mean_only=True).transform(train).inputs["x"]
+    for s in SITES:   # locations only: each site's spread is kept
+        at = (train.sites == s).to_numpy()
+        np.testing.assert_allclose(shifted[at].std(0), train.inputs["x"][at].std(0), rtol=1e-4)
+
+
 def test_own_covariates_or_the_training_average(fitted):
     _, train, combat = fitted
     changed = train.conditions.copy()
@@ -149,7 +160,7 @@ def test_own_covariates_or_the_training_average(fitted):
     average = combat.transform(train, own_covariates=False).inputs["x"]
     np.testing.assert_array_equal(combat.transform(moved, own_covariates=False).inputs["x"], average)
     assert not np.allclose(combat.transform(moved).inputs["x"], combat.transform(train).inputs["x"])
-    plain = ComBat().fit(train)   # no covariates: both ways agree
+    plain = ComBat.fit(train)   # no covariates: both ways agree
     np.testing.assert_array_equal(plain.transform(train).inputs["x"],
                                   plain.transform(train, own_covariates=False).inputs["x"])
 
@@ -160,11 +171,11 @@ def test_rows_of_nan_stay_nan_and_are_left_out_of_the_fit(fitted):
     gone = np.array([0, 5, 70, 120])
     x[gone] = np.nan
     subset = Subset(**{**train.__dict__, "inputs": {"x": x, "w": train.inputs["x"][:, :5] * 2}})
-    out = ComBat().fit(subset, ["age", "sex"]).transform(subset)
+    out = ComBat.fit(subset, ["age", "sex"]).transform(subset)
     assert np.isnan(out.inputs["x"][gone]).all() and not np.isnan(np.delete(out.inputs["x"], gone, 0)).any()
     keep = np.setdiff1d(np.arange(len(x)), gone)
     alone = train.subset(keep)
-    np.testing.assert_allclose(out.inputs["x"][keep], ComBat().fit(alone, ["age", "sex"]).transform(alone)
+    np.testing.assert_allclose(out.inputs["x"][keep], ComBat.fit(alone, ["age", "sex"]).transform(alone)
                                .inputs["x"], rtol=1e-6, atol=1e-6)
 
 
@@ -174,10 +185,19 @@ def test_features_constant_within_a_site_are_left_as_they_are(fitted):
     constant = np.zeros((len(x), 2), np.float32)
     constant[train.sites.to_numpy() == "B", 1] = 3.0   # varies across sites, constant within each
     with_constant = Subset(**{**train.__dict__, "inputs": {"x": np.concatenate([constant, x], axis=1)}})
-    out = ComBat().fit(with_constant, ["age", "sex"]).transform(with_constant).inputs["x"]
+    out = ComBat.fit(with_constant, ["age", "sex"]).transform(with_constant).inputs["x"]
     np.testing.assert_array_equal(out[:, :2], constant)
-    np.testing.assert_allclose(out[:, 2:], ComBat().fit(train, ["age", "sex"]).transform(train).inputs["x"],
+    np.testing.assert_allclose(out[:, 2:], ComBat.fit(train, ["age", "sex"]).transform(train).inputs["x"],
                                rtol=1e-6, atol=1e-6)
+
+
+def test_a_single_feature_is_harmonised_without_empirical_bayes(fitted):
+    params, train, _ = fitted
+    single = Subset(**{**train.__dict__, "inputs": {"x": train.inputs["x"][:, 3:4]}})
+    combat = ComBat.fit(single, ["age", "sex"])
+    assert combat.images["x"]["eb"] is False
+    plain = ComBat.fit(train, ["age", "sex"], eb=False).transform(train).inputs["x"][:, 3:4]
+    np.testing.assert_allclose(combat.transform(single).inputs["x"], plain, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_covariate_cells_are_filled_with_the_fit_mean_or_most_frequent_level(fitted):
@@ -186,7 +206,7 @@ def test_empty_covariate_cells_are_filled_with_the_fit_mean_or_most_frequent_lev
     conditions.iloc[[3, 50], 0] = np.nan
     conditions.iloc[[4, 90], 1] = np.nan
     gappy = Subset(**{**train.__dict__, "conditions": conditions})
-    combat = ComBat().fit(gappy, ["age", "sex"])
+    combat = ComBat.fit(gappy, ["age", "sex"])
     filled = conditions.copy()
     filled.iloc[[3, 50], 0] = repr(float(pd.to_numeric(conditions["age"]).mean()))
     filled.iloc[[4, 90], 1] = conditions["sex"].value_counts().idxmax()
@@ -215,14 +235,14 @@ def test_errors_are_one_line_and_name_the_problem(fitted):
     confounded = train.conditions.assign(sex=np.where(train.sites == "A", "M", "F"))
     unseen_level = train.conditions.assign(sex="X")
     cases = [
-        (lambda: ComBat().fit(_with(train, sites=None)), "without sites"),
-        (lambda: ComBat().fit(_with(train, sites=lonely)), "site 'D' has 1 subject(s) with input 'x'"),
-        (lambda: ComBat().fit(train, ["age", "bmi"]), "no covariate column 'bmi'"),
-        (lambda: ComBat().fit(_with(train, conditions=confounded), ["sex"]), "confounded with site"),
+        (lambda: ComBat.fit(_with(train, sites=None)), "without sites"),
+        (lambda: ComBat.fit(_with(train, sites=lonely)), "site 'D' has 1 subject(s) with input 'x'"),
+        (lambda: ComBat.fit(train, ["age", "bmi"]), "no covariate column 'bmi'"),
+        (lambda: ComBat.fit(_with(train, conditions=confounded), ["sex"]), "confounded with site"),
         (lambda: combat.transform(_with(train, sites=lonely)), "site 'D' (column 'site') was not among the sites"),
         (lambda: combat.transform(_with(train, conditions=unseen_level)), "level the fit never saw"),
         (lambda: combat.transform(_with(train, conditions=None)), "no covariate column 'age'"),
-        (lambda: ComBat().transform(train), "transform before fit"),
+        (lambda: ComBat().transform(train), "nothing fitted"),
     ]
     for call, expected in cases:
         with pytest.raises(InputError) as error:
@@ -233,7 +253,7 @@ def test_errors_are_one_line_and_name_the_problem(fitted):
 def test_simulated_multisite_cohort_loses_most_of_its_site_differences(tmp_path):
     folder = write_cohort(tmp_path / "cohort", "multisite", 80, 0, sites=3)
     subset = Cohort.from_dir(folder, conditions=["age", "sex", "apoe4"], site="site").all
-    harmonised = ComBat().fit(subset, covariates=["age", "sex", "apoe4"]).transform(subset)
+    harmonised = ComBat.fit(subset, covariates=["age", "sex", "apoe4"]).transform(subset)
     sites = subset.sites.to_numpy()
 
     def spread(x):   # root mean square over sites and features of a site's mean less the overall mean

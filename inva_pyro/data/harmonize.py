@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -130,7 +132,9 @@ def _run_neurocombat(values: np.ndarray, labels: np.ndarray, design: np.ndarray,
     continuous = [f"c{j}" for j in range(design.shape[1])]
     for j, col in enumerate(continuous):
         covars[col] = design[:, j]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        if not options["eb"]:   # it computes the priors anyway (NaN from a single feature), then ignores them
+            warnings.simplefilter("ignore", RuntimeWarning)
         out = neuroCombat(values.T, covars, "site", continuous_cols=continuous, **options)
     return out["estimates"]
 
@@ -168,47 +172,59 @@ def _apply_image(values: np.ndarray, site_index: np.ndarray, design: np.ndarray,
     return z * sd + protected
 
 
+@dataclass
 class ComBat:
     """ComBat harmonisation of a subset's input images by site (see the module docstring for the model).
 
-    ``ComBat().fit(subset, covariates=["age", "sex"])`` estimates, per input image, over the subjects that
-    have it, the location and scale of each feature per site (``subset.sites``), protecting the named
-    columns of ``subset.conditions``: numeric columns as continuous covariates, text columns as categorical
-    ones. An empty covariate cell is filled, for the harmonisation only, with the fit's mean of the column
-    (numeric) or its most frequent level (text); ``subset.conditions`` is never changed. A feature that is
-    constant within a fitted site (e.g. a voxel outside the brain) is left as it is: ComBat standardises by
-    a within-site variance. ``transform(subset)`` harmonises every input of any subset of the fitted sites
-    (rows of NaN, images not acquired, stay NaN).
+    ``ComBat.fit(subset, covariates=["age", "sex"])`` estimates, per input image, over the subjects that
+    have it, the location and scale of each feature per site (``subset.sites``; labels compared as text, as
+    ``SiteLevels``), protecting the named columns of ``subset.conditions``: numeric columns as continuous
+    covariates, text columns as categorical ones (one indicator per level after the first). An empty
+    covariate cell is filled, for the harmonisation only, with the fit's mean of the column (numeric) or its
+    most frequent level (text; ties: the first in sorted order); ``subset.conditions`` is never changed.
+    ``InputError`` (one line) when the subset has no sites, fewer than 2 sites with an image, a site with
+    fewer than 2 subjects with an image (ComBat needs a within-site variance), a named covariate column
+    missing, or covariates confounded with site.
 
-    New subjects are adjusted with their own covariates, exactly as neuroCombat adjusts its training
-    subjects (``transform`` of the fitted subset reproduces ``neuroCombat(...)["data"]``). The field's
-    ``neuroCombatFromTraining`` instead uses the training subjects' average covariate effect for every new
-    subject, ignoring its own covariates; ``transform(subset, own_covariates=False)`` gives that behaviour
-    (the deviation of a subject's covariate effect from the average is then scaled by 1/sqrt(delta) of its
-    site). ``neuroCombatFromTraining`` itself is not called: it is marked as in development and fails under
-    numpy 2.
+    A feature that is constant within a fitted site (a voxel outside the brain, a region a site never
+    measures) is left as it is, at every site: ComBat standardises by a within-site variance, and
+    neuroCombat would replace a zero one by an arbitrary value and shift the constant per site. An image with
+    a single feature left is fitted without empirical Bayes (there are no other features to borrow from).
+
+    ``transform(subset)`` harmonises every input of any subset of the fitted sites (rows of NaN, images not
+    acquired, stay NaN); a subject at a site the fit never saw is an ``InputError`` naming the site (refit
+    with that site's subjects to harmonise them). Subjects are adjusted with their own covariates, exactly
+    as neuroCombat adjusts its training subjects (``transform`` of the fitted subset reproduces
+    ``neuroCombat(...)["data"]``). The field's ``neuroCombatFromTraining`` instead gives every new subject the
+    training subjects' average covariate effect, ignoring its own covariates; ``transform(subset,
+    own_covariates=False)`` does that (a subject's covariate effect minus the average is then scaled by
+    1/sqrt(delta) of its site). ``neuroCombatFromTraining`` itself is not called: it is marked as in
+    development and fails under numpy 2.
 
     ``eb``, ``parametric`` and ``mean_only`` are neuroCombat's options (empirical Bayes shrinkage,
-    parametric priors, location only). Non-parametric priors cost features squared: region tables only.
+    parametric priors, locations only). Non-parametric priors cost features squared: region tables only.
+    With ``mean_only`` and ``eb``, neuroCombat (as R's sva) weighs a site's location estimate as one
+    observation, so the locations are shrunk almost to the site's average over features.
     """
 
-    def __init__(self, eb: bool = True, parametric: bool = True, mean_only: bool = False):
-        self.options = {"eb": bool(eb), "parametric": bool(parametric), "mean_only": bool(mean_only)}
-        self.site_column: str | None = None
-        self.covariates: list[dict] = []
-        self.images: dict[str, dict] = {}
+    options: dict = field(default_factory=lambda: {"eb": True, "parametric": True, "mean_only": False})
+    site_column: str | None = None
+    covariates: list[dict] = field(default_factory=list)
+    images: dict[str, dict] = field(default_factory=dict)
 
-    def fit(self, subset, covariates: list[str] | None = None) -> "ComBat":
-        """Estimate the site effects of every input of ``subset`` (see the class docstring); returns self."""
+    @classmethod
+    def fit(cls, subset, covariates: list[str] | None = None, *, eb: bool = True, parametric: bool = True,
+            mean_only: bool = False) -> "ComBat":
+        """The site effects of every input of ``subset`` estimated (see the class docstring)."""
+        options = {"eb": bool(eb), "parametric": bool(parametric), "mean_only": bool(mean_only)}
         labels = _site_labels(subset, "fit ComBat on")
         columns = _covariate_columns(subset.conditions, list(covariates or []))
         design = _design(subset.conditions, columns, subset.subjects)
         images = {}
         for name, matrix in subset.inputs.items():
             rows, values = _present_rows(name, matrix, subset.subjects)
-            images[name] = _fit_image(name, values, labels[rows], design[rows], columns, self.options)
-        self.site_column, self.covariates, self.images = str(subset.sites.name), columns, images
-        return self
+            images[name] = _fit_image(name, values, labels[rows], design[rows], columns, options)
+        return cls(options, str(subset.sites.name), columns, images)
 
     def transform(self, subset, own_covariates: bool = True):
         """``subset`` with every input harmonised (float32; rows of NaN stay NaN; other fields unchanged).
@@ -216,7 +232,7 @@ class ComBat:
         A subject at a site the fit never saw for an image it has: ``InputError`` naming the site.
         ``own_covariates=False``: the training average of the covariate effect, as neuroCombatFromTraining."""
         if not self.images:
-            raise InputError("ComBat: transform before fit (call fit(subset) first)")
+            raise InputError("ComBat: nothing fitted (make one with ComBat.fit(subset))")
         unknown = [name for name in subset.inputs if name not in self.images]
         if unknown:
             raise InputError(f"ComBat: input '{unknown[0]}' was not among the fitted inputs "
@@ -257,10 +273,8 @@ class ComBat:
     def from_dict(cls, d: dict) -> "ComBat":
         if d.get("format") != FORMAT:
             raise InputError(f"ComBat: not a stored ComBat (format {d.get('format')!r}, expected '{FORMAT}')")
-        combat = cls(**d["options"])
-        combat.site_column, combat.covariates = d["site_column"], [dict(c) for c in d["covariates"]]
-        combat.images = {name: _state_arrays(state) for name, state in d["images"].items()}
-        return combat
+        return cls(dict(d["options"]), d["site_column"], [dict(c) for c in d["covariates"]],
+                   {name: _state_arrays(state) for name, state in d["images"].items()})
 
 
 def _state_arrays(state: dict) -> dict:
