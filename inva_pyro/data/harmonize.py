@@ -9,7 +9,7 @@ a location shift gamma_sv and a scale delta_sv of every feature per site on top 
 alpha_v, its covariate effects beta_v and its pooled sd sigma_v. The site effects are estimated per feature
 and then shrunk towards what the other features of the same site show (empirical Bayes: a normal prior on
 gamma and an inverse-gamma prior on delta per site, fitted across features), which steadies them for small
-sites. Harmonising removes them, ``(x - alpha - c'beta - gamma sqrt(v)) / sqrt(delta) + alpha + c'beta``, so
+sites. Harmonising removes them, ``(x - alpha - c'beta - gamma) / sqrt(delta) + alpha + c'beta``, so
 every site comes out with one location and one scale per feature while the covariates' effects, estimated
 together with the site effects, are kept. The estimates come from the field's library ``neuroCombat``.
 """
@@ -27,6 +27,7 @@ import pandas as pd
 from ..errors import InputError
 from .covariates import is_numeric
 from .missing import row_present
+from .subset import Subset
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 MIN_PER_SITE = 2   # a site needs a within-site variance
@@ -213,7 +214,7 @@ class ComBat:
     images: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, subset, covariates: list[str] | None = None, *, eb: bool = True, parametric: bool = True,
+    def fit(cls, subset: Subset, covariates: list[str] | None = None, *, eb: bool = True, parametric: bool = True,
             mean_only: bool = False) -> "ComBat":
         """The site effects of every input of ``subset`` estimated (see the class docstring)."""
         options = {"eb": bool(eb), "parametric": bool(parametric), "mean_only": bool(mean_only)}
@@ -226,7 +227,7 @@ class ComBat:
             images[name] = _fit_image(name, values, labels[rows], design[rows], columns, options)
         return cls(options, str(subset.sites.name), columns, images)
 
-    def transform(self, subset, own_covariates: bool = True):
+    def transform(self, subset: Subset, own_covariates: bool = True) -> Subset:
         """``subset`` with every input harmonised (float32; rows of NaN stay NaN; other fields unchanged).
 
         A subject at a site the fit never saw for an image it has: ``InputError`` naming the site.
