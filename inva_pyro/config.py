@@ -222,10 +222,10 @@ class PredictionConfig(_Strict):
         "residuals (at most n_val - 1; 16: the energy score of joint draws prefers denoised directions, "
         "docs/uncertainty.md); 'full': their sample second moment (rank n_val)")
     coverage_confidence: float | None = Field(
-        None, gt=0, lt=1, description="probability that a fit's intervals (voxels, regions, whole mask) cover at "
-        "least their nominal level over the draw of the validation subjects (training-conditional conformal; "
-        "0.9: at most one fit in ten below nominal, for wider intervals); unset: intervals right on average over "
-        "fits (docs/calibration.md)")
+        None, ge=0.5, le=0.99, description="probability (0.5 to 0.99) that a fit's intervals (voxels, regions, "
+        "whole mask) cover at least their nominal level over the draw of the validation subjects "
+        "(training-conditional conformal; 0.9: at most one fit in ten below nominal, for wider intervals); unset: "
+        "intervals right on average over fits (docs/calibration.md)")
     group_spread: float = Field(
         0.04, gt=0, description="calibration per group (site): the prior sd of a group's coverage of the pooled "
         "80% interval; a group's own quantiles get weight n_g / (n_g + n0), n0 = (variance of one subject's "

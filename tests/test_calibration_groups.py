@@ -188,5 +188,5 @@ def test_region_quantiles_per_site():
             tol = 4 * np.sqrt(lv * (1 - lv) / (n_g * 16)) + (1 - w) * abs(pooled[rows].mean() - lv)
             assert abs(covered[rows].mean() - lv) < tol, (g, lv, covered[rows].mean(), tol)
     back = type(joint).from_parts(json.loads(json.dumps(joint.to_dict())), joint.factor, joint.diag)
-    np.testing.assert_allclose(back.interval_z(0.9, [0.1, 1.0], ["A", "B"])[1], joint.interval_z(0.9, [0.1, 1.0], ["A", "B"])[1],
-                               atol=1e-5)
+    np.testing.assert_allclose(back.interval_z(0.9, [0.1, 1.0], ["A", "B"])[1],
+                               joint.interval_z(0.9, [0.1, 1.0], ["A", "B"])[1], atol=1e-5)

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy import stats
 
-from .conformal import (CANDIDATE_LEVELS, GROUP_SPREAD, MIN_GROUP_SUBJECTS, N_QUANTILES, PROBS, confident_level,
-                        design_effect, group_quantiles, quantile_function, subject_coverage)
+from .conformal import (GROUP_SPREAD, MIN_GROUP_SUBJECTS, N_QUANTILES, PROBS, beta_level, bootstrap_level, bootstrap_t,
+                        group_quantiles, order_statistic_level, quantile_function, subject_cdf)
 
 __all__ = ["N_QUANTILES", "Calibrator", "calibration_options", "central_probs", "level_tag"]
 
@@ -80,7 +80,8 @@ class Calibrator:
     group_info: dict[str, dict] = field(default_factory=dict)  # group -> weight, subjects, effective_subjects
     n_subjects: int = 0           # validation subjects fitted (0: a calibration from before it was kept)
     n_scores: int = 0             # their finite standardised residuals
-    design: np.ndarray | None = None   # (M/2,) design effect per candidate level (None: one score per subject)
+    coverage_sd: np.ndarray | None = None   # (M/2,) sd of per-subject coverage per candidate level (conformal.py)
+    t_quantiles: np.ndarray | None = None   # (T, M/2) its bootstrap-t quantiles (None: one score per subject)
     coverage_confidence: float | None = None
 
     def row_scale(self, patterns: list[str] | None, n: int) -> np.ndarray:
@@ -100,10 +101,10 @@ class Calibrator:
         finite = np.isfinite(rows)
         quantiles = quantile_function(z)
         tau = float(np.sqrt(np.mean(z[np.isfinite(z)] ** 2)))
-        per_subject = float(finite.sum(1).mean())
-        design = design_effect(subject_coverage(rows, quantiles), per_subject) if per_subject > 1 else None
         calibrator = cls(method=method, tau=tau, z_quantiles=quantiles, n_subjects=int(finite.any(1).sum()),
-                         n_scores=int(finite.sum()), design=design)
+                         n_scores=int(finite.sum()))
+        if finite.sum(1).max(initial=0) > 1 and calibrator.n_subjects > 1:   # many scores per subject
+            calibrator.coverage_sd, calibrator.t_quantiles = bootstrap_t(subject_cdf(rows, quantiles), quantiles)
         if groups is not None:
             for label, g in group_quantiles(rows, groups, quantiles, spread=group_spread,
                                             min_subjects=group_min_subjects).items():
@@ -112,14 +113,15 @@ class Calibrator:
                     own = rows[np.asarray([str(v) for v in groups]) == label]
                     own_square = float(np.mean(own[np.isfinite(own)] ** 2))
                     calibrator.group_quantiles[label] = g["quantiles"]
-                    calibrator.group_tau[label] = float(np.sqrt(g["weight"] * own_square + (1 - g["weight"]) * tau ** 2))
+                    shrunk_square = g["weight"] * own_square + (1 - g["weight"]) * tau ** 2
+                    calibrator.group_tau[label] = float(np.sqrt(shrunk_square))
         return calibrator.with_confidence(confidence)
 
     def with_confidence(self, confidence: float | None) -> "Calibrator":
         """This calibration with intervals at ``coverage_confidence`` (None: right on average)."""
         if confidence is not None:
-            if not 0 < confidence < 1:
-                raise ValueError(f"coverage_confidence must be in (0, 1), got {confidence}")
+            if not 0.5 <= confidence <= 0.99:
+                raise ValueError(f"coverage_confidence must be between 0.5 and 0.99, got {confidence}")
             if self.n_subjects < 2:
                 raise ValueError("coverage_confidence needs a calibration that kept its number of validation "
                                  "subjects (refit with this version)")
@@ -136,12 +138,13 @@ class Calibrator:
         itself, or with ``coverage_confidence`` the narrowest that holds with that probability."""
         if self.coverage_confidence is None or self.n_subjects < 2:
             return level
-        n, scores, design = self.n_subjects, self.n_scores, self.design
-        if group in self.group_quantiles:
-            n = self.group_info[group]["effective_subjects"]
-            scores = n * self.n_scores / self.n_subjects
-            design = np.ones_like(CANDIDATE_LEVELS) if design is None else design
-        return confident_level(level, self.coverage_confidence, n, scores, design)[0]
+        grouped = group in self.group_quantiles
+        n = self.group_info[group]["effective_subjects"] if grouped else self.n_subjects
+        if self.t_quantiles is not None:
+            return bootstrap_level(level, self.coverage_confidence, n, self.coverage_sd, self.t_quantiles)[0]
+        if grouped:
+            return beta_level(level, self.coverage_confidence, n)[0]
+        return order_statistic_level(level, self.coverage_confidence, self.n_subjects)[0]
 
     def z(self, prob: float, pattern: str | None = None, group: str | None = None) -> float:
         """Calibrated standardised quantile at ``prob`` (of the missingness ``pattern``'s subjects, of ``group``)."""
@@ -200,7 +203,8 @@ class Calibrator:
                 "group_quantiles": {k: v.tolist() for k, v in self.group_quantiles.items()},
                 "group_tau": dict(self.group_tau), "group_info": {k: dict(v) for k, v in self.group_info.items()},
                 "n_subjects": self.n_subjects, "n_scores": self.n_scores,
-                "design": None if self.design is None else np.round(self.design, 6).tolist(),
+                "coverage_sd": None if self.coverage_sd is None else np.round(self.coverage_sd, 5).tolist(),
+                "t_quantiles": None if self.t_quantiles is None else np.round(self.t_quantiles, 3).tolist(),
                 "coverage_confidence": self.coverage_confidence}
 
     @classmethod
@@ -214,5 +218,6 @@ class Calibrator:
                    group_tau={str(k): float(v) for k, v in (d.get("group_tau") or {}).items()},
                    group_info={str(k): dict(v) for k, v in (d.get("group_info") or {}).items()},
                    n_subjects=int(d.get("n_subjects", 0)), n_scores=int(d.get("n_scores", 0)),
-                   design=None if d.get("design") is None else np.asarray(d["design"], dtype=float),
+                   coverage_sd=None if d.get("coverage_sd") is None else np.asarray(d["coverage_sd"], dtype=float),
+                   t_quantiles=None if d.get("t_quantiles") is None else np.asarray(d["t_quantiles"], dtype=float),
                    coverage_confidence=d.get("coverage_confidence"))

@@ -49,7 +49,8 @@ class Prediction:
             if self.groups is not None:
                 self.groups = [str(g) for g in self.groups]
                 if len(self.groups) != len(self.raw_sd):
-                    raise ValueError(f"groups must give one label per subject ({len(self.raw_sd)}), got {len(self.groups)}")
+                    raise ValueError(f"groups must give one label per subject ({len(self.raw_sd)}), "
+                                     f"got {len(self.groups)}")
             self.sd = self.calibrator.sd(self.cal_base_sd, self.groups)
             self.intervals = {lv: self.calibrator.interval(self.mean, self.cal_base_sd, lv, self.patterns, self.groups)
                               for lv in self.levels}

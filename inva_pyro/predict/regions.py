@@ -56,6 +56,7 @@ def region_table(prediction, labels, levels, names: dict | None = None) -> pd.Da
              "region": np.tile(np.asarray([names.get(r, str(r)) for r in regions], dtype=object), n),
              "mean": mean.ravel(), "sd": sd.ravel()}
     for lv in sorted(levels):
-        lo, hi = region_interval(prediction.spatial_covariance, mean, sd, weights, lv, getattr(prediction, "groups", None))
+        lo, hi = region_interval(prediction.spatial_covariance, mean, sd, weights, lv,
+                                 getattr(prediction, "groups", None))
         frame[f"lo{level_tag(lv)}"], frame[f"hi{level_tag(lv)}"] = lo.ravel(), hi.ravel()
     return pd.DataFrame(frame)

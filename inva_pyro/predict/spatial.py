@@ -41,8 +41,8 @@ import torch
 from scipy import sparse
 
 from ..model.covariance import fit_factor
-from .conformal import (GROUP_SPREAD, MIN_GROUP_SUBJECTS, N_QUANTILES, PROBS, confident_level, design_effect,
-                        group_quantiles, subject_coverage)
+from .conformal import (GROUP_SPREAD, MIN_GROUP_SUBJECTS, PROBS, beta_level, bootstrap_level, family_calibration,
+                        order_statistic_level)
 
 PARTITION_CELLS = (2, 4, 8, 16, 32, 64, 128)
 PARTITIONS_PER_SIZE = 2
@@ -59,7 +59,8 @@ class SpatialCovariance:
     family_fraction: np.ndarray | None = None     # (K,) mean share of the mask of a region of family k, sorted
     family_quantiles: np.ndarray | None = None    # (K, N_QUANTILES) Q of family k
     family_scores: np.ndarray | None = None       # (K,) regions per subject of family k (1: the whole mask)
-    family_design: np.ndarray | None = None       # (K, N_QUANTILES / 2) design effect of family k (conformal.py)
+    family_coverage_sd: np.ndarray | None = None  # (K, M/2) sd of per-subject coverage of family k (conformal.py)
+    family_t_quantiles: np.ndarray | None = None  # (K, T, M/2) its bootstrap-t quantiles (NaN: one region)
     n_subjects: int = 0                           # validation subjects fitted (0: from before it was kept)
     group_family_quantiles: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (K, N_QUANTILES), shrunk
     group_info: dict[str, dict] = field(default_factory=dict)   # group -> subjects, per-family weight, ...
@@ -97,14 +98,16 @@ class SpatialCovariance:
     def central_level(self, level: float, family: int, group: str | None = None) -> float:
         """The central level of family ``family``'s quantile function reported at ``level``: ``level``, or with
         ``coverage_confidence`` the narrowest that holds with that probability (conformal.py)."""
-        if self.coverage_confidence is None or self.family_design is None or self.n_subjects < 2:
+        if self.coverage_confidence is None or self.family_t_quantiles is None or self.n_subjects < 2:
             return level
-        regions, n = float(self.family_scores[family]), float(self.n_subjects)
-        design = self.family_design[family] if regions > 1 else None
-        if group in self.group_family_quantiles:
-            n = self.group_info[group]["effective_subjects"][family]
-            design = np.ones(self.family_design.shape[1]) if design is None else design
-        return confident_level(level, self.coverage_confidence, n, n * regions, design)[0]
+        grouped = group in self.group_family_quantiles
+        n = self.group_info[group]["effective_subjects"][family] if grouped else self.n_subjects
+        if self.family_scores[family] > 1:
+            return bootstrap_level(level, self.coverage_confidence, n, self.family_coverage_sd[family],
+                                   self.family_t_quantiles[family])[0]
+        if grouped:
+            return beta_level(level, self.coverage_confidence, n)[0]
+        return order_statistic_level(level, self.coverage_confidence, self.n_subjects)[0]
 
     def interval_z(self, level: float, fractions, groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Standardised ends of the central ``level`` intervals of regions covering ``fractions`` (L,) of the
@@ -117,7 +120,7 @@ class SpatialCovariance:
 
     def _interval_z(self, level: float, fractions: np.ndarray, group: str | None) -> tuple[np.ndarray, np.ndarray]:
         if self.coverage_confidence is None or self.family_fraction is None:
-            return (self.z_regions((1 - level) / 2, fractions, group), self.z_regions((1 + level) / 2, fractions, group))
+            return tuple(self.z_regions(prob, fractions, group) for prob in ((1 - level) / 2, (1 + level) / 2))
         table = self.group_family_quantiles.get(group, self.family_quantiles)
         lo, hi = np.empty(len(fractions)), np.empty(len(fractions))
         for i, fraction in enumerate(fractions):   # each neighbouring family at its own level, then interpolated
@@ -133,9 +136,9 @@ class SpatialCovariance:
 
     def with_confidence(self, confidence: float | None) -> "SpatialCovariance":
         """This calibration with region intervals at ``coverage_confidence`` (None: right on average)."""
-        if confidence is not None and (not 0 < confidence < 1 or self.family_design is None):
-            raise ValueError("coverage_confidence must be in (0, 1) and needs a region calibration that kept its "
-                             f"design effects (refit with this version), got {confidence}")
+        if confidence is not None and (not 0.5 <= confidence <= 0.99 or self.family_t_quantiles is None):
+            raise ValueError("coverage_confidence must be between 0.5 and 0.99 and needs a region calibration that "
+                             f"kept its bootstrap tables (refit with this version), got {confidence}")
         return replace(self, coverage_confidence=confidence)
 
     def to_dict(self) -> dict:
@@ -145,10 +148,13 @@ class SpatialCovariance:
         if self.family_fraction is not None:
             out.update(family_fraction=self.family_fraction.tolist(),
                        family_quantiles=np.round(self.family_quantiles, 6).tolist())
-        if self.family_design is not None:
-            out.update(family_scores=self.family_scores.tolist(), family_design=np.round(self.family_design, 6).tolist(),
+        if self.family_t_quantiles is not None:
+            out.update(family_scores=self.family_scores.tolist(),
+                       family_coverage_sd=np.round(np.nan_to_num(self.family_coverage_sd), 5).tolist(),
+                       family_t_quantiles=np.round(np.nan_to_num(self.family_t_quantiles), 3).tolist(),
                        n_subjects=self.n_subjects, coverage_confidence=self.coverage_confidence,
-                       group_family_quantiles={g: np.round(q, 6).tolist() for g, q in self.group_family_quantiles.items()},
+                       group_family_quantiles={g: np.round(q, 6).tolist()
+                                               for g, q in self.group_family_quantiles.items()},
                        group_info=self.group_info)
         return out
 
@@ -160,7 +166,8 @@ class SpatialCovariance:
                    alpha=float(d["alpha"]), beta=float(d["beta"]),
                    z_quantiles=np.asarray(d["z_quantiles"], dtype=np.float64), info=dict(d.get("info") or {}),
                    family_fraction=optional("family_fraction"), family_quantiles=optional("family_quantiles"),
-                   family_scores=optional("family_scores"), family_design=optional("family_design"),
+                   family_scores=optional("family_scores"), family_coverage_sd=optional("family_coverage_sd"),
+                   family_t_quantiles=optional("family_t_quantiles"),
                    n_subjects=int(d.get("n_subjects", 0)),
                    group_family_quantiles={str(g): np.asarray(q, dtype=np.float64)
                                            for g, q in (d.get("group_family_quantiles") or {}).items()},
@@ -255,9 +262,9 @@ def fit_scales(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
     return float(alpha), float(beta), ratios(best.x)
 
 
-def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None = None, coords: np.ndarray | None = None,
-                           folds: int = 2, seed: int = 0, final: str = "folds", groups=None,
-                           confidence: float | None = None, group_spread: float = GROUP_SPREAD,
+def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None = None,
+                           coords: np.ndarray | None = None, folds: int = 2, seed: int = 0, final: str = "folds",
+                           groups=None, confidence: float | None = None, group_spread: float = GROUP_SPREAD,
                            group_min_subjects: int = MIN_GROUP_SUBJECTS
                            ) -> tuple[torch.Tensor, torch.Tensor, SpatialCovariance]:
     """Fit (F, d) and the joint calibration on validation subjects (module doc).
@@ -298,8 +305,9 @@ def fit_spatial_covariance(observed: torch.Tensor, mean, sd, *, rank: int | None
               for name, weights in families.items()}
     fractions = np.array([float(np.mean(weights.getnnz(axis=1))) / n_vox for weights in families.values()])
     calibration = SpatialCovariance(factor=factor_t.cpu().numpy(), diag=diag_t.cpu().numpy(), alpha=alpha, beta=beta,
-                                    z_quantiles=np.zeros(N_QUANTILES), info=info, n_subjects=int(n))
-    _calibrate_families(calibration, list(scores.values()), fractions, groups, group_spread, group_min_subjects)
+                                    info=info, n_subjects=int(n),
+                                    **family_calibration(list(scores.values()), fractions, groups, spread=group_spread,
+                                                         min_subjects=group_min_subjects))
     return factor_t.float(), diag_t.float(), calibration.with_confidence(confidence)
 
 
@@ -342,29 +350,6 @@ def _family_scores(weights, moments: tuple, errors: np.ndarray, fold_of: np.ndar
         scores[rows] = z.reshape(len(rows), n_regions)
         offset += size
     return scores
-
-
-def _calibrate_families(calibration: SpatialCovariance, scores: list[np.ndarray], fractions: np.ndarray, groups,
-                        spread: float, min_subjects: int) -> None:
-    """The families' quantile functions (sorted by region size), design effects and per-group tables."""
-    quantiles = np.stack([np.quantile(z.ravel(), PROBS) for z in scores])
-    calibration.z_quantiles = np.mean(quantiles, axis=0)
-    order = np.argsort(fractions)
-    scores, quantiles = [scores[k] for k in order], quantiles[order]
-    calibration.family_fraction, calibration.family_quantiles = fractions[order], quantiles
-    calibration.family_scores = np.array([z.shape[1] for z in scores])
-    calibration.family_design = np.stack([design_effect(subject_coverage(z, q), z.shape[1])
-                                          for z, q in zip(scores, quantiles)])
-    if groups is None:
-        return
-    tables = [group_quantiles(z, groups, q, spread=spread, min_subjects=min_subjects) for z, q in zip(scores, quantiles)]
-    for label in tables[0]:
-        per_family = [table[label] for table in tables]
-        calibration.group_info[label] = {"subjects": per_family[0]["subjects"],
-                                         **{key: [round(float(g[key]), 6) for g in per_family]
-                                            for key in ("weight", "effective_subjects", "prior_subjects")}}
-        if per_family[0]["weight"] > 0:
-            calibration.group_family_quantiles[label] = np.stack([g["quantiles"] for g in per_family])
 
 
 def spatial_draws(mean, sd, joint: SpatialCovariance, num: int, *, seed: int = 0, chunk: int = 64,
