@@ -336,8 +336,28 @@ def _tune(args) -> None:
     print(f"wrote {', '.join(written)} to {args.out}")
 
 
+def _adapt(args) -> None:
+    from . import Cohort
+    from .adaptation import adapt
+    from .data.io import atomic_dir
+    from .registry import load_model
+    if args.out.exists() and any(args.out.iterdir()):
+        raise InputError(f"{args.out}: already exists and is not empty")
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be at least 1")
+    model = load_model(args.run, device=args.device)
+    info = model.info
+    cohort = Cohort.from_manifest(args.manifest, info["inputs"], info["outcome"], space=_run_spaces(model, args.run),
+                                  conditions=info.get("covariates") or None, site=info.get("site"))
+    adapted = adapt(model, cohort.all, seed=args.seed, steps=args.steps, where=str(args.manifest))
+    with atomic_dir(args.out) as tmp:
+        adapted.save(tmp)
+    sites = adapted.info["adapted"][-1]["sites"]
+    print(f"adapted {args.run} to site(s) {', '.join(sites)} from {len(cohort.all)} subjects; run folder: {args.out}")
+
+
 COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo,
-            "latents": _latents, "manifest": _manifest, "tune": _tune}
+            "latents": _latents, "manifest": _manifest, "tune": _tune, "adapt": _adapt}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inva", description="Integrative VAEs (InVA) in Pyro: predict an outcome "
                                      "image from several input images with calibrated uncertainty.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_simulate, _fit, _predict_and_evaluate, _latents, _manifest, _tune, _demo):
+    for add in (_simulate, _fit, _predict_and_evaluate, _adapt, _latents, _manifest, _tune, _demo):
         add(sub)
     return parser
 
@@ -110,6 +110,19 @@ def _predict_and_evaluate(sub) -> None:
             p.add_argument("--by", metavar="COLUMN", help="also score each group of subjects sharing a value of "
                            "this manifest column (site, sex, diagnosis, ...): metrics.json key by, "
                            "coverage_by_group.png")
+
+
+def _adapt(sub) -> None:
+    """``inva adapt``."""
+    p = sub.add_parser("adapt", help="adapt a run fitted with --site to a new site from a few of its subjects "
+                       "(every row of the manifest, with the outcome)")
+    p.add_argument("--run", required=True, type=Path, help="run folder written by `inva fit --site COL`")
+    p.add_argument("--manifest", required=True, type=Path, help="subjects of the new site(s), every one with the "
+                   "outcome; the run's inputs, covariates and site column")
+    p.add_argument("--out", required=True, type=Path, help="the adapted run folder to create")
+    p.add_argument("--steps", type=int, default=300, help="SVI steps fitting each new site (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
 
 def _latents(sub) -> None:

@@ -30,7 +30,7 @@ from .errors import InputError
 from .model.conditions import Conditions, NewSiteWarning, encode_conditions
 from .model.module import InVAModule
 from .model.smoothing import unsmoothed_warning
-from .predict.calibration import Calibrator, central_probs
+from .predict.calibration import Calibrator, calibration_options, central_probs
 from .predict.patterns import calibrate as calibrate_patterns
 from .predict.prediction import Prediction
 from .predict.predictive import posterior_predictive, seeded_generator
@@ -82,15 +82,13 @@ class InVA:
             on_epoch_end=None, extra_info: dict | None = None, standardizer: Standardizer | None = None) -> "InVA":
         """Train on ``train_set``; ``val`` drives early stopping and calibration.
 
-        The subsets name their outcome and carry the feature spaces (``Cohort.train`` etc. do): the run
-        records them, predictions are written in the outcome's space, and the spatial smoothing prior
-        uses its neighbour graph. Without ``val`` a seeded share (``training.val_share``) of
-        ``train_set`` is held out. With ``run_dir`` the run folder is written as training goes (a
-        checkpoint per epoch), and ``resume=True`` continues the interrupted run found there.
-        ``devices > 1`` trains in that many local processes (torch.distributed; see distributed.py);
-        inside a ``torchrun`` job the process group is joined from the environment. ``extra_info`` is
-        recorded in run.json. ``standardizer``: use these statistics instead of fitting them on
-        ``train_set`` (a pattern submodel speaks its parent's units).
+        The subsets name their outcome and carry the feature spaces (``Cohort.train`` etc. do), and the
+        covariates and sites to condition on when the cohort was read with them. Without ``val`` a seeded
+        share (``training.val_share``) of ``train_set`` is held out. With ``run_dir`` the run folder is written
+        as training goes (a checkpoint per epoch); ``resume=True`` continues the interrupted run found there.
+        ``devices > 1`` trains in that many local processes (train/distributed.py; inside a ``torchrun`` job
+        the process group is joined from the environment). ``extra_info`` is recorded in run.json;
+        ``standardizer``: these statistics, not ``train_set``'s (a pattern submodel speaks its parent's units).
         """
         train_set, val = self._checked_subsets(train_set, val, seed)
         kwargs = dict(seed=seed, device=device, resume=resume, progress=progress, extra_info=extra_info,
@@ -251,19 +249,19 @@ class InVA:
         """The voxel calibrator and the outcome's spatial covariance, on subjects never fitted."""
         cfg = self.preset.prediction
         xs, y = self.tensors(calibration)
-        conditions = self.conditions(calibration)
+        conditions, groups, options = self.conditions(calibration), self.groups(calibration), calibration_options(cfg)
         # One predictive pass over every calibration subject (the inputs each has) serves both calibrations.
         summary = posterior_predictive(self.predictive_module, xs, num_samples=cfg.num_samples, probs=[],
                                        generator=self._generator(seed + 1), conditions=conditions)
         self.calibrator = calibrate_patterns(self.predictive_module, xs, y, self.info["inputs"],
                                              num_samples=cfg.num_samples, method=cfg.calibration,
                                              generator=self._generator(seed + 2), summary=summary,
-                                             conditions=conditions)
+                                             conditions=conditions, groups=groups, **options)
         self.spatial_covariance = None
         if cfg.spatial_covariance and len(y) >= 2:
             factor, diag, self.spatial_covariance = fit_spatial_covariance(
                 y, summary.mean, summary.sd, rank=None if cfg.covariance_rank == "full" else cfg.covariance_rank,
-                coords=self._feature_coordinates(), seed=seed)
+                coords=self._feature_coordinates(), seed=seed, groups=groups, **options)
             self.module.outcome_covariance.set(factor, diag, self.spatial_covariance.alpha,
                                                self.spatial_covariance.beta)
 
@@ -338,8 +336,12 @@ class InVA:
             raw_intervals=raw_intervals, calibrator=self.calibrator,
             raw_crps=None if summary.crps is None else st.inverse_outcome_scale(summary.crps),
             samples=None if summary.samples is None else st.inverse_outcome_mean(summary.samples),
-            observed=subset.outcome, space=space, spatial_covariance=self.spatial_covariance,
+            observed=subset.outcome, space=space, spatial_covariance=self.spatial_covariance, groups=self.groups(subset),
             patterns=missingness_patterns(input_presence(subset, self.info["inputs"]), self.info["inputs"]))
+
+    def groups(self, subset) -> list[str] | None:
+        """Each subject's calibration group, its site (a site calibrated on none gets the pooled calibration)."""
+        return None if self.sites is None or subset.sites is None else list(subset.sites.fillna("").astype(str))
 
     def unseen_sites(self, subset) -> list[str]:
         """The sites of ``subset`` that training never saw (predicted with the pooled site)."""

@@ -1,6 +1,7 @@
 """Covariates and sites: their encoding, their place in the Pyro program, and what a fit gains from them."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -211,3 +212,81 @@ def test_novelty_is_near_zero_for_subjects_like_the_fit_and_large_for_shifted_in
     assert np.median(np.abs(usual)) < 1.5 and (usual > NOVEL).mean() <= 0.2
     assert (shifted > NOVEL).all() and np.median(shifted) > 3 * NOVEL
     np.testing.assert_array_equal(model.novelty(test), usual)  # seeded: the same scores again
+
+
+def _new_site(cohort, label="S3", offset=3.0):
+    """The test subjects of site S1 (outcome offset -1.5) moved to a new site whose outcome is shifted by
+    ``offset``: its offset, +1.5, is 1.5 from the pooled site's (0)."""
+    test = cohort.test.subset(np.flatnonzero(cohort.test.sites.to_numpy() == "S1"))
+    return dataclasses.replace(test, outcome=test.outcome + offset, truth_mean=None,
+                               sites=pd.Series([label] * len(test), index=test.sites.index, name="site"))
+
+
+def test_adapt_fits_a_new_site_from_a_few_subjects_and_calibrates_it_cross_fitted(make_preset, tmp_path):
+    import dataclasses as dc
+    from inva_pyro.adaptation import adapt
+    cohort = _site_cohort(n=320, seed=3)
+    model = InVA(make_preset(training={"epochs": 30, "batch_size": 16})).fit(cohort.train, cohort.val, seed=0,
+                                                                             progress=False, device="cpu")
+    new = _new_site(cohort)
+    few, rest = new.subset(np.arange(15)), new.subset(np.arange(15, len(new)))
+    assert len(rest) >= 20
+    with pytest.warns(NewSiteWarning):
+        pooled = model.predict(rest, seed=0)
+    adapted = adapt(model, few, seed=0, steps=200)
+    assert adapted.sites.levels == ["S1", "S2", "S3"] and model.sites.levels == ["S1", "S2"]  # the original kept
+    assert adapted.info["adapted"] == [{"sites": ["S3"], "n_subjects": 15, "steps": 200, "seed": 0}]
+    assert "S3" in adapted.calibrator.group_info and adapted.calibrator.group_info["S3"]["subjects"] == 15
+    fitted = adapted.predict(rest, seed=0)
+    error = {name: float(((p.mean - rest.outcome) ** 2).mean()) for name, p in (("pooled", pooled), ("adapted", fitted))}
+    # the new site's offset (1.5 from the pooled site's) is the pooled prediction's error (2.25 in squares);
+    # the adapted site takes most of it away
+    assert error["pooled"] > 1.5 and error["adapted"] < 0.3 * error["pooled"], error
+    lo, hi = fitted.intervals[0.9]
+    assert abs(float(((rest.outcome >= lo) & (rest.outcome <= hi)).mean()) - 0.9) < 0.1
+    adapted.save(tmp_path / "run")
+    again = InVA.load(tmp_path / "run")
+    np.testing.assert_array_equal(again.predict(rest, seed=0).mean, fitted.mean)
+    with pytest.raises(InputError, match="site S1 is a training site"):
+        adapt(model, dc.replace(few, sites=pd.Series(["S1"] * 15, index=few.sites.index, name="site")))
+    lacking = dc.replace(few, outcome=np.where(np.arange(15)[:, None] < 3, np.nan, few.outcome))
+    with pytest.raises(InputError, match=r"adapt needs the outcome 'outcome' of every subject \(3 of 15 lack it\)"):
+        adapt(model, lacking)
+    no_sites = InVA(make_preset(training={"epochs": 1})).fit(*(dc.replace(s, sites=None) for s in (cohort.train,
+                                                                                                     cohort.val)),
+                                                              progress=False, device="cpu")
+    with pytest.raises(InputError, match="fitted without --site"):
+        adapt(no_sites, few)
+
+
+def test_cli_adapt_writes_a_run_folder_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from conftest import tiny_toml
+    from inva_pyro import cli
+    cohort = tmp_path / "cohort"
+    assert cli.main(["simulate", "--design", "multisite", "--sites", "2", "--n-subjects", "60", "--seed", "2",
+                     "--out", str(cohort)]) == 0
+    table = pd.read_csv(cohort / "manifest.csv")
+    new = table[table["site"] == "S3"]
+    new.iloc[:6].to_csv(cohort / "new.csv", index=False)
+    new.iloc[:6].drop(columns=["y"]).to_csv(cohort / "no_outcome.csv", index=False)
+    new.iloc[:6].assign(y=[None, None, None] + list(new["y"].iloc[3:6])).to_csv(cohort / "some_outcome.csv", index=False)
+    table[table["site"] == "S1"].iloc[:4].to_csv(cohort / "old.csv", index=False)
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(tiny_toml(training={"epochs": 2, "batch_size": 8}, prediction={"num_samples": 20}))
+    assert cli.main(["fit", "--manifest", str(cohort / "manifest.csv"), "--inputs", "x1,x2,x3", "--outcome", "y",
+                     "--model", str(preset), "--device", "cpu", "--covariates", "age,sex,apoe4", "--site", "site",
+                     "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    adapt = ["adapt", "--run", str(tmp_path / "run"), "--steps", "20"]
+    assert cli.main([*adapt, "--manifest", str(cohort / "new.csv"), "--out", str(tmp_path / "run2")]) == 0
+    assert "adapted" in capsys.readouterr().out and (tmp_path / "run2" / "run.json").exists()
+    capsys.readouterr()
+    assert cli.main(["predict", "--run", str(tmp_path / "run2"), "--manifest", str(cohort / "new.csv"), "--samples",
+                     "20", "--out", str(tmp_path / "pred")]) == 0
+    assert "not seen in training" not in capsys.readouterr().err  # the adapted site is known now
+    for manifest, message in (("no_outcome.csv", "no column 'y' for the outcome"),
+                              ("some_outcome.csv", "adapt needs the outcome 'y' of every subject (3 of 6 lack it)"),
+                              ("old.csv", "site S1 is a training site")):
+        assert cli.main([*adapt, "--manifest", str(cohort / manifest), "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -21,7 +21,8 @@ STAGES = ("data", "model", "train", "predict", "criticism", "peers")
 # lower ones (data <- model <- train <- predict <- criticism; the peers beside criticism, tuning beside the
 # estimator; the run-folder format just above the data it stores; the command line on top).
 RANKS = {"errors": 0, "config": 0, "data": 1, "runs": 2, "model": 3, "train": 4, "predict": 5, "criticism": 6,
-         "peers": 6, "estimator": 7, "registry": 8, "tune": 8, "cli_args": 9, "cli": 9, "__init__": 9}
+         "peers": 6, "estimator": 7, "registry": 8, "tune": 8, "adaptation": 8, "cli_args": 9, "cli": 9,
+         "__init__": 9}
 # The only imports allowed to point forwards, each deferred to the function that needs it: the conveniences
 # of a Prediction (.metrics(), .pit(), .to_inference_data()) call criticism.
 FORWARD_ALLOWED = {("inva_pyro.predict.prediction", "inva_pyro.criticism.metrics"),

@@ -10,7 +10,7 @@ from inva_pyro import config
 from inva_pyro.errors import InputError
 
 HEAVY = ("torch", "pyro", "arviz", "optuna", "bids", "nibabel", "nilearn", "monai", "pandas", "sklearn")
-COMMANDS = ("simulate", "fit", "predict", "evaluate", "latents", "manifest", "tune", "demo")
+COMMANDS = ("simulate", "fit", "predict", "evaluate", "adapt", "latents", "manifest", "tune", "demo")
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -259,9 +259,10 @@ def psis_khat(module, xs: list[torch.Tensor], *, num_particles: int = 1000, max_
         data = {"output_weight": w.detach(), "output_bias": b.detach()}
     hidden = ["output_weight", "output_bias", "outcome"]
     model_fn = module.model
-    if "extra_terms" in inspect.signature(module.model).parameters:
-        # DSSIM / MMD penalties are training objectives (pyro.factor), not part of p(x, h, z)
-        model_fn = functools.partial(module.model, extra_terms=False)
+    if "outcome" in inspect.signature(module.model).parameters:
+        # DSSIM / MMD penalties are training objectives (pyro.factor), not part of p(x, h, z); the outcome and
+        # the output layer are hidden anyway, so the program leaves them out
+        model_fn = functools.partial(module.model, extra_terms=False, outcome=False)
     model = _UnitScale()(poutine.block(poutine.condition(model_fn, data=data), hide=hidden))
     guide = _UnitScale()(poutine.block(poutine.condition(module.guide, data=data), hide=hidden))
     khats = []

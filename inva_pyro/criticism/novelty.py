@@ -44,7 +44,7 @@ def input_elbo(module, xs: list[torch.Tensor], conditions=None, *, particles: in
             for _ in range(particles):
                 guide = poutine.trace(poutine.block(module.guide, hide=list(HIDDEN))).get_trace(batch, None, **kwargs)
                 model = poutine.trace(poutine.block(poutine.replay(module.model, trace=guide), hide=list(HIDDEN)))
-                model = model.get_trace(batch, None, extra_terms=False, **kwargs)
+                model = model.get_trace(batch, None, extra_terms=False, outcome=False, **kwargs)
                 total += _per_subject(model, b) - _per_subject(guide, b)
             out.append((total / particles).cpu().numpy())
     module.train(was_training)

@@ -81,6 +81,19 @@ class ConditionNetwork(nn.Module):
         self.site_offset = nn.Parameter(torch.zeros(self.n_sites))
         self.site_log_gain = nn.Parameter(torch.zeros(self.n_sites))
 
+    @torch.no_grad()
+    def add_sites(self, count: int) -> None:
+        """``count`` more sites, each starting as the pooled site (the training sites' average)."""
+        for name in ("site_embedding", "site_offset", "site_log_gain"):
+            table = getattr(self, name)
+            rows = table.mean(0, keepdim=True).expand(count, *table.shape[1:])
+            setattr(self, name, nn.Parameter(torch.cat([table, rows], dim=0)))
+        self.n_sites += count
+
+    def site_parameters(self) -> list[nn.Parameter]:
+        """What adapting the module to a new site fits: the site tables (the rows of the new sites)."""
+        return [self.site_embedding, self.site_offset, self.site_log_gain]
+
     def _slices(self):
         start = 0
         for name, kind, width in self.spec:

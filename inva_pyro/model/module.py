@@ -286,21 +286,24 @@ class InVAModule(nn.Module):
     # presence, the experts and the condition vectors) may be passed in so that model and guide share one
     # encoder pass: the predictor conditions on the same summaries of x that parameterise q(h | x).
     def model(self, xs, y=None, *, subjects, n_subjects, conditions=None, encoded=None, kl_scale=1.0,
-              prediction_scale=1.0, extra_terms=True, reconstruct=None):
+              prediction_scale=1.0, extra_terms=True, reconstruct=None, outcome=True):
         """p(W, b) p(covariates) p(latents | covariates) p(x | latents, covariates, site)
         p(y | x, latents, covariates, site; W, b) for the minibatch ``subjects`` of ``n_subjects``.
         ``extra_terms``: the DSSIM and MMD training penalties. ``reconstruct`` (structure ``joint``): the
         inputs whose reconstruction terms count, when they differ from ``xs``, the inputs the guide and the
-        predictor see (inputs hidden for training, still observed)."""
+        predictor see (inputs hidden for training, still observed). ``outcome=False`` leaves out the output layer
+        and the outcome: the inputs' part of the program (novelty scores, the guide's Pareto k)."""
         encoded = encoded if encoded is not None else self.encode_inputs(xs, conditions)
-        weight, bias = self._output_layer()
-        parts = self.outcome_parts(encoded.values, encoded)
+        if outcome:
+            weight, bias = self._output_layer()
+            parts = self.outcome_parts(encoded.values, encoded)
         with pyro.plate("subjects", n_subjects, subsample=subjects):
             if encoded.covariate_vector is not None:
                 self.conditioning.covariate_likelihood(encoded.conditions.covariates)
             latents_and_inputs = self._subject_latent if self.joint else self._modality_latents
             top_latents = latents_and_inputs(encoded, kl_scale, extra_terms, reconstruct)
-            self._outcome(parts.mean(weight, bias), parts.sd, y, encoded.present, prediction_scale)
+            if outcome:
+                self._outcome(parts.mean(weight, bias), parts.sd, y, encoded.present, prediction_scale)
         if extra_terms and self.cfg.mmd_weight > 0 and encoded.values[0].shape[0] >= 2:
             # A divergence between distributions, not a sum over subjects: outside the plate, weighted per subject.
             for name, z in zip(["subject"] if self.joint else self.vae_names, top_latents):
