@@ -81,6 +81,19 @@ class ConditionNetwork(nn.Module):
         self.site_offset = nn.Parameter(torch.zeros(self.n_sites))
         self.site_log_gain = nn.Parameter(torch.zeros(self.n_sites))
 
+    def complete(self, conditions: Conditions | None, like: torch.Tensor) -> Conditions:
+        """``conditions`` with what is not given filled in for ``like``'s rows: covariates not acquired, the pooled
+        site (on ``like``'s device)."""
+        conditions = conditions or Conditions()
+        batch, width = like.shape[0], sum(w for _, _, w in self.spec)
+        covariates = conditions.covariates
+        if covariates is None and width:
+            covariates = like.new_full((batch, width), float("nan"))
+        site = conditions.site
+        if site is None and self.n_sites:
+            site = torch.full((batch,), -1, dtype=torch.long, device=like.device)
+        return Conditions(covariates, site)
+
     @torch.no_grad()
     def add_sites(self, count: int) -> None:
         """``count`` more sites, each starting as the pooled site (the training sites' average)."""

@@ -155,23 +155,11 @@ class InVAModule(nn.Module):
         experts = [encoder(x) for encoder, x in zip(self.shallow_encoders, self.vae_inputs(values))]
         if self.conditioning is None:
             return EncodedInputs(values, present, experts)
-        conditions = self._complete(conditions, values[0])
+        conditions = self.conditioning.complete(conditions, values[0])
         return EncodedInputs(values, present, experts, conditions,
                              self.conditioning.covariate_vector(conditions.covariates),
                              self.conditioning.site_vector(conditions.site),
                              self.conditioning.site_affine(conditions.site))
-
-    def _complete(self, conditions: Conditions | None, like: torch.Tensor) -> Conditions:
-        """``conditions`` with what is not given filled in: covariates not acquired, the pooled site."""
-        conditions = conditions or Conditions()
-        batch, width = like.shape[0], sum(w for _, _, w in self.conditioning.spec)
-        covariates = conditions.covariates
-        if covariates is None and width:
-            covariates = like.new_full((batch, width), float("nan"))
-        site = conditions.site
-        if site is None and self.conditioning.n_sites:
-            site = torch.full((batch,), -1, dtype=torch.long, device=like.device)
-        return Conditions(covariates, site)
 
     def encode(self, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loc, scale) of q(h_k | x_k) for every modality: the amortised shallow posteriors (the
@@ -194,7 +182,7 @@ class InVAModule(nn.Module):
         if self.conditioning is None:
             return None
         if encoded is None:  # no subjects' conditions: covariates not acquired, the pooled site
-            conditions = self._complete(None, latent.reshape(-1, latent.shape[-1])[:1])
+            conditions = self.conditioning.complete(None, latent.reshape(-1, latent.shape[-1])[:1])
             encoded = EncodedInputs([], latent.new_zeros(0), [], conditions,
                                     self.conditioning.covariate_vector(conditions.covariates),
                                     self.conditioning.site_vector(conditions.site))
