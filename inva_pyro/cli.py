@@ -182,11 +182,18 @@ def _region_labels(args, model):
 
 
 def _predict(args) -> None:
+    import numpy as np
+    from .criticism.novelty import NOVEL
     model, subset = _load_for_manifest(args, require_outcome=False)
     regions = _region_labels(args, model)
     pred = _predict_noted(model, subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
     tables = {"regions.csv": pred.regions(regions[0], names=regions[1])} if regions is not None else None
-    pred.to_files(args.out, calibrated=not args.raw, tables=tables)
+    novelty = model.novelty(subset) if hasattr(model, "novelty") else None
+    pred.to_files(args.out, calibrated=not args.raw, tables=tables,
+                  subject_columns=None if novelty is None else {"novelty": np.round(novelty, 3)})
+    if novelty is not None and np.mean(novelty > NOVEL) > 0.5:
+        print(f"inva: warning: {int(np.sum(novelty > NOVEL))} of {len(novelty)} subjects have inputs unlike the "
+              f"fit's (novelty > {NOVEL:g}, predictions.csv): their predictions extrapolate", file=sys.stderr)
     print(f"wrote posterior predictive maps for {len(pred)} subjects to {args.out} (predictions.csv lists them"
           + (", regions.csv the region means)" if tables else ")"))
 

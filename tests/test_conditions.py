@@ -181,6 +181,9 @@ def test_cli_fits_with_covariates_and_site_and_says_what_predict_needs(tmp_path,
                      "--out", str(tmp_path / "pred")]) == 0
     err = capsys.readouterr().err  # the held-out site's test subjects: pooled, said once
     assert err.count("inva: note: site(s) S3 not seen in training: predicted with the pooled site") == 1
+    listed = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert list(listed.columns) == ["subject", "map", "path", "novelty"] and listed["novelty"].notna().all()
+    assert listed.groupby("subject")["novelty"].nunique().eq(1).all()  # one score per subject
     table = pd.read_csv(manifest).drop(columns=["age"])
     table.to_csv(cohort / "no_age.csv", index=False)
     assert cli.main(["predict", "--run", str(tmp_path / "run"), "--manifest", str(cohort / "no_age.csv"),
@@ -290,3 +293,25 @@ def test_cli_adapt_writes_a_run_folder_and_refuses_bad_input_in_one_line(tmp_pat
         assert cli.main([*adapt, "--manifest", str(cohort / manifest), "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_predict_says_in_one_line_when_most_subjects_are_novel(tmp_path, capsys, monkeypatch):
+    from conftest import simulated_manifest, tiny_toml
+    from inva_pyro import cli
+    manifest, _ = simulated_manifest(tmp_path / "cohort", n_subjects=30)
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(tiny_toml(training={"epochs": 1, "batch_size": 8}, prediction={"num_samples": 20}))
+    assert cli.main(["fit", "--manifest", str(manifest), "--inputs", "x1,x2,x3", "--outcome", "y", "--model",
+                     str(preset), "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    predict = ["predict", "--run", str(tmp_path / "run"), "--manifest", str(manifest), "--samples", "20"]
+    for scores, warned in ((lambda n: np.zeros(n), False), (lambda n: np.r_[np.full(n - 1, 9.0), 0.0], True)):
+        monkeypatch.setattr(InVA, "novelty", lambda self, subset, f=scores: f(len(subset)))
+        capsys.readouterr()
+        out = tmp_path / f"pred-{warned}"
+        assert cli.main([*predict, "--out", str(out)]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "unlike the fit" in line]
+        assert len(lines) == (1 if warned else 0)
+        if warned:
+            n = len(pd.read_csv(out / "predictions.csv")["subject"].unique())
+            assert lines[0] == (f"inva: warning: {n - 1} of {n} subjects have inputs unlike the fit's (novelty > 3, "
+                                "predictions.csv): their predictions extrapolate")

@@ -124,9 +124,11 @@ class Prediction:
             out[f"lo{level_tag(lv)}"], out[f"hi{level_tag(lv)}"] = lo, hi
         return out
 
-    def to_files(self, out_dir: str | Path, calibrated: bool = True, tables: dict | None = None) -> Path:
+    def to_files(self, out_dir: str | Path, calibrated: bool = True, tables: dict | None = None,
+                 subject_columns: dict | None = None) -> Path:
         """Write every map in the outcome's space, and ``predictions.csv`` listing them (atomically);
-        ``tables``: file name -> DataFrame written beside them (e.g. ``regions.csv``)."""
+        ``tables``: file name -> DataFrame written beside them (e.g. ``regions.csv``); ``subject_columns``:
+        name -> one value per subject, columns of ``predictions.csv`` (e.g. ``novelty``)."""
         from ..data.io import atomic_dir
 
         if self.space is None:
@@ -138,7 +140,8 @@ class Prediction:
                     name = f"{subject}_{self.outcome_name}_{kind}{self.space.extension}"
                     # a space may write several files (a pair of hemispheres): list each one
                     for path in self.space.write(values[i], tmp / name) or [tmp / name]:
-                        rows.append({"subject": subject, "map": kind, "path": Path(path).name})
+                        rows.append({"subject": subject, "map": kind, "path": Path(path).name,
+                                     **{column: values_[i] for column, values_ in (subject_columns or {}).items()}})
             pd.DataFrame(rows).to_csv(tmp / "predictions.csv", index=False)
             for name, table in (tables or {}).items():
                 table.to_csv(tmp / name, index=False, float_format="%.6g")
