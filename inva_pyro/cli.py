@@ -250,11 +250,11 @@ def print_summary(metrics: dict, ridge_mse: float | None = None) -> None:
 
 def _demo(args) -> None:
     from . import Cohort, InVA
-    from .criticism.baselines import ridge_predict
     from .criticism.evaluation import CURVE_LEVELS, evaluate_prediction
-    from .data.io import atomic_dir
     from .criticism.metrics import mse
+    from .data.io import atomic_dir
     from .data.simulate import write_cohort
+    from .peers import RidgeRegression
     start = time.perf_counter()
     with atomic_dir(args.out) as out:
         write_cohort(out / "cohort", "paper", args.n_subjects, args.seed)
@@ -271,9 +271,10 @@ def _demo(args) -> None:
         pred.to_files(out / "predictions")
         metrics = evaluate_prediction(pred, test, out, history=model.history, levels=levels, model=model,
                                       seed=args.seed, psis_subjects=8)
-        ridge = mse(test.outcome, ridge_predict(cohort.train, test, cohort.input_names))
+        ridge = RidgeRegression().fit(cohort.train, cohort.val, seed=args.seed, progress=False)
+        ridge_mse = mse(test.outcome, ridge.predict(test, seed=args.seed).mean)
     print(f"\ninva demo: {time.perf_counter() - start:.0f} s in all; outputs in {args.out}")
-    print_summary(metrics, ridge_mse=ridge)
+    print_summary(metrics, ridge_mse=ridge_mse)
 
 
 def _latents(args) -> None:
