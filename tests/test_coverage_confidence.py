@@ -163,3 +163,21 @@ def test_settings_and_round_trip():
     with pytest.raises(ValueError, match="between 0.5 and 0.99"):
         calibrator.with_confidence(1.5)
     assert np.all(np.diff(CANDIDATE_LEVELS) < 0)                    # candidates widest first
+
+
+def test_the_study_script_runs_quick(tmp_path):
+    """analysis/coverage_confidence.py --quick: one tiny fit, 3 draws per size, the JSON and the table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "coverage_confidence.py"
+    spec = importlib.util.spec_from_file_location("analysis_coverage_confidence", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "coverage_confidence.json").read_text())
+    assert result["exact_region_coverage"] and set(result["summary"]) == {"12", "20"}
+    for family in ("voxels", "r8", "all"):
+        for cell in result["summary"]["20"][family].values():
+            assert 0 <= cell["without"]["coverage_mean"] <= 1 and cell["width_ratio"] >= 1.0
+    assert "whole mask" in (tmp_path / "coverage_confidence.md").read_text()
