@@ -49,7 +49,7 @@ def calibrate(module, val_xs: list[torch.Tensor], val_y: torch.Tensor, names: li
     rows = torch.as_tensor(np.flatnonzero(complete), device=val_y.device)
     xs, y = [x[rows] for x in val_xs], val_y[rows].cpu().numpy()
     conditions = None if conditions is None else conditions.rows(rows)
-    groups = None if groups is None else [groups[i] for i in np.flatnonzero(complete)]
+    groups = None if groups is None else list(np.asarray(list(groups), dtype=object)[complete])
 
     def z(inputs):
         summary = posterior_predictive(module, inputs, num_samples=num_samples, probs=[], generator=generator,
