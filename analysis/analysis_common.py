@@ -134,6 +134,40 @@ def simulate_split(seed: int, cfg: dict):
     return cohort, {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
 
 
+
+def pool_study_arguments(parser, n_cal: str) -> None:
+    """The options of the studies that fit once and score a pool of fresh subjects: output folder, design,
+    noise, seed, pool size and the calibration set sizes (``n_cal``: their default)."""
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--design", choices=["paper", "volume"], default="paper")
+    parser.add_argument("--voxel-mm", type=int, default=6)
+    parser.add_argument("--noise", choices=["independent", "smooth"], default="independent")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", type=int, default=2000, help="fresh subjects predicted and scored (default 2000)")
+    parser.add_argument("--n-cal", default=n_cal, help=f"calibration set sizes (default {n_cal})")
+
+
+def prepare_run(args) -> None:
+    """What a study does before its first fit: torch's thread count (``--threads``, when given) and the
+    output folder."""
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def train_val_pool(seed: int, cfg: dict):
+    """The cohort of ``simulate_split`` as (cohort, train, val, pool): the first ``cfg["sizes"][0]`` training
+    subjects, the ``cfg["n_val"]`` validation subjects, and the rest a pool of fresh subjects (the volume
+    design's written 60/20/20 split drawn again as train / val / pool)."""
+    cohort, idx = simulate_split(seed, cfg)
+    n_train, n_val = cfg["sizes"][0], cfg["n_val"]
+    if cfg.get("design") == "volume":
+        order = np.random.default_rng(seed + 1).permutation(len(cohort.all))
+        idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    data = cohort.all
+    return cohort, data.subset(idx["train"][:n_train]), data.subset(idx["val"]), data.subset(idx["test"])
+
 def study_regions(space) -> dict[str, np.ndarray]:
     """Label vectors (C order) of the regions scored: 8 blocks (4 x 2; volume design: 8 Voronoi cells of
     seeded mask voxels) and 50 Voronoi cells of seeded points (none is one of the random partitions the

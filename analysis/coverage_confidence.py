@@ -44,13 +44,7 @@ TOLERANCE = 0.01
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--design", choices=["paper", "volume"], default="paper")
-    p.add_argument("--voxel-mm", type=int, default=6)
-    p.add_argument("--noise", choices=["independent", "smooth"], default="independent")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=2000, help="fresh subjects predicted (default 2000)")
-    p.add_argument("--n-cal", default="60,100", help="calibration set sizes")
+    common.pool_study_arguments(p, n_cal="60,100")
     p.add_argument("--draws", type=int, default=20, help="calibration sets per size")
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0)
@@ -73,13 +67,7 @@ def fit_and_predict(args, cfg: dict) -> dict:
     from inva_pyro import InVA
     from inva_pyro.predict.spatial import label_weights
 
-    cohort, idx = common.simulate_split(args.seed, cfg)
-    n_train, n_val = cfg["sizes"][0], cfg["n_val"]
-    if args.design == "volume":  # the written cohort's split is 60/20/20; take 300 / 100 / pool instead
-        order = np.random.default_rng(args.seed + 1).permutation(len(cohort.all))
-        idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    data = cohort.all
-    train, val, pool = data.subset(idx["train"][:n_train]), data.subset(idx["val"]), data.subset(idx["test"])
+    cohort, train, val, pool = common.train_val_pool(args.seed, cfg)
     preset = common.preset_with("inva", {"training.epochs": cfg["epochs"]} if cfg["epochs"] else {}, quick=args.quick)
     start = time.perf_counter()
     model = InVA(preset).fit(train, val, seed=args.seed, progress=False)
@@ -207,11 +195,8 @@ def summarise(draws: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    common.prepare_run(args)
     cfg = study_settings(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     f = fit_and_predict(args, cfg)
     draws = run_draws(args, cfg, f)

@@ -51,13 +51,7 @@ LEVELS = common.LEVELS
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--design", choices=["paper", "volume"], default="paper")
-    p.add_argument("--voxel-mm", type=int, default=6)
-    p.add_argument("--noise", choices=["independent", "smooth"], default="independent")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=2000, help="fresh subjects scored (default 2000)")
-    p.add_argument("--n-cal", default="100,400", help="calibration set sizes of the replicates")
+    common.pool_study_arguments(p, n_cal="100,400")
     p.add_argument("--replicates", type=int, default=40)
     p.add_argument("--epochs", type=int)
     p.add_argument("--ranks", default="", help="covariance ranks to compare with the default factor, e.g. 4,16,64")
@@ -117,13 +111,7 @@ def fit_and_predict(args, cfg: dict) -> dict:
     from inva_pyro.predict.spatial import label_weights
     from scipy import sparse
 
-    cohort, idx = common.simulate_split(args.seed, cfg)
-    n_train, n_val = cfg["sizes"][0], cfg["n_val"]
-    if args.design == "volume":  # the written cohort's split is 60/20/20; take 300 / 100 / pool instead
-        order = np.random.default_rng(args.seed + 1).permutation(len(cohort.all))
-        idx = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    data = cohort.all
-    train, val, pool = data.subset(idx["train"][:n_train]), data.subset(idx["val"]), data.subset(idx["test"])
+    cohort, train, val, pool = common.train_val_pool(args.seed, cfg)
     space = cohort.spaces[cohort.outcome_name]
     changes = {"training.calibration_share": args.calibration_share}
     if cfg["epochs"]:
@@ -204,11 +192,8 @@ def alternative_factors(args, f: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    common.prepare_run(args)
     cfg = study_settings(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     f = fit_and_predict(args, cfg)
     model, pred, observed, families = f["model"], f["pred"], f["observed"], f["families"]
     voxel = {lv: float(np.mean((observed >= pred.intervals[lv][0]) & (observed <= pred.intervals[lv][1])))
