@@ -8,11 +8,15 @@ training sites' train and val subjects with the default preset:
 - ``none``: no covariates, no site (the images only);
 - ``covariates``: ``--covariates age,sex,apoe4``;
 - ``covariates+site``: and ``--site site`` (per-site embedding, outcome offset and gain, per-site calibration);
-- ``combat``: the inputs harmonised by ComBat (neuroCombat; covariates protected), then ``--covariates``.
+- ``combat``: the inputs harmonised by ComBat (neuroCombat; covariates protected), then ``--covariates``;
+- ``combat+site``: the ComBat-harmonised inputs, ``--covariates`` and ``--site``.
+
+ComBat harmonises the new site's inputs with estimates refitted on the training subjects and the new site's
+own images (its inputs only: no outcome is used).
 
 Each arm is scored on the training sites' test subjects, per site and pooled (MSE, the oracle's MSE, excess
 error (MSE - oracle) / oracle, coverage and width of the calibrated 50/80/90/95% intervals), and on the
-held-out site. For the held-out site, ``covariates+site`` predicts it with the pooled site (0 labeled
+held-out site. For the held-out site, the arms with sites predict it with the pooled site (0 labeled
 subjects) and adapted (``inva adapt``) with 10 and 30 of its subjects, scored on the rest of them (the
 same subjects for every count). Novelty: the AUC of the novelty score separating held-out-site subjects
 from the training sites' test subjects, and the coverage of the subjects flagged novel.
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared
 import analysis_common as common  # noqa: E402
 
 COVARIATES = ["age", "sex", "apoe4"]
-ARMS = ("none", "covariates", "covariates+site", "combat")
+ARMS = ("none", "covariates", "covariates+site", "combat", "combat+site")
 ADAPT_COUNTS = (0, 10, 30)
 
 
@@ -102,12 +106,13 @@ def arm_subsets(arm: str, cohort, held_out: str) -> dict:
         return {k: without(s, "conditions", "sites") for k, s in subsets.items()}
     if arm == "covariates":
         return {k: without(s, "sites") for k, s in subsets.items()}
-    if arm == "combat":  # harmonised on the training subjects; the new site's inputs need their own estimates
+    if arm.startswith("combat"):  # harmonised on the training subjects; the new site's inputs by their own images
         from inva_pyro.data.harmonize import ComBat
+        drop = ("sites",) if arm == "combat" else ()
         combat = ComBat.fit(subsets["train"], covariates=COVARIATES)
-        known = {k: without(combat.transform(s), "sites") for k, s in subsets.items() if k != "new"}
+        known = {k: without(combat.transform(s), *drop) for k, s in subsets.items() if k != "new"}
         everyone = ComBat.fit(_joined(subsets["train"], subsets["new"]), covariates=COVARIATES)
-        return {**known, "new": without(everyone.transform(subsets["new"]), "sites")}
+        return {**known, "new": without(everyone.transform(subsets["new"]), *drop)}
     return subsets
 
 
@@ -169,7 +174,7 @@ def one_seed(seed: int, args) -> dict:
         model, fit_s = fit(subsets, seed, args)
         row = {"fit_seconds": round(fit_s, 1), "epochs": len(model.history["epoch"]),
                "test": by_site(model.predict(subsets["test"], seed=seed), subsets["test"], test_sites)}
-        if arm == "covariates+site":
+        if arm in ("covariates+site", "combat+site"):
             row["new_site"] = new_site_rows(model, subsets, seed)
             row["novelty"] = novelty_rows(model, subsets, seed)
         else:  # the same new-site subjects the adapted fits are scored on
