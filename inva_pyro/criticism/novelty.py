@@ -4,12 +4,16 @@ The score is the model's own evidence lower bound of the subject's inputs, E_q[l
 log q(latents | x)] with the outcome and the output layer left out, compared with the same bound on the
 validation subjects of the fit (held out, so they stand for new subjects like the training ones):
 
-    novelty_i = (median_val ELBO - ELBO_i) / (1.4826 MAD_val ELBO)
+    novelty_i = |ELBO_i - median_val ELBO| / (1.4826 MAD_val ELBO)
 
 a robust z score, in units of the validation subjects' spread: near 0 for a subject like them, large
 when the inputs are unlike anything the model learnt (a new scanner, a different preprocessing, another
-tracer's template). A subject with novelty above ``NOVEL`` counts as novel. The bound of a subject whose
-site training never saw uses the pooled site, as its prediction does.
+tracer's template). Both sides count: a scanner that compresses intensity ranges or smooths the images
+makes them easier to explain, so their ELBO lies above the validation subjects', and in high dimensions
+an unusually high likelihood is as atypical as a low one (the typicality test of Nalisnick et al. 2019,
+"Detecting out-of-distribution inputs to deep generative models using typicality"). A subject with
+novelty above ``NOVEL`` counts as novel. The bound of a subject whose site training never saw uses the
+pooled site, as its prediction does.
 """
 from __future__ import annotations
 
@@ -74,5 +78,5 @@ def reference(elbos: np.ndarray) -> dict:
 
 
 def novelty(elbos: np.ndarray, ref: dict) -> np.ndarray:
-    """(n,) robust z of how much lower each ELBO is than the reference subjects' (see the module docstring)."""
-    return (ref["median"] - np.asarray(elbos, dtype=np.float64)) / ref["scale"]
+    """(n,) how far each ELBO lies from the reference subjects', either side, in robust sds (module docstring)."""
+    return np.abs(np.asarray(elbos, dtype=np.float64) - ref["median"]) / ref["scale"]
