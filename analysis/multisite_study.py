@@ -7,7 +7,9 @@ training sites' train and val subjects with the default preset:
 
 - ``none``: no covariates, no site (the images only);
 - ``covariates``: ``--covariates age,sex,apoe4``;
-- ``covariates+site``: and ``--site site`` (per-site embedding, outcome offset and gain, per-site calibration);
+- ``covariates+site``: and ``--site site`` (per-site embedding, outcome offset and gain, per-site calibration,
+  and each site's input intensities brought to one scale, ``[training] site_intensity``, the default);
+- ``covariates+site-raw``: the same with the inputs as measured (``site_intensity = false``);
 - ``combat``: the inputs harmonised by ComBat (neuroCombat; covariates protected), then ``--covariates``;
 - ``combat+site``: the ComBat-harmonised inputs, ``--covariates`` and ``--site``.
 
@@ -38,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared
 import analysis_common as common  # noqa: E402
 
 COVARIATES = ["age", "sex", "apoe4"]
-ARMS = ("none", "covariates", "covariates+site", "combat", "combat+site")
+ARMS = ("none", "covariates", "covariates+site", "covariates+site-raw", "combat", "combat+site")
+SITE_ARMS = ("covariates+site", "covariates+site-raw", "combat+site")   # adapted to the new site
 ADAPT_COUNTS = (0, 10, 30)
 
 
@@ -106,6 +109,8 @@ def arm_subsets(arm: str, cohort, held_out: str) -> dict:
         return {k: without(s, "conditions", "sites") for k, s in subsets.items()}
     if arm == "covariates":
         return {k: without(s, "sites") for k, s in subsets.items()}
+    if arm == "covariates+site-raw":
+        return subsets
     if arm.startswith("combat"):  # harmonised on the training subjects; the new site's inputs by their own images
         from inva_pyro.data.harmonize import ComBat
         drop = ("sites",) if arm == "combat" else ()
@@ -125,9 +130,11 @@ def _joined(a, b):
         conditions=pd.concat([a.conditions, b.conditions]), sites=pd.concat([a.sites, b.sites]))
 
 
-def fit(subsets: dict, seed: int, args):
+def fit(subsets: dict, seed: int, args, arm: str = ""):
     from inva_pyro import InVA
     changes = [{"training.epochs": args.epochs}] if args.epochs else []
+    if arm.endswith("-raw"):
+        changes.append({"training.site_intensity": False})
     model = InVA(common.preset_with("inva", *changes, quick=args.quick))
     start = time.perf_counter()
     model.fit(subsets["train"], subsets["val"], seed=seed, device="cpu", progress=False)
@@ -171,10 +178,10 @@ def one_seed(seed: int, args) -> dict:
     test_sites = test_sites[test_sites != held_out]
     for arm in args.arms:
         subsets = arm_subsets(arm, cohort, held_out)
-        model, fit_s = fit(subsets, seed, args)
+        model, fit_s = fit(subsets, seed, args, arm)
         row = {"fit_seconds": round(fit_s, 1), "epochs": len(model.history["epoch"]),
                "test": by_site(model.predict(subsets["test"], seed=seed), subsets["test"], test_sites)}
-        if arm in ("covariates+site", "combat+site"):
+        if arm in SITE_ARMS:
             row["new_site"] = new_site_rows(model, subsets, seed)
             row["novelty"] = novelty_rows(model, subsets, seed)
         else:  # the same new-site subjects the adapted fits are scored on
@@ -226,9 +233,9 @@ def summary(results: list[dict], args) -> list[str]:
             rel = [row["excess"] / r["arms"][arm]["test"]["pooled"]["excess"] for row, r in zip(rows, results)]
             cov = " / ".join(f"{np.mean([row[f'coverage_{lv:g}'] for row in rows]):.3f}" for lv in common.LEVELS)
             lines.append(f"| {arm}, {count} | {_mean_sd([row['excess'] for row in rows])} | {_mean_sd(rel)} | {cov} |")
-    if "covariates+site" in arms:
-        nov = [r["arms"]["covariates+site"]["novelty"] for r in results]
-        lines += ["", "Novelty score (covariates+site fit): AUC new site against training sites' test subjects "
+    for arm in (a for a in SITE_ARMS if a in arms):
+        nov = [r["arms"][arm]["novelty"] for r in results]
+        lines += ["", f"Novelty score ({arm} fit): AUC new site against training sites' test subjects "
                   f"{_mean_sd([n['auc'] for n in nov])}; flagged novel (z > 3): new site "
                   f"{_mean_sd([n['flagged_new'] for n in nov])}, training sites {_mean_sd([n['flagged_known'] for n in nov])}; "
                   f"90% coverage of the flagged subjects (pooled site) {_mean_sd([n['coverage_0.9_flagged'] for n in nov])}."]

@@ -10,6 +10,11 @@ worse than the pooled site's on simulated multi-site cohorts. The new site is th
 calibrated on the same subjects, cross-fitted: they are split into two seeded folds, the site is fitted on
 each fold and the other fold's standardised residuals calibrate it, so no subject calibrates its own fit.
 The run keeps the site fitted on all of them. The result is a normal run folder.
+
+Where the run brings each site's inputs to one scale (``[training] site_intensity``, the default), the new
+site's gain and offset field are fitted first, from its subjects' images against the training sites'
+reference (data/site_intensity.py). The encoders then read the new scanner's images on the scale they were
+trained on, which the embedding alone cannot give them.
 """
 from __future__ import annotations
 
@@ -58,6 +63,9 @@ def adapt(model: InVA, subset, *, seed: int = 0, steps: int = STEPS, where: str 
     calibrated (see the module docstring)."""
     labels = new_sites(model, subset, where)
     adapted = copy.deepcopy(model)
+    harmoniser = adapted.standardizer.site_intensity
+    if harmoniser is not None:  # the new scanner's intensities, from its subjects' images (no outcome)
+        adapted.standardizer.site_intensity = harmoniser.with_new_sites(subset)
     old = len(adapted.sites.levels)
     adapted.sites = adapted.sites.with_sites(labels)
     adapted.module.conditioning.add_sites(len(labels))

@@ -361,7 +361,10 @@ def _adapt(args) -> None:
     with atomic_dir(args.out) as tmp:
         adapted.save(tmp)
     sites = adapted.info["adapted"][-1]["sites"]
-    print(f"adapted {args.run} to site(s) {', '.join(sites)} from {len(cohort.all)} subjects; run folder: {args.out}")
+    harmoniser = adapted.standardizer.site_intensity
+    scaled = [s for s in sites if harmoniser is not None and s in harmoniser.sites]
+    how = f" (input intensities of {', '.join(scaled)} fitted from their images)" if scaled else ""
+    print(f"adapted {args.run} to site(s) {', '.join(sites)} from {len(cohort.all)} subjects{how}; run folder: {args.out}")
 
 
 COMMANDS = {"simulate": _simulate, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "demo": _demo,

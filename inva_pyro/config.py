@@ -192,6 +192,10 @@ class TrainingConfig(_Strict):
         False, description="inputs hidden by input_dropout stay in the reconstruction terms: the encoders of "
         "the others must then infer what those say about them (and nothing more); false: a hidden input is "
         "treated as never acquired")
+    site_intensity: bool = Field(
+        True, description="a fit with sites (--site) first brings each site's inputs to one scale: a gain and a "
+        "smooth (cubic) offset field per site and input, from the training subjects' images; inva adapt fits a "
+        "new site's from its subjects' images (docs/multicentre.md). false: inputs as measured")
     pattern_submodels: bool = Field(
         False, description="structure 'joint' only: after training, fit the same preset once without each input "
         "k (the pattern submodel, Fletcher Mercaldo & Blume 2020); a subject lacking only k is then predicted by "

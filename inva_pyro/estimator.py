@@ -22,6 +22,7 @@ from .data.covariates import CovariateEncoder, SiteLevels
 from .data.missing import (check_labeled_val, drop_input, input_presence, labeled, missingness_patterns,
                            outcome_presence, require_inputs)
 from .data.preprocessing import Standardizer
+from .data.site_intensity import outcome_site_start
 from .data.spaces import space_from_dict
 from .data.splits import calibration_split, holdout
 from .data.streaming import DiskBatches, DiskSubset
@@ -76,7 +77,6 @@ class InVA:
         """Whether a subject must have every input to be predicted (all structures but ``joint``)."""
         return self.preset.model.structure != "joint"
 
-    # ---- fitting -----------------------------------------------------------------------------------
     def fit(self, train_set: Subset, val: Subset | None = None, *, seed: int = 0, device: str = "auto",
             devices: int = 1, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
             on_epoch_end=None, extra_info: dict | None = None, standardizer: Standardizer | None = None) -> "InVA":
@@ -107,7 +107,11 @@ class InVA:
         else:
             self._start(train_set, val, calibration, seed, standardizer, extra_info)
         self._build()
-        self._warn_if_unsmoothed()
+        if self.sites is not None and not resume:  # each site's outcome calibration starts at its moments
+            self.module.conditioning.start_sites(*outcome_site_start(train_set, self.sites.levels, self.standardizer))
+        unsmoothed = unsmoothed_warning(self.preset.model, self.module.n_neighbour_pairs, self.info.get("space"))
+        if unsmoothed:
+            warnings.warn(unsmoothed, RuntimeWarning, stacklevel=2)
         writes = run_dir is not None and distributed.rank() == 0
         if writes and not resume:
             runs.write_config(run_dir, self.preset, self.standardizer)
@@ -145,16 +149,15 @@ class InVA:
     def _start(self, train_set, val: Subset, calibration: Subset, seed: int, standardizer, extra_info) -> None:
         """The standardisation and run.json of a new fit."""
         if standardizer is None:
-            standardizer = (Standardizer.fit_streaming(train_set) if isinstance(train_set, DiskSubset)
-                            else Standardizer.fit(train_set))
+            standardizer = Standardizer.fit_training(train_set, self.preset.training.site_intensity)
         self.standardizer = standardizer
         self.covariates = None if train_set.conditions is None else CovariateEncoder.fit(train_set.conditions)
         self.sites = None if train_set.sites is None else SiteLevels.fit(train_set.sites)
         self.info = runs.new_info("inva", train_set, seed=seed, versioned=VERSIONED, n_val=len(val),
-                                  n_calibration=len(calibration),
-                                  n_train_labeled=int(outcome_presence(train_set).sum()),
+                                  n_calibration=len(calibration), n_train_labeled=int(outcome_presence(train_set).sum()),
                                   covariates=self.covariates.names if self.covariates else [],
-                                  site=self.sites.column if self.sites else None, **(extra_info or {}))
+                                  site=self.sites.column if self.sites else None, site_units="image" if self.sites else None,
+                                  **(extra_info or {}))
 
     def _build(self) -> None:
         """The Pyro module for run.json's inputs, on the model's device."""
@@ -167,6 +170,8 @@ class InVA:
                                  self._neighbour_pairs(), covariate_spec=self.covariates.spec() if self.covariates else None,
                                  n_sites=len(self.sites.levels) if self.sites else 0).to(self.device)
         info["neighbour_pairs"] = self.module.n_neighbour_pairs
+        if info.get("site_units") == "image":  # the site's outcome offset and gain act in image units
+            self.module.conditioning.set_outcome_units(self.standardizer.outcome_mean, self.standardizer.outcome_scale)
 
     def _neighbour_pairs(self) -> np.ndarray | None:
         """The outcome space's neighbour graph, where ``spatial_smoothing`` asks for one (model/smoothing.py)."""
@@ -174,11 +179,6 @@ class InVA:
         if self.preset.model.spatial_smoothing <= 0 or not space:
             return None
         return space_from_dict(space).neighbour_pairs()
-
-    def _warn_if_unsmoothed(self) -> None:
-        message = unsmoothed_warning(self.preset.model, self.module.n_neighbour_pairs, self.info.get("space"))
-        if message:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _training_data(self, train_set):
         """In-memory tensors, or minibatches read from disk (read once into device memory where they fit)."""

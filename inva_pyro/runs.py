@@ -3,7 +3,8 @@
 A run folder holds what predicting later needs, as JSON and safetensors (nothing executable):
 ``run.json`` (format, family, inputs and their sizes, outcome, spaces, seed, versions, ``complete``, the
 fit's own record), ``config.json`` (the preset), ``standardizer.json``, ``weights.safetensors``,
-``calibration.json``, and, where the family has them, ``covariance.safetensors`` with ``covariance.json``
+``calibration.json``, and, where the family has them, ``site_intensity.json`` (each site's input gain and
+offset field), ``covariance.safetensors`` with ``covariance.json``
 (the outcome's spatial covariance), ``history.json`` (training curves) and ``submodels/without-NAME/``
 (pattern submodels, each a run folder). ``run.json`` is written last, so a folder it calls complete is whole.
 Every problem a user can meet here is one line naming the folder or the file.
@@ -20,6 +21,7 @@ from typing import Any
 from .config import Preset
 from .data.io import atomic_write_text
 from .data.preprocessing import Standardizer
+from .data.site_intensity import SiteIntensity
 from .errors import InputError
 
 RUN_FORMAT = "inva-pyro-run/1"
@@ -92,12 +94,21 @@ def write_config(run_dir: str | Path, preset: Preset, standardizer: Standardizer
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir, "config.json", preset.model_dump(), indent=2)
     write_json(run_dir, "standardizer.json", standardizer.to_dict())
+    if standardizer.site_intensity is not None:
+        write_json(run_dir, "site_intensity.json", standardizer.site_intensity.to_dict())
 
 
 def read_config(run_dir: str | Path) -> tuple[Preset, Standardizer]:
     with reading(run_dir):
-        return (Preset.model_validate(read_json(run_dir, "config.json")),
-                Standardizer.from_dict(read_json(run_dir, "standardizer.json")))
+        preset = Preset.model_validate(read_json(run_dir, "config.json"))
+        standardizer = Standardizer.from_dict(read_json(run_dir, "standardizer.json"))
+        if (Path(run_dir) / "site_intensity.json").exists():
+            spaces = read_spaces(run_dir, read_info(run_dir))
+            coordinates = {n: s.feature_coordinates() if hasattr(s, "feature_coordinates") else None
+                           for n, s in spaces.items()}
+            standardizer.site_intensity = SiteIntensity.from_dict(read_json(run_dir, "site_intensity.json"),
+                                                                  coordinates)
+        return preset, standardizer
 
 
 def write_conditions(run_dir: str | Path, covariates, sites) -> None:

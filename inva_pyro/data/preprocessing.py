@@ -23,6 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from .cohort import Subset
+from .site_intensity import SiteIntensity
 from ..errors import InputError
 
 # A feature that is (nearly) constant across training subjects, e.g. a voxel at the edge
@@ -91,35 +92,49 @@ class Standardizer:
     """Per-feature ``mean`` and ``scale`` of every input and of the outcome.
 
     ``input_mean``/``input_scale``: name -> (V_k,) float32; ``outcome_mean``/
-    ``outcome_scale``: (V_y,) float32, or None when fitted without an outcome.
+    ``outcome_scale``: (V_y,) float32, or None when fitted without an outcome. ``site_intensity``: each
+    site's inputs brought to one scale before standardising (site_intensity.py), or None.
     """
 
     input_mean: dict[str, np.ndarray]
     input_scale: dict[str, np.ndarray]
     outcome_mean: np.ndarray | None = None
     outcome_scale: np.ndarray | None = None
+    site_intensity: SiteIntensity | None = None
 
     @classmethod
-    def fit(cls, subset: Subset) -> "Standardizer":
-        """Statistics of a training Subset (population sd, floored; see RELATIVE_SCALE_FLOOR)."""
+    def fit_training(cls, subset, site_intensity: bool = False) -> "Standardizer":
+        """``fit``, or ``fit_streaming`` for subjects read from disk; with ``site_intensity`` and subjects
+        that have sites, each site's intensities are fitted first and the statistics are of harmonised inputs."""
+        harmoniser = SiteIntensity.fit(subset) if site_intensity and subset.sites is not None else None
+        if hasattr(subset, "chunks"):
+            return cls.fit_streaming(subset, site_intensity=harmoniser)
+        return cls.fit(subset, site_intensity=harmoniser)
+
+    @classmethod
+    def fit(cls, subset: Subset, site_intensity: SiteIntensity | None = None) -> "Standardizer":
+        """Statistics of a training Subset (population sd, floored; see RELATIVE_SCALE_FLOOR), of its
+        inputs as ``site_intensity`` harmonises them where given."""
         if len(subset) == 0:
             raise ValueError("cannot fit a Standardizer on an empty subset")
         input_mean, input_scale = {}, {}
         for name, matrix in subset.inputs.items():
+            if site_intensity is not None:
+                matrix = site_intensity.transform(name, np.asarray(matrix), subset.sites)
             input_mean[name], input_scale[name] = _mean_and_scale(matrix, name)
         outcome_mean = outcome_scale = None
         if subset.outcome is not None:
             outcome_mean, outcome_scale = _mean_and_scale(subset.outcome, "outcome")
-        return cls(input_mean, input_scale, outcome_mean, outcome_scale)
+        return cls(input_mean, input_scale, outcome_mean, outcome_scale, site_intensity)
 
     def without(self, name: str) -> "Standardizer":
         """The same statistics with input ``name`` left out (a model fitted without that input)."""
         return Standardizer({n: m for n, m in self.input_mean.items() if n != name},
                             {n: s for n, s in self.input_scale.items() if n != name},
-                            self.outcome_mean, self.outcome_scale)
+                            self.outcome_mean, self.outcome_scale, self.site_intensity)
 
     @classmethod
-    def fit_streaming(cls, subset, chunk_size: int = 64) -> "Standardizer":
+    def fit_streaming(cls, subset, chunk_size: int = 64, site_intensity: SiteIntensity | None = None) -> "Standardizer":
         """The same statistics as ``fit``, from a ``streaming.DiskSubset`` read ``chunk_size``
         subjects at a time, so memory holds one chunk whatever the number of subjects."""
         if len(subset) == 0:
@@ -128,7 +143,10 @@ class Standardizer:
         outcome = _RunningMoments() if subset.outcome is not None else None
         for chunk in subset.chunks(chunk_size):
             for name, moments in inputs.items():
-                moments.update(chunk.inputs[name])
+                matrix = chunk.inputs[name]
+                if site_intensity is not None:
+                    matrix = site_intensity.transform(name, np.asarray(matrix), chunk.sites)
+                moments.update(matrix)
             if outcome is not None:
                 outcome.update(chunk.outcome)
         input_mean, input_scale = {}, {}
@@ -137,7 +155,7 @@ class Standardizer:
         outcome_mean = outcome_scale = None
         if outcome is not None:
             outcome_mean, outcome_scale = outcome.result("outcome")
-        return cls(input_mean, input_scale, outcome_mean, outcome_scale)
+        return cls(input_mean, input_scale, outcome_mean, outcome_scale, site_intensity)
 
     @property
     def input_names(self) -> list[str]:
@@ -155,6 +173,8 @@ class Standardizer:
             if matrix.shape[-1] != mean.shape[0]:
                 raise InputError(f"input '{name}' has {matrix.shape[-1]} features; "
                                  f"the model was trained on {mean.shape[0]}")
+            if self.site_intensity is not None:
+                matrix = self.site_intensity.transform(name, matrix, subset.sites)
             out[name] = ((matrix - mean) / self.input_scale[name]).astype(np.float32)
         return out
 

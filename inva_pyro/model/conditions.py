@@ -6,6 +6,13 @@ through a site offset a_s and gain b_s (y_i = a_s + b_s * predictor, its noise s
 latents need not encode the scanner. A site numbered -1 (one training never saw) gets the pooled site: the
 average of the training sites' embeddings, offsets and log gains.
 
+The offset and gain act in the outcome's image units, where a scanner's calibration acts (a PET scale is a
+gain around zero, not around the cohort's mean). The program works in standardised units, y' = (y - m_v)
+/ t_v per feature v, where the same calibration reads y' -> b_s y' + (a_s k + (b_s - 1) m_v) / t_v, with a_s
+counted in k, the outcome's typical (median) scale: an offset that varies over features as 1 / t_v and
+m_v / t_v do. A scalar offset in standardised units, which runs fitted before this were given, cannot
+represent it, and the networks then had to learn each site's pattern from its few subjects.
+
 An empty covariate cell is a covariate not acquired. Each covariate has a learned prior (a Normal for a
 numeric one, a Categorical for a categorical one), fitted by the likelihood of the cells present; an empty
 cell is imputed with the prior's mean (the expected one-hot for a categorical one), and one indicator per
@@ -80,6 +87,23 @@ class ConditionNetwork(nn.Module):
         self.site_embedding = nn.Parameter(torch.zeros(self.n_sites, site_dim))
         self.site_offset = nn.Parameter(torch.zeros(self.n_sites))
         self.site_log_gain = nn.Parameter(torch.zeros(self.n_sites))
+        # (V,) m_v / t_v and k / t_v of the outcome (module docstring); empty: standardised units (older runs).
+        # Not saved with the weights: they are the run's standardisation, set again when a run is loaded.
+        self.register_buffer("outcome_location", torch.zeros(0), persistent=False)
+        self.register_buffer("outcome_unit", torch.zeros(0), persistent=False)
+
+    @torch.no_grad()
+    def set_outcome_units(self, mean, scale) -> None:
+        """The site offset and gain act in image units, given the outcome's standardisation (mean, scale)."""
+        like = self.outcome_unit
+        mean, scale = (torch.as_tensor(a, dtype=torch.float32, device=like.device) for a in (mean, scale))
+        self.outcome_location, self.outcome_unit = mean / scale, scale.median() / scale
+
+    @torch.no_grad()
+    def start_sites(self, offset, log_gain) -> None:
+        """Where SVI starts each site's outcome offset and log gain (e.g. from its subjects' outcome moments)."""
+        for table, values in ((self.site_offset, offset), (self.site_log_gain, log_gain)):
+            table.copy_(torch.as_tensor(values, dtype=table.dtype, device=table.device))
 
     def complete(self, conditions: Conditions | None, like: torch.Tensor) -> Conditions:
         """``conditions`` with what is not given filled in for ``like``'s rows: covariates not acquired, the pooled
@@ -152,9 +176,12 @@ class ConditionNetwork(nn.Module):
         return None if not self.n_sites else self._per_site(self.site_embedding, site)
 
     def site_affine(self, site: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """((B, 1) offset a_s, (B, 1) gain b_s) of the outcome, or None without sites."""
+        """((B, V) offset, or (B, 1) in standardised units, and (B, 1) gain b_s) of the outcome in the program's
+        units, or None without sites."""
         if not self.n_sites:
             return None
         offset = self._per_site(self.site_offset, site)[:, None]
         gain = self._per_site(self.site_log_gain, site).exp()[:, None]
+        if self.outcome_unit.numel():  # (B, V): the calibration in image units, in standardised ones
+            offset = offset * self.outcome_unit + (gain - 1.0) * self.outcome_location
         return offset, gain
