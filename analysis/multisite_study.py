@@ -20,7 +20,9 @@ Each arm is scored on the training sites' test subjects, per site and pooled (MS
 error (MSE - oracle) / oracle, coverage and width of the calibrated 50/80/90/95% intervals), and on the
 held-out site. For the held-out site, the arms with sites predict it with the pooled site (0 labeled
 subjects) and adapted (``inva adapt``) with 10 and 30 of its subjects, scored on the rest of them (the
-same subjects for every count). Novelty: the AUC of the novelty score separating held-out-site subjects
+same subjects for every count); with site intensities, also with the pooled site reading the new site's
+images on the training scale, its intensities fitted from those same subjects' images (``inva predict
+--new-site-intensities``: no outcome used). Novelty: the AUC of the novelty score separating held-out-site subjects
 from the training sites' test subjects, and the coverage of the subjects flagged novel.
 
     python analysis/multisite_study.py --seeds 0,1,2 --out docs/results/multisite
@@ -88,7 +90,10 @@ def scores(prediction, subset, rows=None, levels=common.LEVELS) -> dict:
     out = {"n": int(len(rows)), "mse": mse, "oracle_mse": oracle, "excess": (mse - oracle) / oracle}
     for lv in levels:
         lo, hi = (pick(bound) for bound in prediction.intervals[lv])
-        out[f"coverage_{lv:g}"] = float(((y >= lo) & (y <= hi)).mean())
+        covered = ((y >= lo) & (y <= hi)).reshape(len(rows), -1).mean(axis=1)   # each subject's coverage
+        out[f"coverage_{lv:g}"] = float(covered.mean())
+        # the sampling error of that coverage over these subjects (voxels of a subject are not independent)
+        out[f"coverage_se_{lv:g}"] = float(covered.std(ddof=1) / np.sqrt(len(rows))) if len(rows) > 1 else None
         out[f"width_{lv:g}"] = float((hi - lo).mean())
     return out
 
@@ -143,7 +148,7 @@ def fit(subsets: dict, seed: int, args, arm: str = ""):
 
 def new_site_rows(model, subsets: dict, seed: int, counts=ADAPT_COUNTS) -> dict:
     """The new site's subjects: 0 (pooled site) and ``counts`` labeled subjects adapted, scored on the rest."""
-    from inva_pyro.adaptation import adapt
+    from inva_pyro.adaptation import adapt, with_new_site_intensities
     new = subsets["new"]
     order = np.random.default_rng([seed, 23]).permutation(len(new))
     pool, rest = order[:max(counts)], new.subset(order[max(counts):])
@@ -151,6 +156,9 @@ def new_site_rows(model, subsets: dict, seed: int, counts=ADAPT_COUNTS) -> dict:
     for count in counts:
         adapted = model if count == 0 else adapt(model, new.subset(pool[:count]), seed=seed)
         out[str(count)] = scores(adapted.predict(rest, seed=seed), rest)
+        if count == 0 and model.standardizer.site_intensity is not None:  # inva predict --new-site-intensities
+            reading, _ = with_new_site_intensities(model, rest)
+            out["0, intensities from its images"] = scores(reading.predict(rest, seed=seed), rest)
     return out
 
 
@@ -219,11 +227,13 @@ def summary(results: list[dict], args) -> list[str]:
               "and levels, per seed):", "", "| arm | " + " | ".join(f"seed {r['seed']}" for r in results) + " |",
               "|---|" + "---|" * len(results)]
     for arm in arms:
-        worst = []
+        cells = []
         for r in results:
             sites = {k: v for k, v in r["arms"][arm]["test"].items() if k != "pooled"}
-            worst.append(max(abs(v[f"coverage_{lv:g}"] - lv) for v in sites.values() for lv in common.LEVELS))
-        lines.append(f"| {arm} | " + " | ".join(f"{w:.3f}" for w in worst) + " |")
+            miss, site, lv = max((abs(v[f"coverage_{lv:g}"] - lv), k, lv) for k, v in sites.items() for lv in common.LEVELS)
+            se = sites[site].get(f"coverage_se_{lv:g}")   # its sampling error over the site's test subjects
+            cells.append(f"{miss:.3f}" + (f" ({site}, n {sites[site]['n']}, se {se:.3f})" if se else ""))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "New site (its subjects not used for adapting; excess error relative to the same arm's training "
               "sites):", "", "| arm, labeled subjects | excess error | / training sites | coverage 50/80/90/95 |",
               "|---|---|---|---|"]

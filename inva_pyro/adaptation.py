@@ -19,6 +19,7 @@ trained on, which the embedding alone cannot give them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -80,6 +81,23 @@ def adapt(model: InVA, subset, *, seed: int = 0, steps: int = STEPS, where: str 
     adapted.info["adapted"] = (adapted.info.get("adapted") or []) + [
         {"sites": labels, "n_subjects": len(subset), "steps": steps, "seed": seed}]
     return adapted
+
+
+def with_new_site_intensities(model, subset) -> tuple[InVA, list[str]]:
+    """(``model`` reading the sites of ``subset`` it has no intensities for on the training scale, those sites):
+    their input gains and offset fields fitted from their images in ``subset`` (``MIN_SUBJECTS`` or more per
+    site; no outcome used). Their PET offset, gain and calibration stay the pooled site's: ``adapt`` fits those.
+    The model itself is unchanged (a shallow copy with its own standardisation is returned)."""
+    harmoniser = getattr(getattr(model, "standardizer", None), "site_intensity", None)
+    if harmoniser is None or subset.sites is None:
+        return model, []
+    extended = harmoniser.with_new_sites(subset)
+    added = [s for s in extended.sites if s not in harmoniser.sites]
+    if not added:
+        return model, []
+    reading = copy.copy(model)
+    reading.standardizer = dataclasses.replace(model.standardizer, site_intensity=extended)
+    return reading, added
 
 
 def fit_site(model: InVA, subset, first_new: int, *, seed: int, steps: int) -> None:

@@ -152,6 +152,19 @@ def _predict_noted(model, subset, **kwargs):
     return prediction
 
 
+def _reading_new_sites(args, model, subset):
+    """With ``--new-site-intensities``: the model reading new sites' images on the training scale, said in a line."""
+    if not args.new_site_intensities:
+        return model
+    from .adaptation import with_new_site_intensities
+    reading, sites = with_new_site_intensities(model, subset)
+    if sites:
+        counts = subset.sites.astype(str).value_counts()
+        print(f"inva: note: input intensities of site(s) {', '.join(f'{s} ({counts[s]} subjects)' for s in sites)} "
+              "fitted from this manifest's images", file=sys.stderr)
+    return reading
+
+
 def _run_spaces(model, run_dir: Path) -> dict | None:
     """The image spaces a run was trained in, by column: new subjects must be in the same spaces."""
     from .runs import read_spaces
@@ -186,7 +199,8 @@ def _predict(args) -> None:
     from .criticism.novelty import NOVEL
     model, subset = _load_for_manifest(args, require_outcome=False)
     regions = _region_labels(args, model)
-    pred = _predict_noted(model, subset, num_samples=args.samples, levels=args.levels, seed=args.seed)
+    pred = _predict_noted(_reading_new_sites(args, model, subset), subset, num_samples=args.samples,
+                          levels=args.levels, seed=args.seed)
     tables = {"regions.csv": pred.regions(regions[0], names=regions[1])} if regions is not None else None
     novelty = model.novelty(subset) if hasattr(model, "novelty") else None
     pred.to_files(args.out, calibrated=not args.raw, tables=tables,
@@ -214,6 +228,7 @@ def _evaluate(args) -> None:
         from .criticism.groups import group_table, read_groups
         images = [*model.info["inputs"], model.info["outcome"], *_truth_columns(args.manifest).values()]
         by = (args.by, read_groups(args.manifest, args.by, subset.subjects, images))
+    model = _reading_new_sites(args, model, subset)
     pred = _predict_noted(model, subset, num_samples=args.samples,
                           levels=sorted(set(args.levels) | set(CURVE_LEVELS)), seed=args.seed)
     with atomic_dir(args.out) as tmp:

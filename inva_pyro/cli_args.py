@@ -99,6 +99,9 @@ def _predict_and_evaluate(sub) -> None:
         p.add_argument("--regions", metavar="LABELS", help="label image on the cohort's grid (NIfTI, 0 = background), "
                        "label GIfTI (LH,RH for a pair) or CSV of region,group for region tables: region means "
                        + ("in regions.csv" if name == "predict" else "scored in metrics.json (key regions)"))
+        p.add_argument("--new-site-intensities", action="store_true", help="sites the run has no intensities for "
+                       "(sites training never saw): fit their input gains and offset fields from this manifest's images "
+                       "(5 subjects or more per site; no outcome used); their PET scale stays the pooled site's")
         if name == "predict":
             p.add_argument("--raw", action="store_true", help="write the uncalibrated posterior predictive maps")
         else:

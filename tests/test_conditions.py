@@ -293,6 +293,10 @@ def test_cli_adapt_writes_a_run_folder_and_refuses_bad_input_in_one_line(tmp_pat
     assert cli.main(["predict", "--run", str(tmp_path / "run2"), "--manifest", str(cohort / "new.csv"), "--samples",
                      "20", "--out", str(tmp_path / "pred")]) == 0
     assert "not seen in training" not in capsys.readouterr().err  # the adapted site is known now
+    assert cli.main(["predict", "--run", str(tmp_path / "run"), "--manifest", str(cohort / "new.csv"), "--samples",
+                     "20", "--new-site-intensities", "--out", str(tmp_path / "pred_new")]) == 0
+    err = capsys.readouterr().err   # without labels: the new site's images on the training scale, said in a line
+    assert "inva: note: input intensities of site(s) S3 (6 subjects) fitted from this manifest's images" in err
     for manifest, message in (("no_outcome.csv", "no column 'y' for the outcome"),
                               ("some_outcome.csv", "adapt needs the outcome 'y' of every subject (3 of 6 lack it)"),
                               ("old.csv", "site S1 is a training site")):

@@ -112,7 +112,7 @@ def _shifted_cohort(n=240, seed=0):
 
 
 def test_a_fit_with_sites_harmonises_saves_and_adapts_a_new_scanner(make_preset, tmp_path):
-    from inva_pyro.adaptation import adapt
+    from inva_pyro.adaptation import adapt, with_new_site_intensities
     from inva_pyro.estimator import InVA
     cohort = _shifted_cohort()
     model = InVA(make_preset(training={"epochs": 3})).fit(cohort.train, cohort.val, seed=0, progress=False,
@@ -139,6 +139,12 @@ def test_a_fit_with_sites_harmonises_saves_and_adapts_a_new_scanner(make_preset,
                                atol=0.2)
     adapted.save(tmp_path / "adapted")
     assert "S3" in InVA.load(tmp_path / "adapted").standardizer.site_intensity.sites
+    # without labels: the new site's images read on the training scale, the model itself unchanged
+    reading, sites = with_new_site_intensities(loaded, new)
+    assert sites == ["S3"] and "S3" not in loaded.standardizer.site_intensity.sites
+    np.testing.assert_allclose(reading.tensors(new)[0][0].numpy(), adapted.tensors(new)[0][0].numpy())
+    assert with_new_site_intensities(loaded, test) == (loaded, [])   # every site known: nothing to fit
+    assert with_new_site_intensities(off, new) == (off, [])          # a run without site intensities
 
 
 def test_the_site_calibration_acts_in_image_units_and_starts_at_the_sites_outcome_moments():

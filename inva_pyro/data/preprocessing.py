@@ -13,6 +13,8 @@ Saving, two equivalent forms with the same keys ("input_mean.gm", "input_scale.g
   (~10^5-10^6 features per statistic).
 - ``to_dict()`` / ``from_dict``: the same with lists, for ``json.dumps``; exact (float32
   values survive the round trip) but several times larger on disk.
+Neither holds ``site_intensity`` (each site's gain and offset field, site_intensity.py): a run folder keeps
+it beside them, in ``site_intensity.json``.
 """
 
 from __future__ import annotations
