@@ -174,3 +174,19 @@ def test_the_site_calibration_acts_in_image_units_and_starts_at_the_sites_outcom
     y0_std = torch.as_tensor((y0 - st.outcome_mean) / st.outcome_scale, dtype=torch.float32)
     np.testing.assert_allclose((shift[1] + scale[1] * y0_std).detach().numpy(), st.transform_outcome(3.0 + 2.0 * y0), atol=1e-4)
     np.testing.assert_allclose((shift[0] + scale[0] * y0_std).detach().numpy(), st.transform_outcome(y0), atol=1e-5)
+
+
+def test_subjects_read_from_disk_give_the_same_site_intensities(tmp_path):
+    from inva_pyro import cli
+    from inva_pyro.data.preprocessing import Standardizer
+    from inva_pyro.data.site_intensity import outcome_site_start
+    assert cli.main(["simulate", "--design", "multisite", "--sites", "2", "--n-subjects", "40", "--seed", "3",
+                     "--out", str(tmp_path / "cohort")]) == 0
+    eager, lazy = (Cohort.from_dir(tmp_path / "cohort", site="site", lazy=flag).train for flag in (False, True))
+    direct, streamed = (Standardizer.fit_training(s, site_intensity=True) for s in (eager, lazy))
+    assert direct.site_intensity.sites and direct.site_intensity.sites == streamed.site_intensity.sites
+    for name in direct.input_mean:
+        np.testing.assert_allclose(streamed.input_mean[name], direct.input_mean[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(streamed.input_scale[name], direct.input_scale[name], rtol=1e-5, atol=1e-5)
+    levels = sorted(direct.site_intensity.sites)
+    np.testing.assert_allclose(outcome_site_start(lazy, levels, direct), outcome_site_start(eager, levels, direct))

@@ -75,7 +75,7 @@ class SiteIntensity:
     def fit(cls, subset, degree: int = DEGREE) -> "SiteIntensity":
         """The reference from every site of ``subset`` with enough subjects, and each such site's terms."""
         labels = _labels(subset)
-        bases = {name: monomials(_coordinates(subset, name), np.asarray(m).shape[1], degree)
+        bases = {name: monomials(_coordinates(subset, name), m.shape[1], degree)   # (a LazyMatrix is not read)
                  for name, m in subset.inputs.items()}
         reference_mean, reference_sd, terms = {}, {}, {}
         for name, matrix in subset.inputs.items():
@@ -167,7 +167,7 @@ def outcome_site_start(subset, levels: list[str], standardizer) -> tuple[np.ndar
     Sites with too few labeled subjects start at 0, 0."""
     typical_scale = float(np.median(standardizer.outcome_scale))
     offset, log_gain = np.zeros(len(levels)), np.zeros(len(levels))
-    outcome = dataclasses.replace(subset, inputs={"outcome": np.asarray(subset.outcome)}, spaces={})
+    outcome = dataclasses.replace(subset, inputs={"outcome": subset.outcome}, spaces={})
     try:
         terms = SiteIntensity.fit(outcome, degree=0).sites
     except InputError:   # no site with enough labeled subjects
