@@ -111,7 +111,7 @@ class SiteIntensity:
         out = np.array(matrix, dtype=np.float32, copy=True)
         if sites is None:
             return out
-        labels = np.array(["" if _empty(s) else str(s) for s in sites], dtype=object)
+        labels = _site_labels(sites)
         for site, by_input in self.sites.items():
             rows, term = labels == site, by_input.get(name)
             if term is None or not rows.any():
@@ -150,7 +150,12 @@ def _empty(value) -> bool:
 def _labels(subset) -> np.ndarray:
     if subset.sites is None:
         raise InputError("site intensities: the subjects have no site (Cohort.from_manifest(..., site=COLUMN))")
-    return np.array(["" if _empty(s) else str(s) for s in subset.sites], dtype=object)
+    return _site_labels(subset.sites)
+
+
+def _site_labels(sites) -> np.ndarray:
+    """(n,) object array: each site as text, "" for an empty cell."""
+    return np.array(["" if _empty(s) else str(s) for s in sites], dtype=object)
 
 
 def _coordinates(subset, name: str) -> np.ndarray | None:
